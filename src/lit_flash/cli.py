@@ -1,0 +1,105 @@
+"""`python -m lit_flash fit|validate|test|predict|prepare ...`: LightningCLI over the two lit_flash classes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lit_flash.callbacks import HFExport, TokenThroughput
+from lit_flash.data import WikitextDataModule
+from lit_flash.errors import LitFlashError
+from lit_flash.model import FlashGPT2LM
+
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DEFAULT_CONFIG = "demo.yaml"
+
+
+def config_path(name: str) -> Path:
+    """A config shipped with lit_flash: inside the installed package, or `configs/` of a source checkout."""
+    for folder in (Path(__file__).parent / "configs", Path(__file__).resolve().parents[2] / "configs"):
+        if (folder / name).is_file():
+            return folder / name
+    raise LitFlashError(f"config {name!r} not found in lit_flash's configs/")
+
+
+def default_loggers(root: str | os.PathLike) -> list[Any]:
+    """CSV (`metrics.csv`) and TensorBoard, side by side in one `logs/version_N` folder of the run."""
+    csv = CSVLogger(save_dir=root, name="logs")
+    return [csv, TensorBoardLogger(save_dir=root, name="logs", version=csv.version, sub_dir="tensorboard")]
+
+
+def _checkpoint_dir(root: str | None) -> str:
+    return os.path.join(root or os.getcwd(), "checkpoints")
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """Config mistakes (a typo'd key, a wrong type) as one line, not the whole usage text."""
+
+    def error(self, message: str, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        if os.environ.get("JSONARGPARSE_DEBUG"):
+            return super().error(message, *args, **kwargs)
+        lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+        detail = next((line for line in lines[1:] if "not expected" in line or "No action" in line), "")
+        sys.stderr.write(f"error: {' '.join(lines[:1] + ([detail] if detail else []))}  (see --help)\n")
+        raise SystemExit(2)
+
+
+class LitFlashCLI(LightningCLI):
+    """LightningCLI with lit_flash's fixed parts: checkpoints, HF export, loggers, LR and throughput monitors."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1})
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        parser.add_lightning_class_args(HFExport, "export")
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(TokenThroughput, "throughput")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("logger") in (None, True):
+            kwargs["logger"] = default_loggers(trainer_config.get("default_root_dir") or os.getcwd())
+        return super().instantiate_trainer(**kwargs)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | None:
+    """Run the CLI in-process (tests, notebooks) or from the shell; `args` as on the command line.
+
+    Without `--config`, the trainer subcommands run the offline demo (`configs/demo.yaml`).
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    try:
+        if args and args[0] == "prepare":
+            from jsonargparse import CLI
+
+            from lit_flash.data import prepare_dataset
+
+            CLI(prepare_dataset, args=args[1:], as_positional=False)
+            return None
+        if args and args[0] in TRAINER_SUBCOMMANDS and not any(a in ("-c", "--config") or a.startswith("--config=")
+                                                               for a in args):
+            if not any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in args):
+                print(f"lit_flash: no --config given, running the offline demo ({config_path(DEFAULT_CONFIG)})")
+            args[1:1] = ["--config", str(config_path(DEFAULT_CONFIG))]
+        return LitFlashCLI(
+            FlashGPT2LM,
+            WikitextDataModule,
+            args=args,
+            run=run,
+            parser_class=OneLineErrorParser,
+            save_config_kwargs={"overwrite": False},
+        )
+    except LitFlashError as err:
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    """Console entry point (`lit-flash`)."""
+    cli_main()

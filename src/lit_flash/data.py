@@ -1,0 +1,423 @@
+"""Data: raw text -> token blocks in the reference recipe's format, and the LightningDataModule over them.
+
+The on-disk format is the one `prepare_save_dataset.py` of the reference recipe writes and its FlexAI job mounts
+at `/input`: a `DatasetDict` saved with `save_to_disk`, splits `train`/`test` (optionally `validation`), columns
+`input_ids`, `attention_mask`, `labels`, all rows of one length. Our own tokenization cache is written in that
+same format, so every path (hub, local files, `/input`) ends in the one loader, `load_tokenized`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import DataLoader
+
+from lit_flash.errors import LitFlashError
+
+REQUIRED_COLUMN = "input_ids"
+OPTIONAL_COLUMNS = ("attention_mask", "labels")
+# The reference recipe groups within map batches of 1000 rows and drops each batch's tail; so do we.
+GROUP_BATCH_ROWS = 1000
+EOS_TOKEN = "<|endoftext|>"
+_CACHE_FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------- pure helpers
+
+
+def tokenize_texts(texts: list[str], tokenizer: Any) -> dict[str, list[list[int]]]:
+    """Tokenize a batch of lines as the reference recipe does (special tokens on, no truncation)."""
+    encoded = tokenizer(texts, add_special_tokens=True, return_attention_mask=False, verbose=False)
+    return {"input_ids": encoded["input_ids"]}
+
+
+def group_texts(examples: dict[str, list[list[int]]], block_size: int) -> dict[str, list[list[int]]]:
+    """Concatenate token lists and cut them into `block_size` blocks; the tail shorter than a block is dropped.
+
+    No separator is inserted between lines, as in the reference recipe (and HF's run_clm). `labels` is a copy of
+    `input_ids`: the model shifts them itself.
+    """
+    if block_size < 1:
+        raise LitFlashError(f"block_size must be >= 1, got {block_size}")
+    tokens = list(itertools.chain.from_iterable(examples["input_ids"]))
+    usable = len(tokens) // block_size * block_size
+    blocks = [tokens[i : i + block_size] for i in range(0, usable, block_size)]
+    return {
+        "input_ids": blocks,
+        "attention_mask": [[1] * block_size for _ in blocks],
+        "labels": [list(b) for b in blocks],
+    }
+
+
+def perplexity(mean_loss: torch.Tensor | float) -> torch.Tensor:
+    """Perplexity from a token-weighted mean cross-entropy (natural log)."""
+    return torch.exp(torch.as_tensor(mean_loss, dtype=torch.float64)).to(torch.float32)
+
+
+def resolve_text_files(text_files: dict[str, str | list[str]]) -> dict[str, list[str]]:
+    """Expand globs (and `{stdlib}`, the running Python's standard library folder) into sorted file lists."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    resolved: dict[str, list[str]] = {}
+    for split, patterns in text_files.items():
+        files: list[str] = []
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            pattern = os.path.expanduser(pattern.replace("{stdlib}", stdlib))
+            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            missing = [m for m in matches if not os.path.isfile(m)]
+            if not matches or missing:
+                raise LitFlashError(f"data.text_files[{split!r}]: no file matches {missing[0] if missing else pattern}")
+            files.extend(matches)
+        resolved[split] = files
+    return resolved
+
+
+def collate_blocks(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack equal-length rows; derive `labels` and drop an all-ones `attention_mask`.
+
+    Without a mask the attention kernels take their dense (faster) path instead of unpadding.
+    """
+    batch = {"input_ids": torch.stack([r["input_ids"] for r in rows])}
+    batch["labels"] = torch.stack([r["labels"] for r in rows]) if "labels" in rows[0] else batch["input_ids"].clone()
+    if "attention_mask" in rows[0]:
+        mask = torch.stack([r["attention_mask"] for r in rows])
+        if not bool(mask.all()):
+            batch["attention_mask"] = mask
+    return batch
+
+
+# ------------------------------------------------------------------------------------- building the datasets
+
+
+def load_raw_text(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    text_files: dict[str, str | list[str]] | None,
+    streaming: bool = False,
+    text_column: str = "text",
+) -> Any:
+    """Load raw text from local files (when given) or the HF hub, as a `DatasetDict` with a `text` column."""
+    import datasets
+
+    if text_files:
+        raw = datasets.load_dataset("text", data_files=resolve_text_files(text_files), streaming=streaming)
+    elif dataset_name:
+        raw = datasets.load_dataset(dataset_name, dataset_config_name, streaming=streaming)
+    else:
+        raise LitFlashError("no data source: set data.dataset_name, data.text_files or data.tokenized_dataset_load_dir")
+    if text_column != "text":
+        raw = raw.rename_column(text_column, "text")
+    return raw
+
+
+def tokenize_and_group(raw: Any, tokenizer: Any, block_size: int, num_proc: int | None = None) -> Any:
+    """Raw text `DatasetDict` -> reference-format blocks. Empty lines are dropped first, as the reference does."""
+    kwargs = {} if num_proc is None or num_proc < 2 else {"num_proc": num_proc}
+    raw = raw.filter(lambda ex: [bool(t.strip()) for t in ex["text"]], batched=True, **kwargs)
+    columns = list(next(iter(raw.values())).column_names)
+    tokens = raw.map(
+        lambda ex: tokenize_texts(ex["text"], tokenizer), batched=True, remove_columns=columns, **kwargs
+    )
+    return tokens.map(
+        lambda ex: group_texts(ex, block_size), batched=True, batch_size=GROUP_BATCH_ROWS, **kwargs
+    )
+
+
+def train_bpe_tokenizer(raw: Any, vocab_size: int, save_dir: str | Path) -> Any:
+    """Train a byte-level BPE tokenizer (GPT-2's kind) on the `train` split and save it in HF format."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    lines = (t for t in raw["train"]["text"] if t.strip())
+    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN, model_max_length=1024
+    )
+    tokenizer.save_pretrained(str(save_dir))
+    return tokenizer
+
+
+def save_dataset_dict(dataset: Any, save_dir: str | Path, overwrite: bool = False) -> None:
+    """`save_to_disk` through a temporary folder and a rename, so a killed save never leaves half a dataset."""
+    save_dir = Path(save_dir)
+    if save_dir.exists() and any(save_dir.iterdir()) and not overwrite:
+        raise LitFlashError(f"{save_dir} exists and is not empty: choose another save dir or remove it yourself")
+    tmp = save_dir.with_name(f".{save_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(str(tmp))
+    if save_dir.exists():
+        shutil.rmtree(save_dir)
+    os.replace(tmp, save_dir)
+
+
+def load_tokenized(load_dir: str | Path, flag: str = "data.tokenized_dataset_load_dir") -> Any:
+    """Load and check a reference-format `DatasetDict`; every problem is one `LitFlashError` naming what to fix."""
+    import datasets
+
+    path = Path(load_dir)
+    if not path.is_dir():
+        raise LitFlashError(f"{flag}={load_dir}: no such directory")
+    if not (path / "dataset_dict.json").is_file():
+        hint = " (it is a single Dataset: save a DatasetDict with splits)" if (path / "state.json").is_file() else ""
+        raise LitFlashError(f"{flag}={load_dir}: not a DatasetDict saved with save_to_disk (no dataset_dict.json){hint}")
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as err:  # corrupt arrow files, wrong versions: say which folder, not 40 lines of pyarrow
+        raise LitFlashError(f"{flag}={load_dir}: cannot be loaded ({type(err).__name__}: {err})") from err
+    if "train" not in dataset:
+        raise LitFlashError(f"{flag}={load_dir}: no 'train' split (found {sorted(dataset)})")
+    for split, ds in dataset.items():
+        check_token_columns(ds, f"{flag}={load_dir} split {split!r}")
+    return dataset
+
+
+def check_token_columns(ds: Any, where: str) -> int:
+    """Check one split's columns and that every row has the same length; return that length."""
+    if REQUIRED_COLUMN not in ds.column_names:
+        raise LitFlashError(f"{where}: no 'input_ids' column (found {ds.column_names})")
+    if len(ds) == 0:
+        raise LitFlashError(f"{where}: the split is empty")
+    table = ds.data.table
+    lengths = {}
+    for column in (REQUIRED_COLUMN, *OPTIONAL_COLUMNS):
+        if column in ds.column_names:
+            stats = pc.min_max(pc.list_value_length(table.column(column)))
+            lengths[column] = (stats["min"].as_py(), stats["max"].as_py())
+    low, high = lengths[REQUIRED_COLUMN]
+    if low != high:
+        raise LitFlashError(f"{where}: rows of unequal length ({low}..{high} tokens): group them into fixed blocks")
+    for column, bounds in lengths.items():
+        if bounds != (low, low):
+            raise LitFlashError(f"{where}: column {column!r} is not as long as input_ids ({low}) in every row")
+    return low
+
+
+def max_token_id(ds: Any) -> int:
+    """Largest token id in a split (one Arrow pass, no Python loop)."""
+    return int(pc.max(pc.list_flatten(ds.data.table.column(REQUIRED_COLUMN))).as_py())
+
+
+def prepare_dataset(
+    save_dir: str,
+    dataset_name: str | None = "wikitext",
+    dataset_config_name: str | None = "wikitext-2-raw-v1",
+    text_files: dict[str, str | list[str]] | None = None,
+    tokenizer_name: str = "openai-community/gpt2",
+    block_size: int = 1024,
+    splits: list[str] | None = None,
+    text_column: str = "text",
+    num_proc: int | None = None,
+) -> None:
+    """Tokenize raw text, group it into blocks and `save_to_disk` it: what the reference recipe's
+    `prepare_save_dataset.py --dataset_group_text true` does. The result loads with `data.tokenized_dataset_load_dir`.
+
+    Args:
+        save_dir: Output folder (must not exist or be empty). The reference's `--tokenized_dataset_save_dir`.
+        dataset_name: HF hub dataset (ignored when `text_files` is given).
+        dataset_config_name: Its configuration.
+        text_files: Local text files per split, e.g. `{train: a.txt, test: [b.txt, c/*.txt]}`.
+        tokenizer_name: Tokenizer (hub id or local folder). The reference's `--tokenizer_model_name`.
+        block_size: Tokens per row, capped at the tokenizer's `model_max_length` as the reference does.
+        splits: Splits to keep; default `[train, test]`, as the reference (it drops wikitext's validation split).
+        text_column: Column holding the text. The reference's `--dataset_text_field`.
+        num_proc: Worker processes for tokenization.
+    """
+    from transformers import AutoTokenizer
+
+    if Path(save_dir).exists() and any(Path(save_dir).iterdir()):
+        raise LitFlashError(f"--save_dir {save_dir} exists and is not empty: choose a new folder")
+    splits = splits or ["train", "test"]
+    raw = load_raw_text(dataset_name, dataset_config_name, text_files, text_column=text_column)
+    missing = [s for s in splits if s not in raw]
+    if missing:
+        raise LitFlashError(f"--splits: {missing} not in the source (it has {sorted(raw)})")
+    raw = type(raw)({s: raw[s] for s in splits})
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    block_size = min(block_size, tokenizer.model_max_length)
+    save_dataset_dict(tokenize_and_group(raw, tokenizer, block_size, num_proc), save_dir)
+
+
+# ------------------------------------------------------------------------------------------- the DataModule
+
+
+class WikitextDataModule(L.LightningDataModule):
+    """Token blocks for causal-LM fine-tuning: wikitext (or any hub text dataset), local text files, or a
+    pre-tokenized `DatasetDict` such as the reference recipe's `/input`.
+
+    Args:
+        dataset_name: HF hub dataset with a `text` column.
+        dataset_config_name: Its configuration, e.g. `wikitext-2-raw-v1` or `wikitext-103-raw-v1`.
+        text_files: Local text files per split instead of the hub, e.g. `{train: train.txt, validation: val.txt}`;
+            globs work, and `{stdlib}` stands for this Python's standard library folder.
+        tokenized_dataset_load_dir: A `DatasetDict` saved with `save_to_disk` (the reference's `/input`); when set,
+            nothing is tokenized and the raw-text options are ignored.
+        tokenizer_name: Tokenizer (hub id or folder). Saved beside the exported model; may be null with
+            `tokenized_dataset_load_dir`, then no tokenizer is exported.
+        train_tokenizer_vocab_size: If set, train a byte-level BPE tokenizer of this size on the train split
+            (saved in the cache folder) instead of loading `tokenizer_name`. Used by the offline demo.
+        block_size: Tokens per training row when tokenizing raw text.
+        batch_size: Rows per training batch and device (the reference's `--per_device_train_batch_size`).
+        eval_batch_size: Rows per validation/test batch and device (`--per_device_eval_batch_size`).
+        num_workers: DataLoader worker processes (`--dataloader_num_workers`).
+        pin_memory: Pin host memory for faster copies to the GPU.
+        max_train_samples: Keep only the first N training rows (`--max_train_samples`).
+        max_eval_samples: Keep only the first N validation/test rows (`--max_eval_samples`).
+        cache_dir: Where tokenized raw text is cached (default `~/.cache/lit_flash`); a second run reuses it.
+        text_column: Column of the raw dataset holding the text (`--dataset_text_field`).
+        num_proc: Processes for tokenization (`--dataset_num_proc`).
+        seed: Seed of the training shuffle.
+    """
+
+    def __init__(
+        self,
+        dataset_name: str | None = "wikitext",
+        dataset_config_name: str | None = "wikitext-2-raw-v1",
+        text_files: dict[str, str | list[str]] | None = None,
+        tokenized_dataset_load_dir: str | None = None,
+        tokenizer_name: str | None = "openai-community/gpt2",
+        train_tokenizer_vocab_size: int | None = None,
+        block_size: int = 1024,
+        batch_size: int = 8,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        cache_dir: str | None = None,
+        text_column: str = "text",
+        num_proc: int | None = None,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
+            if value is not None and value < 1:
+                raise LitFlashError(f"data.{name}={value}: must be >= 1, or null for all rows")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("block_size", block_size)):
+            if value < 1:
+                raise LitFlashError(f"data.{name}={value}: must be >= 1")
+        if tokenizer_name is None and tokenized_dataset_load_dir is None and train_tokenizer_vocab_size is None:
+            raise LitFlashError("data.tokenizer_name is null: raw text needs a tokenizer")
+        self.save_hyperparameters()
+        self.tokenizer: Any = None
+        self.train_dataset: Any = None
+        self.val_dataset: Any = None
+        self.test_dataset: Any = None
+        self.seq_len: int | None = None
+        self.max_token_id: int | None = None
+
+    # -- where the blocks live
+    @property
+    def cache_path(self) -> Path:
+        """The cache folder for this source, tokenizer and block size (unused with a load dir)."""
+        h = self.hparams
+        source: dict[str, Any] = {"tokenizer": h.tokenizer_name, "trained_vocab": h.train_tokenizer_vocab_size}
+        source.update(block_size=h.block_size, text_column=h.text_column, version=_CACHE_FORMAT_VERSION)
+        if h.text_files:
+            files = resolve_text_files(h.text_files)
+            source["files"] = {s: [(f, os.path.getsize(f), os.path.getmtime(f)) for f in fs] for s, fs in files.items()}
+        else:
+            source["hub"] = [h.dataset_name, h.dataset_config_name]
+        key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+        root = Path(h.cache_dir or Path.home() / ".cache" / "lit_flash").expanduser()
+        return root / key
+
+    @property
+    def blocks_path(self) -> Path:
+        return Path(self.hparams.tokenized_dataset_load_dir or self.cache_path / "blocks")
+
+    def prepare_data(self) -> None:
+        """Download and tokenize once (rank 0 only), into the cache; a second run finds it there."""
+        h = self.hparams
+        if h.tokenized_dataset_load_dir:
+            if h.tokenizer_name:
+                self._load_tokenizer()
+            return
+        cache = self.cache_path
+        if (cache / "blocks" / "dataset_dict.json").is_file():
+            return
+        cache.mkdir(parents=True, exist_ok=True)
+        raw = load_raw_text(h.dataset_name, h.dataset_config_name, h.text_files, text_column=h.text_column)
+        if "train" not in raw:
+            raise LitFlashError(f"the raw data has no 'train' split (found {sorted(raw)}): name one in data.text_files")
+        if h.train_tokenizer_vocab_size:
+            tokenizer = train_bpe_tokenizer(raw, h.train_tokenizer_vocab_size, cache / "tokenizer")
+        else:
+            tokenizer = self._load_tokenizer()
+        save_dataset_dict(tokenize_and_group(raw, tokenizer, h.block_size, h.num_proc), cache / "blocks", overwrite=True)
+
+    def _load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        h = self.hparams
+        if h.train_tokenizer_vocab_size and not h.tokenized_dataset_load_dir:
+            name = str(self.cache_path / "tokenizer")
+        else:
+            name = h.tokenizer_name
+        if name is None:
+            return None
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except OSError as err:
+            raise LitFlashError(f"data.tokenizer_name={name}: cannot load the tokenizer ({err})".splitlines()[0]) from err
+
+    def setup(self, stage: str) -> None:
+        h = self.hparams
+        if self.tokenizer is None:
+            self.tokenizer = self._load_tokenizer()
+        dataset = load_tokenized(self.blocks_path)
+        eval_split = "validation" if "validation" in dataset else "test"
+        if stage == "fit":
+            self.train_dataset = self._subset(dataset["train"], h.max_train_samples)
+        if stage in ("fit", "validate"):
+            if eval_split not in dataset:
+                raise LitFlashError(f"{self.blocks_path}: no 'validation' or 'test' split to validate on")
+            self.val_dataset = self._subset(dataset[eval_split], h.max_eval_samples)
+        if stage == "test":
+            if "test" not in dataset:
+                raise LitFlashError(f"{self.blocks_path}: no 'test' split (found {sorted(dataset)})")
+            self.test_dataset = self._subset(dataset["test"], h.max_eval_samples)
+        used = [d for d in (self.train_dataset, self.val_dataset, self.test_dataset) if d is not None]
+        self.seq_len = max(len(d[0]["input_ids"]) for d in used)
+        self.max_token_id = max(max_token_id(d) for d in used)
+
+    @staticmethod
+    def _subset(ds: Any, limit: int | None) -> Any:
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        columns = [c for c in (REQUIRED_COLUMN, *OPTIONAL_COLUMNS) if c in ds.column_names]
+        return ds.with_format("torch", columns=columns)
+
+    # -- loaders
+    def _loader(self, dataset: Any, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            collate_fn=collate_blocks,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, self.hparams.eval_batch_size, shuffle=False)

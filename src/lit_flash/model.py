@@ -1,0 +1,262 @@
+"""The LightningModule: transformers' GPT-2 (any causal LM) with FlashAttention-2, loss/perplexity, AdamW + schedule.
+
+The `nn.Module` is transformers' own model (`self.model`); this file only adds the training system around it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import MeanMetric
+
+from lit_flash.data import perplexity
+from lit_flash.errors import LitFlashError
+
+AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
+LRSchedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"]
+IGNORE_INDEX = -100
+
+
+def flash_attention_unavailable_reason(device: torch.device | None = None) -> str | None:
+    """Why FlashAttention-2 cannot run here, or None when it can."""
+    if device is not None and device.type != "cuda":
+        return f"the trainer runs on {device.type}, and flash-attn needs a CUDA GPU"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed (pip install 'lit-flash[flash]' on a CUDA machine)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"the GPU {torch.cuda.get_device_name(device)} is sm_{major}{minor}; flash-attn needs sm_80 (Ampere) or newer"
+    return None
+
+
+def resolve_attn_implementation(
+    requested: str, fallback: bool = True, device: torch.device | None = None
+) -> str:
+    """The attention backend to load: `requested`, or `sdpa` (said once, with the reason) when flash cannot run."""
+    if requested not in get_args(AttnImplementation):
+        raise LitFlashError(
+            f"model.attn_implementation={requested!r} is unknown: choose one of {', '.join(get_args(AttnImplementation))}"
+        )
+    if requested != "flash_attention_2":
+        return requested
+    reason = flash_attention_unavailable_reason(device)
+    if reason is None:
+        return requested
+    if not fallback:
+        raise LitFlashError(
+            f"model.attn_implementation=flash_attention_2 cannot run: {reason}; "
+            "set model.attn_fallback=true to use sdpa instead"
+        )
+    rank_zero_warn(f"flash_attention_2 cannot run: {reason}. Using sdpa instead (model.attn_fallback=false to stop).")
+    return "sdpa"
+
+
+def check_data_fits_model(
+    config: Any, seq_len: int | None = None, max_token_id: int | None = None, tokenizer_size: int | None = None
+) -> None:
+    """Catch on the host what would otherwise be a CUDA device-side assert deep inside the embedding."""
+    vocab = config.vocab_size
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if seq_len is not None and context is not None and seq_len > context:
+        raise LitFlashError(
+            f"data.block_size: rows have {seq_len} tokens but the model's context is {context}; lower data.block_size"
+        )
+    if max_token_id is not None and max_token_id >= vocab:
+        raise LitFlashError(
+            f"the data holds token id {max_token_id} but the model's vocabulary has {vocab} ids: "
+            "tokenize with the model's tokenizer (data.tokenizer_name) or raise model.model_config.vocab_size"
+        )
+    if tokenizer_size is not None and tokenizer_size > vocab:
+        raise LitFlashError(
+            f"data.tokenizer_name: the tokenizer has {tokenizer_size} tokens but the model only {vocab}: "
+            "use the model's own tokenizer or set model.model_config.vocab_size"
+        )
+
+
+def flops_per_token(config: Any, seq_len: int, training: bool = True) -> float:
+    """FLOPs per token: 6N + 12·L·d·T for a training step (N parameters, L layers, width d, T tokens of context;
+    PaLM's appendix B), a third of that for a forward pass alone."""
+    n_params = sum(p.numel() for p in _params_of_config(config))
+    layers, width = config.n_layer, config.n_embd
+    train_flops = 6 * n_params + 12 * layers * width * seq_len
+    return train_flops if training else train_flops / 3
+
+
+def _params_of_config(config: Any) -> list[torch.Tensor]:
+    # Parameter count without building the model: meta tensors cost nothing.
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return list(model.parameters())
+
+
+class FlashGPT2LM(L.LightningModule):
+    """Causal-LM fine-tuning with FlashAttention-2: logs `train_loss`, `val_loss`, `val_ppl`, `test_loss`, `test_ppl`.
+
+    Args:
+        model_name_or_path: Hub id or local folder of a pretrained causal LM (`--model_name_or_path`). Null builds a
+            fresh model from `model_config` instead (from scratch, or tiny models for tests and the demo).
+        model_config: Config values: the whole config of a from-scratch model (`model_type` defaults to gpt2), or
+            overrides of the pretrained model's config.
+        attn_implementation: `flash_attention_2` (default), `sdpa` or `eager` (`--attn_implementation`).
+        attn_fallback: When flash attention cannot run here (no flash-attn, no CUDA, GPU older than sm_80), say
+            why once and use `sdpa`. False stops with an error instead.
+        learning_rate: Peak AdamW learning rate (`--learning_rate`).
+        weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights (`--weight_decay`).
+        betas: AdamW betas (`--adam_beta1`, `--adam_beta2`).
+        eps: AdamW epsilon (`--adam_epsilon`).
+        warmup_steps: Linear warm-up steps from 0 to `learning_rate` (`--warmup_steps`).
+        lr_scheduler: Decay after warm-up, as transformers' `get_scheduler` names it (`--lr_scheduler_type`).
+        dropout: Sets GPT-2's residual, embedding and attention dropout together; null keeps the model's.
+        trust_remote_code: Allow hub models that ship their own code. Off unless you trust the repository.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = "openai-community/gpt2",
+        model_config: dict[str, Any] | None = None,
+        attn_implementation: AttnImplementation = "flash_attention_2",
+        attn_fallback: bool = True,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: int = 0,
+        lr_scheduler: LRSchedule = "linear",
+        dropout: float | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.attn_implementation = resolve_attn_implementation(attn_implementation, attn_fallback)
+        self.model = self._build_model()
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.flops_per_batch: float | None = None  # read by Lightning's ThroughputMonitor
+        self._flops_per_token: dict[tuple[int, bool], float] = {}
+
+    def _build_model(self) -> torch.nn.Module:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        h = self.hparams
+        overrides = dict(h.model_config or {})
+        if h.dropout is not None:
+            overrides.update(resid_pdrop=h.dropout, embd_pdrop=h.dropout, attn_pdrop=h.dropout)
+        common = {"attn_implementation": self.attn_implementation, "trust_remote_code": h.trust_remote_code}
+        if h.model_name_or_path is None:
+            if not h.model_config:
+                raise LitFlashError("model.model_name_or_path is null: give model.model_config to build a model")
+            config = AutoConfig.for_model(overrides.pop("model_type", "gpt2"), **overrides)
+            return AutoModelForCausalLM.from_config(config, **common)
+        try:
+            # fp32 master weights: Lightning's 16-mixed autocasts; fp16 weights would break its GradScaler.
+            return AutoModelForCausalLM.from_pretrained(h.model_name_or_path, dtype=torch.float32, **overrides, **common)
+        except OSError as err:
+            first = str(err).splitlines()[0]
+            raise LitFlashError(f"model.model_name_or_path={h.model_name_or_path}: cannot load it ({first})") from err
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device
+        if self.attn_implementation == "flash_attention_2" and device.type != "cuda":
+            self.attn_implementation = resolve_attn_implementation("flash_attention_2", self.hparams.attn_fallback, device)
+            self.model.set_attn_implementation(self.attn_implementation)
+        precision = str(self.trainer.precision)
+        if self.attn_implementation == "flash_attention_2" and precision in ("32-true", "32", "64-true", "64"):
+            raise LitFlashError(
+                f"trainer.precision={precision}: flash_attention_2 runs in fp16/bf16 only; "
+                "use 16-mixed or bf16-mixed, or model.attn_implementation=sdpa"
+            )
+        dm = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(dm, "tokenizer", None)
+        check_data_fits_model(
+            self.model.config,
+            seq_len=getattr(dm, "seq_len", None),
+            max_token_id=getattr(dm, "max_token_id", None),
+            tokenizer_size=len(tokenizer) if tokenizer is not None else None,
+        )
+
+    # ------------------------------------------------------------------------------------------- steps
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _loss(self, batch: dict[str, torch.Tensor], training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss over the batch's predicted tokens, and how many tokens that mean is over."""
+        labels = batch["labels"]
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
+        n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
+        self.flops_per_batch = self._flops(labels.shape[1], training) * labels.numel()
+        return out.loss, n_tokens
+
+    def _flops(self, seq_len: int, training: bool) -> float:
+        key = (seq_len, training)
+        if key not in self._flops_per_token:
+            self._flops_per_token[key] = flops_per_token(self.model.config, seq_len, training)
+        return self._flops_per_token[key]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch, training=True)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, n_tokens = self._loss(batch, training=False)
+        # Weighted by predicted tokens: the epoch mean is the mean over tokens, on every rank (torchmetrics syncs).
+        self.val_loss.update(loss.float(), weight=n_tokens)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, n_tokens = self._loss(batch, training=False)
+        self.test_loss.update(loss.float(), weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_loss("val", self.val_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_loss("test", self.test_loss)
+
+    def _log_epoch_loss(self, prefix: str, metric: MeanMetric) -> None:
+        if metric.update_count == 0:
+            return
+        mean = metric.compute()
+        metric.reset()
+        self.log(f"{prefix}_loss", mean, prog_bar=True)
+        self.log(f"{prefix}_ppl", perplexity(mean), prog_bar=True)
+
+    # ------------------------------------------------------------------------------------ optimization
+    def configure_optimizers(self) -> Any:
+        from transformers import get_scheduler
+
+        h = self.hparams
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                # As the HF Trainer: no decay on biases and LayerNorm weights (all 1-d parameters).
+                (no_decay if param.ndim < 2 else decay).append(param)
+        groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.trainer.strategy.root_device.type == "cuda" if self._trainer is not None else False
+        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
+        total = self.trainer.estimated_stepping_batches
+        if h.warmup_steps >= total and h.lr_scheduler != "constant":
+            rank_zero_warn(f"model.warmup_steps={h.warmup_steps} is not below the {total} training steps")
+        extra = {"scheduler_specific_kwargs": {"min_lr_rate": 0.1}} if h.lr_scheduler == "cosine_with_min_lr" else {}
+        scheduler = get_scheduler(
+            h.lr_scheduler, optimizer, num_warmup_steps=h.warmup_steps, num_training_steps=int(total), **extra
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -------------------------------------------------------------------------------------------- export
+    def export_hf(self, path: str | Path, tokenizer: Any = None) -> Path:
+        """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(path)` loads them."""
+        path = Path(path)
+        self.model.save_pretrained(str(path), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(path))
+        return path
