@@ -1,0 +1,253 @@
+"""lit_flash.data: the pure helpers, the DataModule on local text / the hub (faked) / a reference-format DatasetDict,
+and `prepare` -> `tokenized_dataset_load_dir`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import datasets
+import pytest
+import torch
+
+import lit_flash.data as data_mod
+from lit_flash.data import (
+    WikitextDataModule,
+    collate_blocks,
+    group_texts,
+    load_tokenized,
+    perplexity,
+    prepare_dataset,
+    resolve_text_files,
+    tokenize_texts,
+)
+from lit_flash.errors import LitFlashError
+
+BLOCK = 16
+
+
+def _joined(lines: list[str]) -> str:
+    # Grouping concatenates the non-empty lines with no separator, as the reference recipe does.
+    return "".join(line for line in lines if line.strip())
+
+
+def _ids(dataset) -> list[list[int]]:
+    return list(dataset.with_format(None)["input_ids"])
+
+
+def _decode_all(dataset, tokenizer) -> str:
+    return tokenizer.decode([t for row in _ids(dataset) for t in row])
+
+
+def _datamodule(**kwargs) -> WikitextDataModule:
+    dm = WikitextDataModule(**{"dataset_name": None, "tokenizer_name": None, "block_size": BLOCK, **kwargs})
+    dm.prepare_data()
+    return dm
+
+
+# ------------------------------------------------------------------------------------------------ pure helpers
+
+
+def test_tokenize_texts_round_trips_each_line(tokenizer, corpus):
+    lines = corpus["train"][:8]
+    ids = tokenize_texts(lines, tokenizer)["input_ids"]
+    assert len(ids) == len(lines)
+    assert [tokenizer.decode(row) for row in ids] == lines
+    assert ids[3] == []  # an empty line has no tokens (and no special token: GPT-2 adds none)
+
+
+def test_group_texts_cuts_blocks_and_drops_the_tail():
+    out = group_texts({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]]}, block_size=4)
+    assert out["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]  # 9 is the dropped tail
+    assert out["labels"] == out["input_ids"] and out["labels"][0] is not out["input_ids"][0]
+    assert out["attention_mask"] == [[1] * 4, [1] * 4]
+    assert group_texts({"input_ids": [[1, 2]]}, block_size=4)["input_ids"] == []
+    with pytest.raises(LitFlashError, match="block_size"):
+        group_texts({"input_ids": [[1]]}, block_size=0)
+
+
+def test_perplexity_is_exp_of_the_mean_loss():
+    assert perplexity(math.log(7.0)).item() == pytest.approx(7.0, rel=1e-6)
+    assert perplexity(torch.tensor(0.0)).item() == 1.0
+    assert perplexity(torch.tensor(2.5, dtype=torch.float16)).dtype == torch.float32
+
+
+def test_resolve_text_files_expands_globs_and_stdlib(tmp_path):
+    for name in ("b.txt", "a.txt", "c.md"):
+        (tmp_path / name).write_text("x\n")
+    out = resolve_text_files({"train": str(tmp_path / "*.txt"), "test": [str(tmp_path / "c.md")]})
+    assert out == {"train": [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], "test": [str(tmp_path / "c.md")]}
+    assert any(f.endswith("os.py") for f in resolve_text_files({"train": "{stdlib}/o*.py"})["train"])
+    with pytest.raises(LitFlashError, match=r"data.text_files\['test'\].*nothing\.txt"):
+        resolve_text_files({"test": str(tmp_path / "nothing.txt")})
+    with pytest.raises(LitFlashError, match=r"data.text_files\['train'\]"):
+        resolve_text_files({"train": str(tmp_path / "*.json")})
+
+
+def test_collate_blocks_derives_labels_and_drops_an_all_ones_mask():
+    rows = [{"input_ids": torch.tensor([1, 2, 3]), "attention_mask": torch.ones(3, dtype=torch.long)} for _ in range(2)]
+    batch = collate_blocks(rows)
+    assert batch["input_ids"].shape == (2, 3)
+    assert torch.equal(batch["labels"], batch["input_ids"]) and batch["labels"] is not batch["input_ids"]
+    assert "attention_mask" not in batch  # dense attention: the kernels' fast path
+    rows[1]["attention_mask"] = torch.tensor([1, 1, 0])
+    rows[0]["labels"] = rows[1]["labels"] = torch.tensor([-100, 5, 6])
+    batch = collate_blocks(rows)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[-100, 5, 6]] * 2
+
+
+# -------------------------------------------------------------------------------------------- the DataModule
+
+
+def test_datamodule_on_text_files(text_files, tokenizer_dir, tokenizer, corpus, tmp_path):
+    dm = _datamodule(
+        text_files=text_files, tokenizer_name=str(tokenizer_dir), batch_size=3, eval_batch_size=5,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    dm.setup("fit")
+    # Blocks are the non-empty lines' tokens, in order, cut into BLOCK-token rows (the tail dropped).
+    for split, dataset in (("train", dm.train_dataset), ("validation", dm.val_dataset)):
+        text = _decode_all(dataset, tokenizer)
+        assert len(text) > 100 and _joined(corpus[split]).startswith(text)
+    assert dm.seq_len == BLOCK and dm.max_token_id < len(tokenizer)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (3, BLOCK) and batch["input_ids"].dtype == torch.long
+    assert torch.equal(batch["labels"], batch["input_ids"])
+    assert next(iter(dm.val_dataloader()))["input_ids"].shape == (5, BLOCK)
+    dm.setup("test")
+    assert _joined(corpus["test"]).startswith(_decode_all(dm.test_dataset, tokenizer))
+
+
+def test_datamodule_sample_limits(text_files, tokenizer_dir, tmp_path):
+    dm = _datamodule(
+        text_files=text_files, tokenizer_name=str(tokenizer_dir), max_train_samples=5, max_eval_samples=2,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    dm.setup("fit")
+    dm.setup("test")
+    assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (5, 2, 2)
+    assert len(dm.train_dataloader()) == 1  # 5 rows, batch_size 8
+
+
+def test_datamodule_reuses_its_cache(text_files, tokenizer_dir, tmp_path, monkeypatch):
+    kwargs = {"text_files": text_files, "tokenizer_name": str(tokenizer_dir), "cache_dir": str(tmp_path / "cache")}
+    first = _datamodule(**kwargs)
+    first.setup("fit")
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again although the cache holds the blocks")
+
+    monkeypatch.setattr(data_mod, "tokenize_and_group", no_tokenizing)
+    second = _datamodule(**kwargs)
+    second.setup("fit")
+    assert second.cache_path == first.cache_path
+    assert _ids(second.train_dataset) == _ids(first.train_dataset)
+    # Another block size is another cache entry (so it would tokenize).
+    assert WikitextDataModule(**kwargs, dataset_name=None, block_size=BLOCK * 2).cache_path != first.cache_path
+
+
+def test_datamodule_hub_path_without_the_hub(corpus, tokenizer_dir, tokenizer, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_load_dataset(name, config=None, **kwargs):
+        calls.append((name, config))
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": lines}) for s, lines in corpus.items()})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    kwargs = {
+        "dataset_name": "wikitext", "dataset_config_name": "wikitext-2-raw-v1", "tokenizer_name": str(tokenizer_dir),
+        "block_size": BLOCK, "cache_dir": str(tmp_path / "cache"),
+    }
+    first = WikitextDataModule(**kwargs)
+    first.prepare_data()
+    first.setup("fit")
+    assert calls == [("wikitext", "wikitext-2-raw-v1")]
+    # Empty lines dropped: every token of every non-empty line is there, up to the dropped tail.
+    non_empty = [t for t in corpus["train"] if t.strip()]
+    n_tokens = sum(len(ids) for ids in tokenize_texts(non_empty, tokenizer)["input_ids"])
+    assert len(first.train_dataset) == n_tokens // BLOCK
+    assert _joined(corpus["train"]).startswith(_decode_all(first.train_dataset, tokenizer))
+    assert _joined(corpus["validation"]).startswith(_decode_all(first.val_dataset, tokenizer))
+
+    second = WikitextDataModule(**kwargs)
+    second.prepare_data()
+    second.setup("fit")
+    assert calls == [("wikitext", "wikitext-2-raw-v1")]  # neither downloaded nor tokenized again
+    assert _ids(second.train_dataset) == _ids(first.train_dataset)
+
+
+@pytest.mark.parametrize("splits", [("train", "test"), ("train", "validation", "test")])
+def test_datamodule_on_a_reference_format_dataset(make_token_dataset, splits):
+    path = make_token_dataset(splits=splits, n_rows=10, seq_len=24)
+    dm = _datamodule(tokenized_dataset_load_dir=str(path), batch_size=4, max_eval_samples=6)
+    dm.setup("fit")
+    saved = datasets.load_from_disk(str(path))
+    eval_split = "validation" if "validation" in splits else "test"
+    assert _ids(dm.train_dataset) == _ids(saved["train"])
+    assert _ids(dm.val_dataset) == _ids(saved[eval_split])[:6]
+    assert dm.seq_len == 24 and dm.tokenizer is None
+    batch = next(iter(dm.val_dataloader()))
+    assert torch.equal(batch["labels"], batch["input_ids"]) and "attention_mask" not in batch
+    dm.setup("test")
+    assert _ids(dm.test_dataset) == _ids(saved["test"])[:6]
+
+
+def test_datamodule_derives_missing_mask_and_labels(make_token_dataset):
+    path = make_token_dataset(columns=("input_ids",), seq_len=8)
+    dm = _datamodule(tokenized_dataset_load_dir=str(path), batch_size=2)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "labels"} and torch.equal(batch["labels"], batch["input_ids"])
+
+
+def test_datamodule_keeps_labels_that_differ(make_token_dataset):
+    path = make_token_dataset(seq_len=8)
+    ds = datasets.load_from_disk(str(path))
+    ds = ds.map(lambda ex: {"labels": [-100] + ex["labels"][1:]})  # e.g. a masked first token
+    ds.save_to_disk(str(path.with_name("masked")))
+    dm = _datamodule(tokenized_dataset_load_dir=str(path.with_name("masked")), batch_size=2)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert (batch["labels"][:, 0] == -100).all() and torch.equal(batch["labels"][:, 1:], batch["input_ids"][:, 1:])
+
+
+# ------------------------------------------------------------------------------------ prepare -> load_dir
+
+
+def test_prepare_then_load_round_trip(text_files, tokenizer_dir, tokenizer, corpus, tmp_path):
+    out = tmp_path / "prepared"
+    prepare_dataset(save_dir=str(out), text_files=text_files, tokenizer_name=str(tokenizer_dir), block_size=BLOCK)
+    # The reference's layout: a DatasetDict with train and test (validation dropped), the three columns.
+    assert json.loads((out / "dataset_dict.json").read_text())["splits"] == ["train", "test"]
+    saved = load_tokenized(out)
+    assert saved["train"].column_names == ["input_ids", "attention_mask", "labels"]
+
+    dm = _datamodule(tokenized_dataset_load_dir=str(out), tokenizer_name=str(tokenizer_dir))
+    dm.setup("fit")
+    assert _joined(corpus["test"]).startswith(_decode_all(dm.val_dataset, tokenizer))  # test stands in for val
+    # The same blocks as the DataModule's own tokenization of the same files.
+    own = _datamodule(text_files=text_files, tokenizer_name=str(tokenizer_dir), cache_dir=str(tmp_path / "cache"))
+    own.setup("fit")
+    assert _ids(dm.train_dataset) == _ids(own.train_dataset)
+
+
+def test_prepare_refuses_a_non_empty_save_dir(text_files, tokenizer_dir, tmp_path):
+    out = tmp_path / "prepared"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(LitFlashError, match="prepared"):
+        prepare_dataset(save_dir=str(out), text_files=text_files, tokenizer_name=str(tokenizer_dir))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_prepare_caps_block_size_at_the_tokenizer_context(text_files, tokenizer_dir, tmp_path):
+    # The reference caps --dataset_block_size at model_max_length (1024 for GPT-2's and our tokenizer).
+    text = {"train": text_files["train"], "test": text_files["train"]}
+    prepare_dataset(save_dir=str(tmp_path / "p"), text_files=text, tokenizer_name=str(tokenizer_dir), block_size=4096)
+    assert len(load_tokenized(tmp_path / "p")["train"][0]["input_ids"]) == 1024
+
+
+def test_load_tokenized_missing_is_one_error_naming_the_path(tmp_path):
+    with pytest.raises(LitFlashError, match=str(tmp_path / "nope")):
+        load_tokenized(tmp_path / "nope")

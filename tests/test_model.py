@@ -1,0 +1,218 @@
+"""lit_flash.model: building/loading, the flash -> sdpa fallback, token-weighted perplexity, the optimizer and
+schedule, the host-side data checks and the Hugging Face export. Tiny GPT-2s on CPU."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lit_flash.data import WikitextDataModule
+from lit_flash.errors import LitFlashError
+from lit_flash.model import (
+    FlashGPT2LM,
+    check_data_fits_model,
+    flash_attention_unavailable_reason,
+    resolve_attn_implementation,
+)
+
+FLASH_REASON = flash_attention_unavailable_reason()
+
+
+def _module(config: dict, **kwargs) -> FlashGPT2LM:
+    return FlashGPT2LM(**{"model_name_or_path": None, "model_config": config, "attn_implementation": "sdpa", **kwargs})
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    defaults = {
+        "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+        "enable_progress_bar": False, "enable_model_summary": False,
+    }
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def _fallback_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "flash_attention_2 cannot run" in str(w.message)]
+
+
+# -------------------------------------------------------------------------------------------- building
+
+
+def test_builds_from_a_config_and_loads_a_local_folder(tiny_model_config, tmp_path):
+    built = _module(tiny_model_config)
+    assert built.model.config.n_embd == tiny_model_config["n_embd"]
+    assert built.model.config._attn_implementation == "sdpa"
+    built.model.save_pretrained(str(tmp_path / "pretrained"))
+    loaded = FlashGPT2LM(model_name_or_path=str(tmp_path / "pretrained"), attn_implementation="eager", dropout=0.0)
+    assert loaded.model.config._attn_implementation == "eager" and loaded.model.config.resid_pdrop == 0.0
+    for (name, a), (_, b) in zip(built.model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_model_errors_name_the_key(tmp_path):
+    with pytest.raises(LitFlashError, match="model.model_config"):
+        FlashGPT2LM(model_name_or_path=None, attn_implementation="sdpa")
+    with pytest.raises(LitFlashError, match=f"model.model_name_or_path={tmp_path / 'missing'}"):
+        FlashGPT2LM(model_name_or_path=str(tmp_path / "missing"), attn_implementation="sdpa")
+    with pytest.raises(LitFlashError, match="model.attn_implementation='flash3' is unknown"):
+        resolve_attn_implementation("flash3")
+
+
+# -------------------------------------------------------------------------------------------- fallback
+
+
+@pytest.mark.skipif(FLASH_REASON is None, reason="flash attention can run here")
+def test_flash_falls_back_to_sdpa_once_naming_the_reason(tiny_model_config, make_token_dataset):
+    dm = WikitextDataModule(
+        tokenized_dataset_load_dir=str(make_token_dataset(n_rows=4, seq_len=16)), tokenizer_name=None, batch_size=2
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = _module(tiny_model_config, attn_implementation="flash_attention_2")
+        _trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0).fit(module, dm)
+    messages = _fallback_warnings(caught)
+    assert len(messages) == 1, messages
+    assert FLASH_REASON in messages[0] and "sdpa" in messages[0]
+    assert module.attn_implementation == "sdpa" and module.model.config._attn_implementation == "sdpa"
+    assert module.hparams.attn_implementation == "flash_attention_2"  # what was asked stays in the checkpoint
+
+
+def test_flash_on_a_cpu_trainer_is_refused_when_the_fallback_is_off():
+    assert "cpu" in flash_attention_unavailable_reason(torch.device("cpu"))
+    with pytest.raises(LitFlashError, match="cpu.*model.attn_fallback=true"):
+        resolve_attn_implementation("flash_attention_2", fallback=False, device=torch.device("cpu"))
+
+
+@pytest.mark.skipif(FLASH_REASON is None, reason="flash attention can run here")
+def test_flash_without_fallback_is_a_clear_error(tiny_model_config):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(LitFlashError) as err:
+            _module(tiny_model_config, attn_implementation="flash_attention_2", attn_fallback=False)
+    assert FLASH_REASON in str(err.value) and "model.attn_fallback" in str(err.value)
+    assert "\n" not in str(err.value) and not _fallback_warnings(caught)
+
+
+@pytest.mark.gpu
+def test_flash_attention_runs_on_a_gpu_and_matches_sdpa(tiny_model_config):
+    if FLASH_REASON is not None:
+        pytest.skip(FLASH_REASON)
+    flash = _module(tiny_model_config, attn_implementation="flash_attention_2").cuda()
+    sdpa = _module(tiny_model_config).cuda()
+    sdpa.model.load_state_dict(flash.model.state_dict())
+    ids = torch.randint(0, tiny_model_config["vocab_size"], (2, 32), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = flash.model(input_ids=ids).logits.float(), sdpa.model(input_ids=ids).logits.float()
+    assert flash.model.config._attn_implementation == "flash_attention_2"
+    torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+# ------------------------------------------------------------------------------------------ perplexity
+
+
+def test_val_ppl_is_token_weighted_across_unequal_batches(tiny_model_config, make_token_dataset):
+    seq = 12
+    # Rows with 11, 6, 11, 3 and 8 predicted tokens (-100 labels are not predicted), in batches of 2, 2 and 1.
+    ignored = {0: 0, 1: 5, 2: 0, 3: 8, 4: 3}
+    path = make_token_dataset(splits=("train", "test"), n_rows=5, seq_len=seq)
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    ds["test"] = ds["test"].map(lambda ex, i: {"labels": [-100] * ignored[i] + ex["labels"][ignored[i] :]},
+                                with_indices=True)
+    ds.save_to_disk(str(path.with_name("masked")))
+    dm = WikitextDataModule(tokenized_dataset_load_dir=str(path.with_name("masked")), tokenizer_name=None,
+                            eval_batch_size=2)
+    module = _module(tiny_model_config)
+    metrics = _trainer().validate(module, dm, verbose=False)[0]
+
+    module.eval()
+    losses, counts = [], []
+    with torch.no_grad():
+        for row in ds["test"].with_format("torch"):
+            logits = module.model(input_ids=row["input_ids"][None]).logits[0, :-1]
+            target = row["labels"][1:]
+            losses.append(torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
+            counts.append(int((target != -100).sum()))
+    token_mean = float(sum(losses)) / sum(counts)
+    assert metrics["val_loss"] == pytest.approx(token_mean, rel=1e-5)
+    assert metrics["val_ppl"] == pytest.approx(math.exp(token_mean), rel=1e-5)
+    # The plain mean of the three batch means is measurably different: the weighting matters here.
+    batch_means = [float(sum(losses[i : i + 2])) / sum(counts[i : i + 2]) for i in (0, 2, 4)]
+    assert abs(sum(batch_means) / 3 - token_mean) > 1e-3
+
+    test_metrics = _trainer().test(module, dm, verbose=False)[0]
+    assert test_metrics["test_ppl"] == pytest.approx(math.exp(token_mean), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------- optimization
+
+
+def test_adamw_groups_and_warmup_then_decay(tiny_model_config):
+    module = _module(tiny_model_config, learning_rate=1e-3, weight_decay=0.1, warmup_steps=4, lr_scheduler="linear")
+    module.trainer = _trainer(max_steps=10, max_epochs=-1)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.AdamW) and config["lr_scheduler"]["interval"] == "step"
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    warmup = [1e-3 * s / 4 for s in range(4)]
+    decay = [1e-3 * (10 - s) / 6 for s in range(4, 10)]
+    assert lrs == pytest.approx(warmup + decay)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"])
+def test_every_schedule_builds(tiny_model_config, schedule):
+    module = _module(tiny_model_config, learning_rate=1e-3, warmup_steps=2, lr_scheduler=schedule)
+    module.trainer = _trainer(max_steps=10, max_epochs=-1)
+    config = module.configure_optimizers()
+    for _ in range(9):
+        config["optimizer"].step()
+        config["lr_scheduler"]["scheduler"].step()
+    last = config["optimizer"].param_groups[0]["lr"]
+    if schedule.startswith("constant"):
+        assert last == pytest.approx(1e-3)
+    elif schedule == "cosine_with_min_lr":
+        assert 1e-4 <= last < 1e-3 / 2  # decays to a floor of 10%
+    else:
+        assert 0 <= last < 1e-4
+
+
+# ------------------------------------------------------------------------------------ data vs model checks
+
+
+def test_check_data_fits_model(tiny_model_config):
+    from transformers import GPT2Config
+
+    config = GPT2Config(**{k: v for k, v in tiny_model_config.items() if k != "model_type"})
+    check_data_fits_model(config, seq_len=config.n_positions, max_token_id=config.vocab_size - 1)
+    with pytest.raises(LitFlashError, match=r"data.block_size: rows have 65 tokens.*context is 64"):
+        check_data_fits_model(config, seq_len=65)
+    with pytest.raises(LitFlashError, match=r"token id 320 .* 320 ids"):
+        check_data_fits_model(config, max_token_id=320)
+    with pytest.raises(LitFlashError, match="data.tokenizer_name"):
+        check_data_fits_model(config, tokenizer_size=321)
+
+
+# -------------------------------------------------------------------------------------------- export
+
+
+def test_export_hf_reloads_with_the_same_logits(tiny_model_config, tokenizer, tmp_path):
+    module = _module(tiny_model_config).eval()
+    path = module.export_hf(tmp_path / "model", tokenizer)
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    ids = torch.tensor([tokenizer("the river of the city")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, module.model(input_ids=ids).logits)
