@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -195,9 +196,14 @@ def tiny_config(tmp_path: Path, text_files: dict[str, str], tokenizer_dir: Path,
 
 
 @pytest.fixture
-def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[[list[str]], tuple[int, str, str]]:
+def run_cli(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[[list[str]], tuple[int, str, str]]:
     """`run_cli(args) -> (exit_code, stdout, stderr)`: `cli_main(args)` in-process; a normal return is code 0."""
     from lit_flash.cli import cli_main
+
+    # pytest's own arguments are not the CLI's (LightningCLI warns when sys.argv and args differ).
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
 
     def run(args: list[str]) -> tuple[int, str, str]:
         capsys.readouterr()  # drop what came before

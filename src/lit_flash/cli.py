@@ -39,15 +39,30 @@ def _checkpoint_dir(root: str | None) -> str:
 
 
 class OneLineErrorParser(LightningArgumentParser):
-    """Config mistakes (a typo'd key, a wrong type) as one line, not the whole usage text."""
+    """Config mistakes (a typo'd key, a wrong type) as one line, not the whole usage text.
+
+    Abbreviated options are off: `--trainer.max_step 3` would otherwise silently set `max_steps`, and a typo such
+    as `--model.learning_rat` would pass as `learning_rate`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         if os.environ.get("JSONARGPARSE_DEBUG"):
             return super().error(message, *args, **kwargs)
-        lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-        detail = next((line for line in lines[1:] if "not expected" in line or "No action" in line), "")
-        sys.stderr.write(f"error: {' '.join(lines[:1] + ([detail] if detail else []))}  (see --help)\n")
+        sys.stderr.write(f"error: {one_line_parser_error(message)}  (see --help)\n")
         raise SystemExit(2)
+
+
+def one_line_parser_error(message: str) -> str:
+    """jsonargparse's message, first line (the key) plus what was expected and given, e.g.
+    `Parser key "model.attn_implementation": Expected a typing.Literal['flash_attention_2', ...]. Got value: x`."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    details = [line for line in lines[1:] if line.startswith(("Expected", "Given value:", "Does not validate"))]
+    details += [line for line in lines[1:] if "not expected" in line or "No action" in line][:1]
+    return " ".join(lines[:1] + details) if details else " ".join(lines[:2])
 
 
 class LitFlashCLI(LightningCLI):
