@@ -73,10 +73,11 @@ def test_fit_writes_checkpoints_logs_and_a_reloadable_export(tiny_config, run_cl
         torch.testing.assert_close(hf(input_ids=ids).logits, from_ckpt.model(input_ids=ids).logits)
 
     # validate/test from the checkpoint: the same val loss as the last validation of fit; a test_ppl.
-    code, _, err = run_cli(["validate", "--config", str(tiny_config), "--ckpt_path", str(root / "checkpoints" / "last.ckpt")])
+    last = str(root / "checkpoints" / "last.ckpt")
+    code, _, err = run_cli(["validate", "--config", str(tiny_config), "--ckpt_path", last])
     assert code == 0, err
     assert _values(root / "logs" / "version_1", "val_loss") == pytest.approx([val_loss[5]], rel=1e-5)
-    code, _, err = run_cli(["test", "--config", str(tiny_config), "--ckpt_path", str(root / "checkpoints" / "last.ckpt")])
+    code, _, err = run_cli(["test", "--config", str(tiny_config), "--ckpt_path", last])
     assert code == 0, err
     (test_ppl,) = _values(root / "logs" / "version_2", "test_ppl")
     assert test_ppl > 1
