@@ -81,6 +81,8 @@ def test_fit_writes_checkpoints_logs_and_a_reloadable_export(tiny_config, run_cl
     assert code == 0, err
     (test_ppl,) = _values(root / "logs" / "version_2", "test_ppl")
     assert test_ppl > 1
+    code, _, err = run_cli(["predict", "--config", str(tiny_config), "--ckpt_path", last])
+    assert code == 0, err
 
 
 def test_prepare_output_feeds_tokenized_dataset_load_dir(tiny_config, text_files, tokenizer_dir, run_cli, tmp_path):

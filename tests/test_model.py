@@ -216,3 +216,17 @@ def test_export_hf_reloads_with_the_same_logits(tiny_model_config, tokenizer, tm
     ids = torch.tensor([tokenizer("the river of the city")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, module.model(input_ids=ids).logits)
+
+
+def test_predict_scores_each_row(tiny_model_config, make_token_dataset):
+    dm = WikitextDataModule(
+        tokenized_dataset_load_dir=str(make_token_dataset(n_rows=5, seq_len=12)), tokenizer_name=None, eval_batch_size=2
+    )
+    module = _module(tiny_model_config)
+    batches = _trainer().predict(module, dm)
+    loss = torch.cat([b["loss"] for b in batches])
+    assert loss.shape == (5,) and torch.cat([b["n_tokens"] for b in batches]).tolist() == [11] * 5
+    torch.testing.assert_close(torch.cat([b["ppl"] for b in batches]), loss.exp())
+    # Rows of equal length: the mean of the rows' losses is the test loss.
+    test_loss = _trainer().test(module, dm, verbose=False)[0]["test_loss"]
+    assert loss.mean().item() == pytest.approx(test_loss, rel=1e-5)

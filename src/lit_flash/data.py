@@ -316,6 +316,7 @@ class WikitextDataModule(L.LightningDataModule):
         self.train_dataset: Any = None
         self.val_dataset: Any = None
         self.test_dataset: Any = None
+        self.predict_dataset: Any = None
         self.seq_len: int | None = None
         self.max_token_id: int | None = None
 
@@ -392,7 +393,13 @@ class WikitextDataModule(L.LightningDataModule):
             if "test" not in dataset:
                 raise LitFlashError(f"{self.blocks_path}: no 'test' split (found {sorted(dataset)})")
             self.test_dataset = self._subset(dataset["test"], h.max_eval_samples)
-        used = [d for d in (self.train_dataset, self.val_dataset, self.test_dataset) if d is not None]
+        if stage == "predict":  # scores the test split (the validation split when there is none)
+            split = "test" if "test" in dataset else eval_split
+            if split not in dataset:
+                raise LitFlashError(f"{self.blocks_path}: no 'test' or 'validation' split to predict on")
+            self.predict_dataset = self._subset(dataset[split], h.max_eval_samples)
+        splits = (self.train_dataset, self.val_dataset, self.test_dataset, self.predict_dataset)
+        used = [d for d in splits if d is not None]
         self.seq_len = max(len(d[0]["input_ids"]) for d in used)
         self.max_token_id = max(max_token_id(d) for d in used)
 
@@ -426,3 +433,6 @@ class WikitextDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset, self.hparams.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, self.hparams.eval_batch_size, shuffle=False)

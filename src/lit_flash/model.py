@@ -118,7 +118,8 @@ def _liger_fused_ce() -> torch.nn.Module:
 
 
 class FlashGPT2LM(L.LightningModule):
-    """Causal-LM fine-tuning with FlashAttention-2: logs `train_loss`, `val_loss`, `val_ppl`, `test_loss`, `test_ppl`.
+    """Causal-LM fine-tuning with FlashAttention-2: logs `train_loss`, `val_loss`, `val_ppl`, `test_loss`, `test_ppl`;
+    `predict` scores rows (per-row loss and perplexity).
 
     Args:
         model_name_or_path: Hub id or local folder of a pretrained causal LM (`--model_name_or_path`). Null builds a
@@ -270,6 +271,17 @@ class FlashGPT2LM(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, n_tokens = self._loss(batch, training=False)
         self.test_loss.update(loss.float(), weight=n_tokens)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Score rows: each row's mean loss over its predicted tokens, its perplexity and token count."""
+        logits = self(batch["input_ids"], batch.get("attention_mask")).logits[:, :-1, : self.vocab_size].float()
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        n_tokens = (targets != IGNORE_INDEX).sum(dim=1)
+        loss = nll.sum(dim=1) / n_tokens.clamp(min=1)
+        return {"loss": loss, "ppl": perplexity(loss), "n_tokens": n_tokens}
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_loss("val", self.val_loss)
