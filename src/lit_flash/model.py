@@ -141,6 +141,7 @@ class FlashGPT2LM(L.LightningModule):
             full fp32 logits (batch x seq x vocab) are never materialized. Needs `pip install 'lit-flash[fast]'`.
         pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
             faster matmuls. The pad ids are masked out of the softmax; the export is sliced back to the real size.
+        fused_adamw: AdamW's fused CUDA kernel (one launch for all parameters); null: on when training on CUDA.
     """
 
     def __init__(
@@ -160,6 +161,7 @@ class FlashGPT2LM(L.LightningModule):
         compile: bool = False,
         fused_cross_entropy: bool = False,
         pad_vocab_to_multiple_of: int | None = None,
+        fused_adamw: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -296,7 +298,8 @@ class FlashGPT2LM(L.LightningModule):
                 # As the HF Trainer: no decay on biases and LayerNorm weights (all 1-d parameters).
                 (no_decay if param.ndim < 2 else decay).append(param)
         groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.trainer.strategy.root_device.type == "cuda" if self._trainer is not None else False
+        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        fused = on_cuda if h.fused_adamw is None else h.fused_adamw
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
         total = self.trainer.estimated_stepping_batches
         if h.warmup_steps >= total and h.lr_scheduler != "constant":
