@@ -141,7 +141,8 @@ class FlashGPT2LM(L.LightningModule):
             full fp32 logits (batch x seq x vocab) are never materialized. Needs `pip install 'lit-flash[fast]'`.
         pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
             faster matmuls. The pad ids are masked out of the softmax; the export is sliced back to the real size.
-        fused_adamw: AdamW's fused CUDA kernel (one launch for all parameters); null: on when training on CUDA.
+        fused_adamw: AdamW's fused CUDA kernel; null: on when training on CUDA without gradient clipping (Lightning
+            cannot clip a fused optimizer's gradients under mixed precision), else multi-tensor (foreach) AdamW.
     """
 
     def __init__(
@@ -299,7 +300,14 @@ class FlashGPT2LM(L.LightningModule):
                 (no_decay if param.ndim < 2 else decay).append(param)
         groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        fused = on_cuda if h.fused_adamw is None else h.fused_adamw
+        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
+        # Lightning cannot clip gradients of a fused AdamW under mixed precision (it unscales inside its step).
+        if h.fused_adamw and clipping and "mixed" in str(self.trainer.precision):
+            raise LitFlashError(
+                "model.fused_adamw=true cannot be combined with trainer.gradient_clip_val under mixed precision: "
+                "set model.fused_adamw=null (multi-tensor AdamW) or trainer.gradient_clip_val=null"
+            )
+        fused = (on_cuda and not clipping) if h.fused_adamw is None else h.fused_adamw
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
         total = self.trainer.estimated_stepping_batches
         if h.warmup_steps >= total and h.lr_scheduler != "constant":
