@@ -34,7 +34,8 @@ def sync() -> None:
 
 
 class StepClock:
-    """Wall time from the end of step `warmup` to the end of the last step (both synchronized)."""
+    """Wall time from the end of step `warmup` to `stop()`: synchronized at both ends only, so that the clock itself
+    does not stall the CPU from queueing kernels ahead."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.steps, self.t0, self.t1 = warmup, 0, None, None
@@ -44,9 +45,10 @@ class StepClock:
         if self.steps == self.warmup:
             sync()
             self.t0 = time.perf_counter()
-        elif self.steps > self.warmup:
-            sync()
-            self.t1 = time.perf_counter()
+
+    def stop(self) -> None:
+        sync()
+        self.t1 = time.perf_counter()
 
     def rate(self, tokens_per_step: int) -> float:
         return (self.steps - self.warmup) * tokens_per_step / (self.t1 - self.t0)
@@ -100,8 +102,14 @@ def run_reference(data: Path, model_config: dict, steps: int, warmup: int, batch
         def on_step_end(self, *a: Any, **k: Any) -> None:
             clock.tick()
 
+        def on_train_end(self, *a: Any, **k: Any) -> None:
+            clock.stop()
+
         def on_prediction_step(self, *a: Any, **k: Any) -> None:
             eval_clock.tick()
+
+        def on_evaluate(self, *a: Any, **k: Any) -> None:
+            eval_clock.stop()
 
     tmp = tempfile.mkdtemp()
     args = TrainingArguments(
@@ -144,8 +152,14 @@ def run_lit(
         def on_train_batch_end(self, *a: Any, **k: Any) -> None:
             clock.tick()
 
+        def on_train_end(self, *a: Any, **k: Any) -> None:
+            clock.stop()
+
         def on_validation_batch_end(self, *a: Any, **k: Any) -> None:
             eval_clock.tick()
+
+        def on_validation_end(self, *a: Any, **k: Any) -> None:
+            eval_clock.stop()
 
     cli.trainer.callbacks.append(Clock())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

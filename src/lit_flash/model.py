@@ -177,6 +177,7 @@ class FlashGPT2LM(L.LightningModule):
         bias[self.vocab_size :] = -1e4
         self.register_buffer("vocab_bias", bias, persistent=False)
         self.fused_ce = _liger_fused_ce() if fused_cross_entropy else None
+        self._compute_loss = self._loss_impl
         self._compiled = False
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
@@ -221,8 +222,11 @@ class FlashGPT2LM(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(dm, "tokenizer", None)
         if self.hparams.compile and not self._compiled:
-            self.model.base_model.compile()
             self._compiled = True
+            if self.fused_ce is None:  # the whole forward, so the cross-entropy fuses with the logits
+                self._compute_loss = torch.compile(self._loss_impl)
+            else:  # liger's kernels stay outside the graph
+                self.model.base_model.compile()
         check_data_fits_model(
             self.model.config,
             vocab_size=self.vocab_size,
@@ -238,21 +242,25 @@ class FlashGPT2LM(L.LightningModule):
     def _loss(self, batch: dict[str, torch.Tensor], training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss over the batch's predicted tokens, and how many tokens that mean is over."""
         labels = batch["labels"]
-        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
-        n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
         self.flops_per_batch = self._flops(labels.shape[1], training) * labels.numel()
+        loss = self._compute_loss(batch["input_ids"], labels, batch.get("attention_mask"))
+        return loss, (labels[:, 1:] != IGNORE_INDEX).sum()
+
+    def _loss_impl(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         if self.fused_ce is None and self.model.config.vocab_size == self.vocab_size:
-            return self.model(input_ids=input_ids, attention_mask=mask, labels=labels).loss, n_tokens
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1]
-        hidden = hidden.reshape(-1, hidden.shape[-1])
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = labels[:, 1:].reshape(-1)
         head = self.model.get_output_embeddings()
         if self.fused_ce is not None:
             # liger wants the head weight in the activations' dtype (bf16/fp16 under autocast), not fp32.
             weight, bias = head.weight.to(hidden.dtype), self.vocab_bias.to(hidden.dtype)
-            return self.fused_ce(weight, hidden, targets, bias=bias), n_tokens
+            return self.fused_ce(weight, hidden, targets, bias=bias)
         logits = head(hidden)[:, : self.vocab_size].float()
-        return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX), n_tokens
+        return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
 
     def _flops(self, seq_len: int, training: bool) -> float:
         key = (seq_len, training)
