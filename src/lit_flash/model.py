@@ -253,10 +253,20 @@ class FlashGPT2LM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -------------------------------------------------------------------------------------------- export
-    def export_hf(self, path: str | Path, tokenizer: Any = None) -> Path:
-        """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(path)` loads them."""
+    def export_hf(self, path: str | Path, tokenizer: Any = None, state_dict: dict | None = None) -> Path:
+        """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(path)` loads them.
+
+        `state_dict`: the full weights gathered under FSDP, where `self.model` only holds this rank's shard;
+        they are loaded into a plain copy of the model, which is saved instead.
+        """
+        from transformers import AutoModelForCausalLM
+
         path = Path(path)
-        self.model.save_pretrained(str(path), safe_serialization=True)
+        model = self.model
+        if state_dict is not None:
+            model = AutoModelForCausalLM.from_config(self.model.config, attn_implementation="eager")
+            model.load_state_dict(state_dict)
+        model.save_pretrained(str(path), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
         return path
