@@ -27,39 +27,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # lit_flash from this checkout
+from lit_flash.synthetic import save_synthetic_dataset  # noqa: E402
+
 GPT2_124M = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
              "n_head": 12, "bos_token_id": 50256, "eos_token_id": 50256}
 TINY = {"model_type": "gpt2", "vocab_size": 300, "n_positions": 32, "n_embd": 32, "n_layer": 1, "n_head": 2,
         "bos_token_id": 0, "eos_token_id": 0}
-
-
-def synthetic_tokens(n_rows: int, block_size: int, vocab_size: int, seed: int = 0) -> Any:
-    """Token blocks with text-like statistics: Zipf-distributed ids (a few very frequent, a long tail) and a
-    learnable bigram structure (half the tokens follow from the previous one), so the loss falls as on text."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    zipf = np.minimum(rng.zipf(1.2, size=(n_rows, block_size)), vocab_size) - 1
-    follow = rng.random((n_rows, block_size)) < 0.5
-    ids = zipf.copy()
-    for t in range(1, block_size):  # vectorized over rows
-        ids[:, t] = np.where(follow[:, t], (ids[:, t - 1] * 31 + 7) % vocab_size, zipf[:, t])
-    return ids.astype(np.int32)
-
-
-def build_synthetic_blocks(path: Path, n_train: int, n_val: int, block_size: int, vocab_size: int) -> Path:
-    """A DatasetDict in the reference recipe's format (train/test; input_ids, attention_mask, labels)."""
-    import datasets
-
-    features = datasets.Features({c: datasets.Sequence(datasets.Value("int32"))
-                                  for c in ("input_ids", "attention_mask", "labels")})
-    splits = {}
-    for split, n, seed in (("train", n_train, 0), ("test", n_val, 1)):
-        ids = synthetic_tokens(n, block_size, vocab_size, seed).tolist()
-        rows = {"input_ids": ids, "attention_mask": [[1] * block_size] * n, "labels": ids}
-        splits[split] = datasets.Dataset.from_dict(rows, features=features)
-    datasets.DatasetDict(splits).save_to_disk(str(path))
-    return path
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
@@ -188,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = out / "data"
     if not (data / "dataset_dict.json").is_file():
         # Enough rows that no run repeats one: steps x global batch 16 (+ the resume's steps).
-        build_synthetic_blocks(data, (steps + 20) * 16, 16, model["n_positions"], model["vocab_size"])
+        save_synthetic_dataset(data, (steps + 20) * 16, 16, model["n_positions"], model["vocab_size"])
 
     card = "cpu"
     if not smoke:

@@ -7,24 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lit_flash.data import check_token_columns, load_tokenized, max_token_id
-
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "multi_gpu.py"
 spec = importlib.util.spec_from_file_location("multi_gpu", SCRIPT)
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
-
-
-def test_synthetic_blocks_are_reference_format_and_zipfian(tmp_path: Path) -> None:
-    path = bench.build_synthetic_blocks(tmp_path / "blocks", n_train=24, n_val=4, block_size=64, vocab_size=500)
-    dataset = load_tokenized(path)
-    assert sorted(dataset) == ["test", "train"] and len(dataset["train"]) == 24
-    assert dataset["train"].column_names == ["input_ids", "attention_mask", "labels"]
-    assert check_token_columns(dataset["train"], "train") == 64
-    assert max_token_id(dataset["train"]) < 500
-    ids = bench.synthetic_tokens(32, 256, 500)
-    counts = sorted((ids == v).sum() for v in range(500))
-    assert counts[-1] > 20 * max(1, counts[len(counts) // 2])  # a few ids dominate, as in text
 
 
 def test_metrics_to_tokens_per_sec_and_loss(tmp_path: Path) -> None:

@@ -159,6 +159,8 @@ class FlashGPT2LM(L.LightningModule):
             full fp32 logits (batch x seq x vocab) are never materialized. Needs `pip install 'lit-flash[fast]'`.
         pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
             faster matmuls. The pad ids are masked out of the softmax; the export is sliced back to the real size.
+        fused_adamw: AdamW's fused CUDA kernel; null: on when training on CUDA without gradient clipping (Lightning
+            cannot clip a fused optimizer's gradients under mixed precision), else multi-tensor (foreach) AdamW.
     """
 
     def __init__(
@@ -178,6 +180,7 @@ class FlashGPT2LM(L.LightningModule):
         compile: bool = False,
         fused_cross_entropy: bool = False,
         pad_vocab_to_multiple_of: int | None = None,
+        fused_adamw: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -309,7 +312,15 @@ class FlashGPT2LM(L.LightningModule):
 
         h = self.hparams
         groups = weight_decay_groups(self.model, h.weight_decay)
-        fused = self.trainer.strategy.root_device.type == "cuda" if self._trainer is not None else False
+        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
+        # Lightning cannot clip gradients of a fused AdamW under mixed precision (it unscales inside its step).
+        if h.fused_adamw and clipping and "mixed" in str(self.trainer.precision):
+            raise LitFlashError(
+                "model.fused_adamw=true cannot be combined with trainer.gradient_clip_val under mixed precision: "
+                "set model.fused_adamw=null (multi-tensor AdamW) or trainer.gradient_clip_val=null"
+            )
+        fused = (on_cuda and not clipping) if h.fused_adamw is None else h.fused_adamw
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
         total = self.trainer.estimated_stepping_batches
         if h.warmup_steps >= total and h.lr_scheduler != "constant":

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_flash.synthetic import save_synthetic_dataset
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
@@ -43,7 +45,7 @@ def fit(tmp: Path, name: str, gpus: int, *extra: str) -> subprocess.CompletedPro
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("fsdp")
-    bench.build_synthetic_blocks(tmp / "data", 64, 8, bench.TINY["n_positions"], bench.TINY["vocab_size"])
+    save_synthetic_dataset(tmp / "data", 64, 8, bench.TINY["n_positions"], bench.TINY["vocab_size"])
     return tmp
 
 
