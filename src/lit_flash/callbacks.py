@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from lit_flash.distributed import gather_full_state_dict
+
 
 class HFExport(L.Callback):
     """At the end of `fit`, save the model and tokenizer in Hugging Face format (safetensors).
@@ -30,12 +32,13 @@ class HFExport(L.Callback):
         path = self.export_path(trainer)
         if path is None or trainer.interrupted:
             return
-        self._export(pl_module, trainer, path)
+        state_dict = gather_full_state_dict(trainer)  # FSDP: every rank takes part in gathering the shards
+        self._export(pl_module, trainer, path, state_dict)
 
     @rank_zero_only
-    def _export(self, pl_module: Any, trainer: L.Trainer, path: Path) -> None:
+    def _export(self, pl_module: Any, trainer: L.Trainer, path: Path, state_dict: dict | None) -> None:
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
-        pl_module.export_hf(path, tokenizer)
+        pl_module.export_hf(path, tokenizer, state_dict=state_dict)
         rank_zero_info(f"Exported the Hugging Face model to {path}")
 
 

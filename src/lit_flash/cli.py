@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lit_flash.callbacks import HFExport, TokenThroughput
 from lit_flash.data import WikitextDataModule
+from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
 from lit_flash.model import FlashGPT2LM
 
@@ -60,6 +61,11 @@ class LitFlashCLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
+
+    def _check_ckpt_path(self) -> None:
+        check_resume(self._get(self.config_init, "ckpt_path"), self.trainer.strategy)
+
+    before_fit = before_validate = before_test = _check_ckpt_path
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}

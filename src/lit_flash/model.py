@@ -107,6 +107,24 @@ def _params_of_config(config: Any) -> list[torch.Tensor]:
     return list(model.parameters())
 
 
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups as the HF Trainer makes them: no decay on biases and norm weights, decay on the rest.
+
+    Decided by parameter name and module type, not by `ndim`: under FSDP (`use_orig_params`) each parameter is
+    a flat 1-d shard, and an `ndim < 2` rule would silently drop weight decay everywhere.
+    """
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    seen: set[int] = set()  # tied weights (GPT-2's wte and lm_head) are one parameter: one group
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                (no_decay if is_norm or name == "bias" else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def _liger_fused_ce() -> torch.nn.Module:
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -301,12 +319,7 @@ class FlashGPT2LM(L.LightningModule):
         from transformers import get_scheduler
 
         h = self.hparams
-        decay, no_decay = [], []
-        for param in self.model.parameters():
-            if param.requires_grad:
-                # As the HF Trainer: no decay on biases and LayerNorm weights (all 1-d parameters).
-                (no_decay if param.ndim < 2 else decay).append(param)
-        groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = weight_decay_groups(self.model, h.weight_decay)
         on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
         # Lightning cannot clip gradients of a fused AdamW under mixed precision (it unscales inside its step).
@@ -327,10 +340,19 @@ class FlashGPT2LM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -------------------------------------------------------------------------------------------- export
-    def export_hf(self, path: str | Path, tokenizer: Any = None) -> Path:
-        """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(path)` loads them."""
+    def export_hf(self, path: str | Path, tokenizer: Any = None, state_dict: dict | None = None) -> Path:
+        """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(path)` loads them.
+
+        `state_dict`: the full weights gathered under FSDP, where `self.model` only holds this rank's shard;
+        they are loaded into a plain copy of the model, which is saved instead.
+        """
+        from transformers import AutoModelForCausalLM
+
         path = Path(path)
         model = self.model
+        if state_dict is not None:
+            model = AutoModelForCausalLM.from_config(self.model.config, attn_implementation="eager")
+            model.load_state_dict(state_dict)
         if model.config.vocab_size != self.vocab_size:  # slice the padding back off
             model = copy.deepcopy(model).cpu()
             model.resize_token_embeddings(self.vocab_size)
