@@ -159,8 +159,8 @@ class FlashGPT2LM(L.LightningModule):
             full fp32 logits (batch x seq x vocab) are never materialized. Needs `pip install 'lit-flash[fast]'`.
         pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
             faster matmuls. The pad ids are masked out of the softmax; the export is sliced back to the real size.
-        fused_adamw: AdamW's fused CUDA kernel; null: on when training on CUDA without gradient clipping (Lightning
-            cannot clip a fused optimizer's gradients under mixed precision), else multi-tensor (foreach) AdamW.
+        fused_adamw: AdamW's fused CUDA kernel; null: on when training on CUDA, except with gradient clipping under
+            16-mixed (the GradScaler and a fused step cannot be combined): then multi-tensor (foreach) AdamW.
     """
 
     def __init__(
@@ -277,7 +277,8 @@ class FlashGPT2LM(L.LightningModule):
             # liger wants the head weight in the activations' dtype (bf16/fp16 under autocast), not fp32.
             weight, bias = head.weight.to(hidden.dtype), self.vocab_bias.to(hidden.dtype)
             return self.fused_ce(weight, hidden, targets, bias=bias)
-        logits = head(hidden)[:, : self.vocab_size].float()
+        # Masking the pad ids with the bias keeps the logits' aligned width (a slice to 50257 would not).
+        logits = (head(hidden) + self.vocab_bias).float()
         return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
 
     def _flops(self, seq_len: int, training: bool) -> float:
@@ -322,13 +323,15 @@ class FlashGPT2LM(L.LightningModule):
         groups = weight_decay_groups(self.model, h.weight_decay)
         on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
-        # Lightning cannot clip gradients of a fused AdamW under mixed precision (it unscales inside its step).
-        if h.fused_adamw and clipping and "mixed" in str(self.trainer.precision):
+        # Under 16-mixed the GradScaler's gradients are still scaled when Lightning clips, and a fused AdamW
+        # unscales inside its own step: the two cannot be combined. bf16 has no scaler: we clip directly.
+        scaled = self._trainer is not None and str(self.trainer.precision) in ("16-mixed", "16")
+        if h.fused_adamw and clipping and scaled:
             raise LitFlashError(
-                "model.fused_adamw=true cannot be combined with trainer.gradient_clip_val under mixed precision: "
-                "set model.fused_adamw=null (multi-tensor AdamW) or trainer.gradient_clip_val=null"
+                "model.fused_adamw=true cannot be combined with trainer.gradient_clip_val under 16-mixed: "
+                "use bf16-mixed, model.fused_adamw=null (multi-tensor AdamW) or trainer.gradient_clip_val=null"
             )
-        fused = (on_cuda and not clipping) if h.fused_adamw is None else h.fused_adamw
+        fused = (on_cuda and not (clipping and scaled)) if h.fused_adamw is None else h.fused_adamw
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
         total = self.trainer.estimated_stepping_batches
         if h.warmup_steps >= total and h.lr_scheduler != "constant":
@@ -338,6 +341,20 @@ class FlashGPT2LM(L.LightningModule):
             h.lr_scheduler, optimizer, num_warmup_steps=h.warmup_steps, num_training_steps=int(total), **extra
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if gradient_clip_val and optimizer.defaults.get("fused"):
+            # No GradScaler here (see configure_optimizers): the gradients are true-scale, clip them directly;
+            # Lightning's AMP plugin refuses any fused optimizer.
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -------------------------------------------------------------------------------------------- export
     def export_hf(self, path: str | Path, tokenizer: Any = None, state_dict: dict | None = None) -> Path:
