@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader
 
+from lit_flash.distributed import shard_sampler
 from lit_flash.errors import LitFlashError
 
 REQUIRED_COLUMN = "input_ids"
@@ -412,12 +413,15 @@ class WikitextDataModule(L.LightningDataModule):
 
     # -- loaders
     def _loader(self, dataset: Any, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        # Several processes: our own shard sampler (no repeated rows), which Lightning then leaves as it is.
+        sampler = shard_sampler(dataset, self.trainer, shuffle, self.hparams.seed)
+        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle and sampler is None else None
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             generator=generator,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
