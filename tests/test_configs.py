@@ -6,12 +6,14 @@ with no arguments, so it must keep working offline and keep its promise (validat
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lit_flash.cli import config_path
+from lit_flash.callbacks import HFExport
+from lit_flash.cli import cli_main, config_path
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -55,3 +57,22 @@ def test_demo_runs_offline_and_learns(run_cli, tmp_path):
     assert len(ppl) >= 3 and ppl[0] / ppl[-1] >= 2, ppl
     assert (root / "checkpoints" / "last.ckpt").is_file()
     assert (root / "model" / "model.safetensors").is_file() and (root / "model" / "tokenizer.json").is_file()
+
+
+def test_reference_recipe_writes_under_output(tiny_model_config, tokenizer_dir, text_files, monkeypatch):
+    # Instantiate gpt2_flash.yaml with the hub parts swapped for tiny local ones: where would the run write?
+    monkeypatch.setattr("sys.argv", ["lit-flash"])
+    cli = cli_main(
+        ["--config", str(config_path("gpt2_flash.yaml")), "--trainer.precision", "32-true",
+         "--model.model_name_or_path", "null", "--model.model_config", json.dumps(tiny_model_config),
+         "--data.text_files", json.dumps(text_files), "--data.tokenizer_name", str(tokenizer_dir)],
+        run=False,
+    )
+    trainer = cli.trainer
+    assert trainer.checkpoint_callback.dirpath == "/output/checkpoints"
+    assert trainer.checkpoint_callback.save_last and trainer.checkpoint_callback._every_n_train_steps == 500
+    (export,) = [c for c in trainer.callbacks if isinstance(c, HFExport)]
+    assert str(export.export_path(trainer)) == "/output/model"
+    assert {type(lg).__name__: lg.save_dir for lg in trainer.loggers} == {
+        "CSVLogger": "/output", "TensorBoardLogger": "/output"
+    }
