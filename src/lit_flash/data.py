@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_flash.errors import LitFlashError
+from lit_flash.resume import ResumableDataLoader, ResumableSampler
 
 REQUIRED_COLUMN = "input_ids"
 OPTIONAL_COLUMNS = ("attention_mask", "labels")
@@ -405,18 +406,23 @@ class WikitextDataModule(L.LightningDataModule):
 
     # -- loaders
     def _loader(self, dataset: Any, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
         workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
+        kwargs: dict[str, Any] = dict(
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,
             collate_fn=collate_blocks,
+            # Its own generator (for worker seeds): iterating never draws from the global RNG (exact resume).
+            generator=torch.Generator().manual_seed(self.hparams.seed),
         )
+        if not shuffle:
+            return DataLoader(dataset, **kwargs)
+        # The training order is a seeded permutation per epoch whose position is saved in checkpoints.
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(dataset, num_replicas=replicas, rank=rank, seed=self.hparams.seed)
+        return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
