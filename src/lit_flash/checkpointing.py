@@ -71,18 +71,21 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = None, weig
     try:
         with open(path, "rb") as f:
             return torch.load(f, map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as err:
-        if weights_only and "weights_only" in str(err):
-            raise LitFlashError(
-                f"ckpt_path={path}: the checkpoint holds objects other than tensors and plain values; "
-                "if you trust where it comes from, pass --weights_only false"
-            ) from err
-        raise _corrupt(path, err) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise _corrupt(path, err) from err
+    except LOAD_ERRORS as err:
+        raise load_error(path, err) from err
 
 
-def _corrupt(path: str | os.PathLike, err: BaseException) -> LitFlashError:
+# What torch.load raises on a truncated, corrupted or (with weights_only) unsafe file.
+LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError)
+
+
+def load_error(path: str | os.PathLike, err: BaseException) -> LitFlashError:
+    """The one line for a checkpoint `torch.load` could not read."""
+    if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+        return LitFlashError(
+            f"ckpt_path={path}: the checkpoint holds objects other than tensors and plain values; "
+            "if you trust where it comes from, pass --weights_only false"
+        )
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return LitFlashError(
         f"ckpt_path={path}: the file is truncated or corrupted ({first[:160]}); "

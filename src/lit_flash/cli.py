@@ -14,7 +14,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_flash.callbacks import HFExport, TokenThroughput
-from lit_flash.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
+from lit_flash.checkpointing import LOAD_ERRORS, AtomicCheckpointIO, load_error, resolve_ckpt_path
 from lit_flash.data import WikitextDataModule
 from lit_flash.errors import LitFlashError
 from lit_flash.model import FlashGPT2LM
@@ -81,6 +81,13 @@ class LitFlashCLI(LightningCLI):
         callbacks = _as_list(trainer_config.get("callbacks"))
         kwargs["callbacks"] = [*callbacks, ExactResume()]
         return super().instantiate_trainer(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads a given checkpoint file's hyperparameters here, with a bare torch.load.
+        try:
+            super()._parse_ckpt_path()
+        except LOAD_ERRORS as err:
+            raise load_error(self.config[self.config.subcommand].get("ckpt_path"), err) from err
 
     def _resolve_ckpt_path(self) -> None:
         """`ckpt_path: auto` -> `last.ckpt` of this run's folder if there is one; never a fresh `fit` over old ones."""
