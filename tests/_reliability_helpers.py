@@ -176,9 +176,10 @@ def fork_cli(*args: str) -> Any:
 
 
 def wait_for_file(path: Path, proc: Any, timeout: float = 180) -> None:
-    """Poll until `path` exists; `proc` is a `subprocess.Popen` or a `multiprocessing.Process`."""
+    """Poll until `path` (its name may be a glob) exists; `proc` is a `subprocess.Popen` or a
+    `multiprocessing.Process`."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not any(path.parent.glob(path.name)):
         alive = proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_alive()
         if not alive:
             raise AssertionError(f"the run ended before {path} appeared")

@@ -410,3 +410,51 @@ def test_trust_remote_code_is_off_unless_set(tmp_path: Path) -> None:
         FlashGPT2LM(model_name_or_path=str(folder), attn_implementation="sdpa")
     assert not marker.exists()
     assert ExactResume  # the callbacks the CLI adds import cleanly
+
+
+# ----------------------------------------------------------------------------------------------- soak
+
+
+@pytest.mark.slow
+def test_soak_2000_steps_on_the_demo_with_kills_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    """The demo config (stdlib text, a BPE tokenizer trained on it), shrunk to a tiny model: 2,000 steps straight,
+    and 2,000 steps SIGKILLed four times at checkpoints and resumed with `ckpt_path=auto` each time."""
+    import yaml
+
+    from lit_flash.cli import config_path
+
+    def config(name: str) -> str:
+        demo = yaml.safe_load(config_path("demo.yaml").read_text())
+        demo["trainer"].update(
+            max_steps=2000, val_check_interval=500, log_every_n_steps=1, default_root_dir=str(tmp_path / name),
+            enable_progress_bar=False, enable_model_summary=False,
+        )
+        demo["checkpoint"] = {"every_n_train_steps": 100}
+        demo["model"]["model_config"].update(vocab_size=512, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+        demo["model"]["dropout"] = 0.1
+        demo["data"].update(
+            text_files={"train": "{stdlib}/[a-b]*.py", "validation": "{stdlib}/s[a-h]*.py"},
+            train_tokenizer_vocab_size=512, block_size=32, batch_size=8, max_eval_samples=64,
+            cache_dir=str(tmp_path / "cache"),
+        )
+        demo["ckpt_path"] = "auto"
+        return str(write_config(tmp_path / f"{name}.yaml", demo))
+
+    straight, killed = config("straight"), config("killed")
+    assert _finish(fork_cli("fit", "--config", straight), timeout=600) == 0
+    ckpts = tmp_path / "killed" / "checkpoints"
+    for step in (400, 900, 1300, 1700):
+        proc = fork_cli("fit", "--config", killed)
+        wait_for_file(ckpts / f"epoch=*-step={step}.ckpt", proc, timeout=600)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert _finish(proc) == -signal.SIGKILL
+    assert _finish(fork_cli("fit", "--config", killed), timeout=600) == 0
+
+    final_straight, final_killed = logged(tmp_path / "straight"), logged(tmp_path / "killed")
+    assert max(final_killed) == max(final_straight) == 1999
+    assert abs(final_killed[1999] - final_straight[1999]) <= TOLERANCE
+    assert logged(tmp_path / "killed", "val_loss")[1999] == pytest.approx(
+        logged(tmp_path / "straight", "val_loss")[1999], abs=TOLERANCE
+    )
+    _assert_same_weights(tmp_path / "killed", tmp_path / "straight")
+    assert len(list((tmp_path / "killed" / "logs").glob("version_*"))) == 5

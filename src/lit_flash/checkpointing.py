@@ -138,7 +138,8 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcom
         if existing:
             print(f"lit_flash: resuming from {existing[-1]} (ckpt_path=auto)", flush=True)
             return str(existing[-1])
-        print(f"lit_flash: no checkpoint in {ckpt_dir} yet, starting from scratch (ckpt_path=auto)", flush=True)
+        then = "starting from scratch" if subcommand == "fit" else "using the model as configured"
+        print(f"lit_flash: no checkpoint in {ckpt_dir} yet, {then} (ckpt_path=auto)", flush=True)
         return None
     if ckpt_path is None and subcommand == "fit" and existing:
         names = ", ".join(p.name for p in existing[-3:])
