@@ -222,7 +222,7 @@ def test_resumable_loader_continues_mid_epoch_with_the_same_batches() -> None:
     it = iter(stopped)
     seen = [next(it).tolist() for _ in range(5)]
     state = stopped.state_dict()
-    assert state == {"epoch": 2, "batches": 5}
+    assert state == {"epoch": 2, "batches": 5, "replicas": 1}
 
     resumed = ResumableDataLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=3))
     resumed.load_state_dict(state)
@@ -232,6 +232,11 @@ def test_resumable_loader_continues_mid_epoch_with_the_same_batches() -> None:
     # saved after the epoch's last batch: the next pass is the next epoch from its start
     resumed.load_state_dict({"epoch": 2, "batches": len(reference)})
     assert resumed.sampler.epoch == 3 and len([*resumed]) == len(reference)
+
+    # another number of processes shards the epoch differently: that epoch starts over, with a warning
+    with pytest.warns(UserWarning, match="starts over"):
+        resumed.load_state_dict({"epoch": 2, "batches": 5, "replicas": 2})
+    assert len([*resumed]) == len(reference)
 
 
 def test_datamodule_trains_through_the_resumable_loader(tmp_path: Path, data_dir: Path) -> None:

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lit_flash.callbacks import HFExport, TokenThroughput
 from lit_flash.checkpointing import LOAD_ERRORS, AtomicCheckpointIO, load_error, resolve_ckpt_path
 from lit_flash.data import WikitextDataModule
+from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
 from lit_flash.model import FlashGPT2LM
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
@@ -68,19 +69,21 @@ class LitFlashCLI(LightningCLI):
         parser.add_lightning_class_args(TokenThroughput, "throughput")
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        trainer_config = self._get(self.config_init, "trainer", default={})
-        device_type = trainer_device_type(trainer_config.get("accelerator"))
-        check_precision_supported(trainer_config.get("precision"), device_type, bf16_supported())
-        check_output_dir(trainer_config.get("default_root_dir") or os.getcwd())
-        if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = default_loggers(trainer_config.get("default_root_dir") or os.getcwd())
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        device_type = trainer_device_type(config.get("accelerator"))
+        check_precision_supported(config.get("precision"), device_type, bf16_supported())
+        check_output_dir(config.get("default_root_dir") or os.getcwd())
+        if config.get("logger") in (None, True):
+            config["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
         # Atomic checkpoint files, weights_only loads; exact resume (RNG states, a checkpoint on SIGTERM).
-        plugins = _as_list(trainer_config.get("plugins"))
+        plugins = _as_list(config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        callbacks = _as_list(trainer_config.get("callbacks"))
-        kwargs["callbacks"] = [*callbacks, ExactResume()]
-        return super().instantiate_trainer(**kwargs)
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        config["callbacks"] = [*_as_list(config.get("callbacks")), ExactResume()]
+        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if config.get("enable_checkpointing") is False:  # the user turned our always-on checkpointing off
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return self._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads a given checkpoint file's hyperparameters here, with a bare torch.load.
@@ -95,6 +98,7 @@ class LitFlashCLI(LightningCLI):
         if "ckpt_path" in config:
             ckpt_dir = os.path.dirname(last_checkpoint_path(self.trainer))
             config["ckpt_path"] = resolve_ckpt_path(config["ckpt_path"], ckpt_dir, self.subcommand)
+            check_resume(config["ckpt_path"], self.trainer.strategy)
 
     before_fit = before_validate = before_test = before_predict = _resolve_ckpt_path
 

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader
 
+from lit_flash.distributed import shard_sampler
 from lit_flash.errors import LitFlashError
 from lit_flash.resume import ResumableDataLoader, ResumableSampler
 
@@ -406,6 +407,7 @@ class WikitextDataModule(L.LightningDataModule):
 
     # -- loaders
     def _loader(self, dataset: Any, batch_size: int, shuffle: bool) -> DataLoader:
+        seed = self.hparams.seed
         workers = self.hparams.num_workers
         kwargs: dict[str, Any] = dict(
             batch_size=batch_size,
@@ -414,14 +416,16 @@ class WikitextDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
             collate_fn=collate_blocks,
             # Its own generator (for worker seeds): iterating never draws from the global RNG (exact resume).
-            generator=torch.Generator().manual_seed(self.hparams.seed),
+            generator=torch.Generator().manual_seed(seed),
         )
+        # Several processes: our own shard sampler (no repeated rows), which Lightning then leaves as it is.
+        shard = shard_sampler(dataset, self.trainer, shuffle, seed)
         if not shuffle:
-            return DataLoader(dataset, **kwargs)
-        # The training order is a seeded permutation per epoch whose position is saved in checkpoints.
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(dataset, num_replicas=replicas, rank=rank, seed=self.hparams.seed)
+            return DataLoader(dataset, sampler=shard, **kwargs)
+        # Training: a seeded permutation per epoch (this rank's share of it, the remainder dropped as the shard
+        # sampler does) whose position is saved in checkpoints for an exact resume.
+        replicas, rank = (shard.num_replicas, shard.rank) if shard is not None else (1, 0)
+        sampler = ResumableSampler(dataset, num_replicas=replicas, rank=rank, seed=seed, drop_last=True)
         return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:

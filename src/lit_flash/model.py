@@ -108,6 +108,24 @@ def _params_of_config(config: Any) -> list[torch.Tensor]:
     return list(model.parameters())
 
 
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups as the HF Trainer makes them: no decay on biases and norm weights, decay on the rest.
+
+    Decided by parameter name and module type, not by `ndim`: under FSDP (`use_orig_params`) each parameter is
+    a flat 1-d shard, and an `ndim < 2` rule would silently drop weight decay everywhere.
+    """
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    seen: set[int] = set()  # tied weights (GPT-2's wte and lm_head) are one parameter: one group
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                (no_decay if is_norm or name == "bias" else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def _liger_fused_ce() -> torch.nn.Module:
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -142,6 +160,8 @@ class FlashGPT2LM(L.LightningModule):
             full fp32 logits (batch x seq x vocab) are never materialized. Needs `pip install 'lit-flash[fast]'`.
         pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
             faster matmuls. The pad ids are masked out of the softmax; the export is sliced back to the real size.
+        fused_adamw: AdamW's fused CUDA kernel; null: on when training on CUDA, except with gradient clipping under
+            16-mixed (the GradScaler and a fused step cannot be combined): then multi-tensor (foreach) AdamW.
         on_nonfinite: A NaN/inf training loss `stop`s the run with an error naming the step (before the update, so
             the weights and the last checkpoint stay finite), or `skip`s that batch (no update) with a warning.
     """
@@ -163,6 +183,7 @@ class FlashGPT2LM(L.LightningModule):
         compile: bool = False,
         fused_cross_entropy: bool = False,
         pad_vocab_to_multiple_of: int | None = None,
+        fused_adamw: bool | None = None,
         on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
@@ -178,6 +199,7 @@ class FlashGPT2LM(L.LightningModule):
         bias[self.vocab_size :] = -1e4
         self.register_buffer("vocab_bias", bias, persistent=False)
         self.fused_ce = _liger_fused_ce() if fused_cross_entropy else None
+        self._compute_loss = self._loss_impl
         self._compiled = False
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
@@ -222,8 +244,11 @@ class FlashGPT2LM(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(dm, "tokenizer", None)
         if self.hparams.compile and not self._compiled:
-            self.model.base_model.compile()
             self._compiled = True
+            if self.fused_ce is None:  # the whole forward, so the cross-entropy fuses with the logits
+                self._compute_loss = torch.compile(self._loss_impl)
+            else:  # liger's kernels stay outside the graph
+                self.model.base_model.compile()
         check_data_fits_model(
             self.model.config,
             vocab_size=self.vocab_size,
@@ -239,21 +264,26 @@ class FlashGPT2LM(L.LightningModule):
     def _loss(self, batch: dict[str, torch.Tensor], training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss over the batch's predicted tokens, and how many tokens that mean is over."""
         labels = batch["labels"]
-        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
-        n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
         self.flops_per_batch = self._flops(labels.shape[1], training) * labels.numel()
+        loss = self._compute_loss(batch["input_ids"], labels, batch.get("attention_mask"))
+        return loss, (labels[:, 1:] != IGNORE_INDEX).sum()
+
+    def _loss_impl(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         if self.fused_ce is None and self.model.config.vocab_size == self.vocab_size:
-            return self.model(input_ids=input_ids, attention_mask=mask, labels=labels).loss, n_tokens
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1]
-        hidden = hidden.reshape(-1, hidden.shape[-1])
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = labels[:, 1:].reshape(-1)
         head = self.model.get_output_embeddings()
         if self.fused_ce is not None:
             # liger wants the head weight in the activations' dtype (bf16/fp16 under autocast), not fp32.
             weight, bias = head.weight.to(hidden.dtype), self.vocab_bias.to(hidden.dtype)
-            return self.fused_ce(weight, hidden, targets, bias=bias), n_tokens
-        logits = head(hidden)[:, : self.vocab_size].float()
-        return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX), n_tokens
+            return self.fused_ce(weight, hidden, targets, bias=bias)
+        # Masking the pad ids with the bias keeps the logits' aligned width (a slice to 50257 would not).
+        logits = (head(hidden) + self.vocab_bias).float()
+        return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
 
     def _flops(self, seq_len: int, training: bool) -> float:
         key = (seq_len, training)
@@ -315,13 +345,18 @@ class FlashGPT2LM(L.LightningModule):
         from transformers import get_scheduler
 
         h = self.hparams
-        decay, no_decay = [], []
-        for param in self.model.parameters():
-            if param.requires_grad:
-                # As the HF Trainer: no decay on biases and LayerNorm weights (all 1-d parameters).
-                (no_decay if param.ndim < 2 else decay).append(param)
-        groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.trainer.strategy.root_device.type == "cuda" if self._trainer is not None else False
+        groups = weight_decay_groups(self.model, h.weight_decay)
+        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
+        # Under 16-mixed the GradScaler's gradients are still scaled when Lightning clips, and a fused AdamW
+        # unscales inside its own step: the two cannot be combined. bf16 has no scaler: we clip directly.
+        scaled = self._trainer is not None and str(self.trainer.precision) in ("16-mixed", "16")
+        if h.fused_adamw and clipping and scaled:
+            raise LitFlashError(
+                "model.fused_adamw=true cannot be combined with trainer.gradient_clip_val under 16-mixed: "
+                "use bf16-mixed, model.fused_adamw=null (multi-tensor AdamW) or trainer.gradient_clip_val=null"
+            )
+        fused = (on_cuda and not (clipping and scaled)) if h.fused_adamw is None else h.fused_adamw
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
         total = self.trainer.estimated_stepping_batches
         if h.warmup_steps >= total and h.lr_scheduler != "constant":
@@ -332,11 +367,34 @@ class FlashGPT2LM(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if gradient_clip_val and optimizer.defaults.get("fused"):
+            # No GradScaler here (see configure_optimizers): the gradients are true-scale, clip them directly;
+            # Lightning's AMP plugin refuses any fused optimizer.
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # -------------------------------------------------------------------------------------------- export
-    def export_hf(self, path: str | Path, tokenizer: Any = None) -> Path:
-        """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(path)` loads them."""
+    def export_hf(self, path: str | Path, tokenizer: Any = None, state_dict: dict | None = None) -> Path:
+        """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(path)` loads them.
+
+        `state_dict`: the full weights gathered under FSDP, where `self.model` only holds this rank's shard;
+        they are loaded into a plain copy of the model, which is saved instead.
+        """
+        from transformers import AutoModelForCausalLM
+
         path = Path(path)
         model = self.model
+        if state_dict is not None:
+            model = AutoModelForCausalLM.from_config(self.model.config, attn_implementation="eager")
+            model.load_state_dict(state_dict)
         if model.config.vocab_size != self.vocab_size:  # slice the padding back off
             model = copy.deepcopy(model).cpu()
             model.resize_token_embeddings(self.vocab_size)

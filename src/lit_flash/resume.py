@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -31,8 +31,11 @@ class ResumableSampler(DistributedSampler):
     one device. `start` is the number of this rank's indices to skip in the next pass only.
     """
 
-    def __init__(self, dataset: Any, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+    def __init__(
+        self, dataset: Any, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.start = 0
 
     def __iter__(self) -> Iterator[int]:
@@ -63,12 +66,18 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self._batches_out}
+        return {"epoch": self.sampler.epoch, "batches": self._batches_out, "replicas": self.sampler.num_replicas}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, batches = state["epoch"], state["batches"]
         if batches >= len(self):  # saved after the epoch's last batch: the next pass is the next epoch, from 0
             epoch, batches = epoch + 1, 0
+        if state.get("replicas", 1) != self.sampler.num_replicas and batches:
+            rank_zero_warn(
+                f"the checkpoint was saved mid-epoch by {state['replicas']} processes and this run has "
+                f"{self.sampler.num_replicas}: the shards differ, so epoch {epoch} starts over"
+            )
+            batches = 0
         self.sampler.set_epoch(epoch)
         self._skip_batches = batches
 

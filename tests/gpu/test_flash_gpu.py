@@ -1,0 +1,244 @@
+"""FlashAttention-2 on a real GPU: it runs in every stage, agrees with sdpa and eager, falls back and fails as said.
+
+Run on the GPU machine: `pytest -m gpu tests/gpu -v -s` (needs CUDA, flash-attn, an sm_80+ GPU).
+Measured errors are printed and, with LIT_FLASH_GPU_REPORT=path, written there as JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_flash import FlashGPT2LM, LitFlashError, WikitextDataModule
+from lit_flash.model import resolve_attn_implementation
+from lit_flash.synthetic import save_synthetic_dataset, synthetic_blocks
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+ROOT = Path(__file__).resolve().parents[2]
+GPT2_124M = {"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}
+BACKENDS = ("flash_attention_2", "sdpa", "eager")
+# Relative error by norm, ||x - y|| / ||y||, allowed between two attention backends under autocast. bf16 keeps 8
+# mantissa bits (eps 3.9e-3), fp16 11 (eps 4.9e-4); errors grow through 12 layers and the backward pass.
+TOLERANCE = {
+    torch.bfloat16: {"logits": 3e-2, "loss": 5e-3, "grads": 8e-2},
+    torch.float16: {"logits": 5e-3, "loss": 1e-3, "grads": 2e-2},
+}
+REPORT: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    yield REPORT
+    path = os.environ.get("LIT_FLASH_GPU_REPORT")
+    if path:
+        Path(path).write_text(json.dumps(REPORT, indent=1))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return save_synthetic_dataset(tmp_path_factory.mktemp("gpu") / "blocks", n_train=1200, n_test=64)
+
+
+def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return ((x.float() - y.float()).norm() / y.float().norm()).item()
+
+
+def build(attn: str = "flash_attention_2", **kwargs) -> FlashGPT2LM:
+    torch.manual_seed(0)
+    return FlashGPT2LM(model_name_or_path=None, model_config=GPT2_124M, attn_implementation=attn, dropout=0.0, **kwargs)
+
+
+def run_backend(module: FlashGPT2LM, attn: str, batch: dict, dtype: torch.dtype) -> dict:
+    module.model.set_attn_implementation(attn)
+    module.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=dtype):
+        out = module.model(**batch)
+    out.loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in module.model.parameters() if p.grad is not None])
+    return {"logits": out.logits.detach(), "loss": out.loss.detach(), "grads": grads}
+
+
+def make_batch(kind: str) -> dict:
+    ids = torch.from_numpy(synthetic_blocks(4, 1024, seed=3)).long().cuda()
+    mask = torch.ones_like(ids)
+    lengths = [1024, 700, 257, 1000]
+    for row, n in enumerate(lengths):
+        if kind == "right_pad":  # eval batches: real tokens first
+            mask[row, n:] = 0
+        elif kind == "left_pad":  # generation: real tokens last
+            mask[row, : 1024 - n] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels} if kind != "full" else {
+        "input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["full", "right_pad", "left_pad"])
+def test_flash_agrees_with_sdpa_and_eager(kind: str, dtype: torch.dtype) -> None:
+    module = build().cuda()
+    batch = make_batch(kind)
+    results = {attn: run_backend(module, attn, batch, dtype) for attn in BACKENDS}
+    valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+    flash = results["flash_attention_2"]
+    for other in ("sdpa", "eager"):
+        errs = {
+            "logits": rel(flash["logits"][valid], results[other]["logits"][valid]),
+            "loss": rel(flash["loss"], results[other]["loss"]),
+            "grads": rel(flash["grads"], results[other]["grads"]),
+        }
+        REPORT[f"parity/{kind}/{str(dtype)[6:]}/flash_vs_{other}"] = errs
+        print(kind, dtype, f"flash vs {other}", errs)
+        for what, err in errs.items():
+            assert err < TOLERANCE[dtype][what], f"{what}: {err:.2e} >= {TOLERANCE[dtype][what]:.0e} ({other})"
+
+
+class AttentionSpy:
+    """Wraps transformers' flash attention entry and records the dtype it was called with."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        self.calls: list[torch.dtype] = []
+        inner = ALL_ATTENTION_FUNCTIONS["flash_attention_2"]
+
+        def spy(module, query, *args, **kwargs):
+            self.calls.append(query.dtype)
+            return inner(module, query, *args, **kwargs)
+
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", spy)
+
+    def take(self) -> list[torch.dtype]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
+    defaults = dict(accelerator="gpu", devices=1, precision="16-mixed", default_root_dir=tmp_path, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def test_flash_runs_in_every_stage_under_16_mixed(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
+    """fit, validate, test and generation all reach flash-attn, in fp16: never a silent fp32 attention, never
+    'FlashAttention only supports fp16 and bf16'."""
+    spy = AttentionSpy(monkeypatch)
+    module = build()
+    assert module.model.config._attn_implementation == "flash_attention_2"
+    dm = WikitextDataModule(tokenized_dataset_load_dir=str(data_dir), tokenizer_name=None, batch_size=4,
+                            eval_batch_size=4, max_eval_samples=8)
+    t = trainer(tmp_path, max_steps=3, limit_val_batches=2)
+    t.fit(module, datamodule=dm)
+    assert set(spy.take()) == {torch.float16}
+    t.validate(module, datamodule=dm, verbose=False)
+    assert set(spy.take()) == {torch.float16}
+    t.test(module, datamodule=dm, verbose=False)
+    assert set(spy.take()) == {torch.float16}
+    assert next(module.parameters()).dtype == torch.float32  # fp32 master weights: the GradScaler works on them
+
+    generate = pytest.importorskip("lit_flash.generate").generate
+    module.model.cuda().eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]  # unequal lengths: left padding through flash's varlen path
+    out = generate(module.model, None, prompts, max_new_tokens=4, temperature=0.0)
+    assert len(out) == 2
+    assert spy.take() and set(spy.calls) <= {torch.float16, torch.bfloat16}
+
+
+def test_pretrained_fp16_weights_train_under_16_mixed(tmp_path: Path, data_dir: Path) -> None:
+    """A checkpoint saved in fp16 (as the reference's --torch_dtype float16) is loaded in fp32: 16-mixed's
+    GradScaler refuses fp16 gradients ('Attempting to unscale FP16 gradients')."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(GPT2_124M, n_layer=2)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    AutoModelForCausalLM.from_config(config).half().save_pretrained(tmp_path / "fp16")
+    module = FlashGPT2LM(model_name_or_path=str(tmp_path / "fp16"))
+    assert next(module.parameters()).dtype == torch.float32
+    dm = WikitextDataModule(tokenized_dataset_load_dir=str(data_dir), tokenizer_name=None, batch_size=4)
+    t = trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    t.fit(module, datamodule=dm)
+    assert t.global_step == 3
+
+
+class RecordLoss(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_loss_curves_agree_across_backends(tmp_path: Path, data_dir: Path) -> None:
+    """100 steps of 16-mixed training from the same init on the same batches, one run per backend."""
+    curves = {}
+    for attn in BACKENDS:
+        module = build(attn, learning_rate=6e-4, warmup_steps=10)
+        dm = WikitextDataModule(tokenized_dataset_load_dir=str(data_dir), tokenizer_name=None, batch_size=8)
+        record = RecordLoss()
+        L.seed_everything(0)
+        trainer(tmp_path / attn, max_steps=100, limit_val_batches=0, callbacks=[record]).fit(module, datamodule=dm)
+        curves[attn] = torch.tensor(record.losses)
+    flash = curves["flash_attention_2"]
+    for other in ("sdpa", "eager"):
+        diff = (flash - curves[other]).abs()
+        REPORT[f"curves/flash_vs_{other}"] = {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
+                                              "first": flash[0].item(), "last": flash[-1].item()}
+        print(f"loss curve flash vs {other}: max |d| {diff.max():.4f}, mean {diff.mean():.4f}")
+        assert flash[-10:].mean() < flash[:10].mean() - 1.0  # it learns
+        assert diff.mean() < 0.02 and diff.max() < 0.1  # in nats, per step
+
+
+def test_fallback_when_flash_attn_is_absent(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn -> ImportError
+    with pytest.warns(UserWarning, match="flash-attn cannot be imported"):
+        assert resolve_attn_implementation("flash_attention_2", fallback=True) == "sdpa"
+    with pytest.warns(UserWarning):
+        module = FlashGPT2LM(model_name_or_path=None, model_config=dict(GPT2_124M, n_layer=1))
+    assert module.model.config._attn_implementation == "sdpa"
+    with pytest.raises(LitFlashError, match="attn_fallback=true"):
+        FlashGPT2LM(model_name_or_path=None, model_config=dict(GPT2_124M, n_layer=1), attn_fallback=False)
+
+
+def test_cli_fit_gpt2_flash_yaml_and_export_reloads_with_flash(tmp_path: Path, data_dir: Path) -> None:
+    """The real recipe's config, a model built from config (no hub), the reference-format data: checkpoints,
+    last.ckpt, the HF export, falling val_ppl; the export reloads with flash and gives the checkpoint's logits."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lit_flash", "fit", "--config", str(ROOT / "configs" / "gpt2_flash.yaml"),
+           "--model.model_name_or_path=null", f"--model.model_config={json.dumps(GPT2_124M)}",
+           "--model.learning_rate=6e-4", "--model.warmup_steps=30",
+           f"--data.tokenized_dataset_load_dir={data_dir}", "--data.tokenizer_name=null", "--data.max_eval_samples=64",
+           "--trainer.max_steps=300", "--trainer.val_check_interval=100", "--checkpoint.every_n_train_steps=100",
+           f"--trainer.default_root_dir={out}", "--data.num_workers=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((out / "checkpoints").glob("epoch=*.ckpt"))) == 3
+    assert (out / "model" / "model.safetensors").is_file()
+    rows = list(csv.DictReader(open(next(out.glob("logs/version_*/metrics.csv")))))
+    ppl = [float(r["val_ppl"]) for r in rows if r.get("val_ppl")]
+    REPORT["cli_fit/val_ppl"] = ppl
+    print("val_ppl by validation:", ppl)
+    assert len(ppl) == 3 and ppl[-1] < ppl[0] / 2
+
+    ckpt = FlashGPT2LM.load_from_checkpoint(out / "checkpoints" / "last.ckpt", map_location="cuda").eval()
+    exported = AutoModelForCausalLM.from_pretrained(out / "model", attn_implementation="flash_attention_2",
+                                                    dtype=torch.bfloat16).cuda().eval()
+    assert exported.config._attn_implementation == "flash_attention_2"
+    ids = torch.from_numpy(synthetic_blocks(2, 1024, seed=9)).long().cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        want = ckpt.model(input_ids=ids).logits
+        got = exported(input_ids=ids).logits
+    err = rel(got, want)
+    REPORT["cli_fit/export_vs_checkpoint_logits_rel"] = err
+    assert err < 3e-2
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.98
