@@ -10,12 +10,17 @@ from typing import Any
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_flash.callbacks import HFExport, TokenThroughput
+from lit_flash.checkpointing import LOAD_ERRORS, AtomicCheckpointIO, load_error, resolve_ckpt_path
 from lit_flash.data import WikitextDataModule
 from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
 from lit_flash.model import FlashGPT2LM
+from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
+from lit_flash.resume import ExactResume, last_checkpoint_path
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_CONFIG = "demo.yaml"
@@ -31,7 +36,8 @@ def config_path(name: str) -> Path:
 
 def default_loggers(root: str | os.PathLike) -> list[Any]:
     """CSV (`metrics.csv`) and TensorBoard, side by side in one `logs/version_N` folder of the run."""
-    csv = CSVLogger(save_dir=root, name="logs")
+    # Rows appended at every logged step (cheap): a killed run keeps its metrics up to the kill.
+    csv = CSVLogger(save_dir=root, name="logs", flush_logs_every_n_steps=1)
     return [csv, TensorBoardLogger(save_dir=root, name="logs", version=csv.version, sub_dir="tensorboard")]
 
 
@@ -77,19 +83,43 @@ class LitFlashCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
 
-    def _check_ckpt_path(self) -> None:
-        check_resume(self._get(self.config_init, "ckpt_path"), self.trainer.strategy)
-
-    before_fit = before_validate = before_test = _check_ckpt_path
-
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        device_type = trainer_device_type(config.get("accelerator"))
+        check_precision_supported(config.get("precision"), device_type, bf16_supported())
+        check_output_dir(config.get("default_root_dir") or os.getcwd())
         if config.get("logger") in (None, True):
             config["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
+        # Atomic checkpoint files, weights_only loads; exact resume (RNG states, a checkpoint on SIGTERM).
+        plugins = _as_list(config.get("plugins"))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        config["callbacks"] = [*_as_list(config.get("callbacks")), ExactResume()]
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         if config.get("enable_checkpointing") is False:  # the user turned our always-on checkpointing off
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         return self._instantiate_trainer(config, callbacks)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads a given checkpoint file's hyperparameters here, with a bare torch.load.
+        try:
+            super()._parse_ckpt_path()
+        except LOAD_ERRORS as err:
+            raise load_error(self.config[self.config.subcommand].get("ckpt_path"), err) from err
+
+    def _resolve_ckpt_path(self) -> None:
+        """`ckpt_path: auto` -> `last.ckpt` of this run's folder if there is one; never a fresh `fit` over old ones."""
+        config = self.config_init[self.subcommand]
+        if "ckpt_path" in config:
+            ckpt_dir = os.path.dirname(last_checkpoint_path(self.trainer))
+            config["ckpt_path"] = resolve_ckpt_path(config["ckpt_path"], ckpt_dir, self.subcommand)
+            check_resume(config["ckpt_path"], self.trainer.strategy)
+
+    before_fit = before_validate = before_test = before_predict = _resolve_ckpt_path
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | None:
@@ -122,6 +152,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
     except LitFlashError as err:
         sys.stderr.write(f"error: {err}\n")
         raise SystemExit(2) from None
+    except SIGTERMException:
+        # Lightning finished the running batch and ExactResume saved last.ckpt; 128+15 as a killed process.
+        sys.stderr.write("lit_flash: stopped by SIGTERM; resume with --ckpt_path last (or auto)\n")
+        raise SystemExit(143) from None
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from lit_flash.distributed import shard_sampler
 from lit_flash.errors import LitFlashError
+from lit_flash.resume import ResumableDataLoader, ResumableSampler
 
 REQUIRED_COLUMN = "input_ids"
 OPTIONAL_COLUMNS = ("attention_mask", "labels")
@@ -413,21 +414,26 @@ class WikitextDataModule(L.LightningDataModule):
 
     # -- loaders
     def _loader(self, dataset: Any, batch_size: int, shuffle: bool) -> DataLoader:
-        # Several processes: our own shard sampler (no repeated rows), which Lightning then leaves as it is.
-        sampler = shard_sampler(dataset, self.trainer, shuffle, self.hparams.seed)
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle and sampler is None else None
+        seed = self.hparams.seed
         workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
+        kwargs: dict[str, Any] = dict(
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
-            generator=generator,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,
             collate_fn=collate_blocks,
+            # Its own generator (for worker seeds): iterating never draws from the global RNG (exact resume).
+            generator=torch.Generator().manual_seed(seed),
         )
+        # Several processes: our own shard sampler (no repeated rows), which Lightning then leaves as it is.
+        shard = shard_sampler(dataset, self.trainer, shuffle, seed)
+        if not shuffle:
+            return DataLoader(dataset, sampler=shard, **kwargs)
+        # Training: a seeded permutation per epoch (this rank's share of it, the remainder dropped as the shard
+        # sampler does) whose position is saved in checkpoints for an exact resume.
+        replicas, rank = (shard.num_replicas, shard.rank) if shard is not None else (1, 0)
+        sampler = ResumableSampler(dataset, num_replicas=replicas, rank=rank, seed=seed, drop_last=True)
+        return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)

@@ -6,3 +6,7 @@ class LitFlashError(ValueError):
 
     The CLI prints it as a single line and exits with status 2 instead of a traceback.
     """
+
+
+class NonFiniteLossError(LitFlashError):
+    """The training loss became NaN or infinite (`model.on_nonfinite=stop`); the message names the step."""

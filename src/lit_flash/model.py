@@ -15,8 +15,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from lit_flash.checkpointing import check_state_dict_fits
 from lit_flash.data import perplexity
-from lit_flash.errors import LitFlashError
+from lit_flash.errors import LitFlashError, NonFiniteLossError
 
 AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
 LRSchedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"]
@@ -162,6 +163,8 @@ class FlashGPT2LM(L.LightningModule):
             faster matmuls. The pad ids are masked out of the softmax; the export is sliced back to the real size.
         fused_adamw: AdamW's fused CUDA kernel; null: on when training on CUDA, except with gradient clipping under
             16-mixed (the GradScaler and a fused step cannot be combined): then multi-tensor (foreach) AdamW.
+        on_nonfinite: A NaN/inf training loss `stop`s the run with an error naming the step (before the update, so
+            the weights and the last checkpoint stay finite), or `skip`s that batch (no update) with a warning.
     """
 
     def __init__(
@@ -182,6 +185,7 @@ class FlashGPT2LM(L.LightningModule):
         fused_cross_entropy: bool = False,
         pad_vocab_to_multiple_of: int | None = None,
         fused_adamw: bool | None = None,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -221,7 +225,7 @@ class FlashGPT2LM(L.LightningModule):
             return AutoModelForCausalLM.from_pretrained(
                 h.model_name_or_path, dtype=torch.float32, **overrides, **common
             )
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: e.g. custom code without trust_remote_code
             first = str(err).splitlines()[0]
             raise LitFlashError(f"model.model_name_or_path={h.model_name_or_path}: cannot load it ({first})") from err
 
@@ -288,10 +292,31 @@ class FlashGPT2LM(L.LightningModule):
             self._flops_per_token[key] = flops_per_token(self.model.config, seq_len, training)
         return self._flops_per_token[key]
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss, _ = self._loss(batch, training=True)
+        if not self._finite_or_skip(loss, batch_idx):
+            return None  # Lightning skips backward and the optimizer step
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def _finite_or_skip(self, loss: torch.Tensor, batch_idx: int) -> bool:
+        # One host sync per step. Every rank takes the same decision: a skip on one rank alone would hang DDP.
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        if finite:
+            return True
+        where = f"train_loss is {loss.item()} at step {self.global_step}"
+        where += f" (epoch {self.current_epoch}, batch {batch_idx})"
+        if self.hparams.on_nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"{where}: stopped before updating the weights; lower model.learning_rate, use bf16-mixed instead "
+                "of 16-mixed, or set model.on_nonfinite=skip"
+            )
+        rank_zero_warn(f"{where}: skipped the batch (model.on_nonfinite=skip)")
+        return False
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before Lightning's load_state_dict: a wrong-shape checkpoint is one line, not a page of size mismatches.
+        check_state_dict_fits(self.state_dict(), checkpoint.get("state_dict", {}))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, n_tokens = self._loss(batch, training=False)

@@ -1,0 +1,150 @@
+"""Checkpoints that never corrupt, load safely, and fail with one line naming what to fix.
+
+Lightning's `TorchCheckpointIO` already saves through an fsspec transaction, but for local files that writes the
+whole checkpoint to a temporary file in the system temp folder (often another disk: the final move is then a copy,
+not atomic) and never fsyncs. `AtomicCheckpointIO` writes a temporary file beside the target, fsyncs it and
+`os.replace`s it over the target: a kill or power cut at any moment leaves the old checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lit_flash.errors import LitFlashError
+
+
+def _is_local(path: str | os.PathLike) -> bool:
+    return "file" in get_filesystem(path).protocol
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where a checkpoint is written before it replaces `path`: same folder (so the rename is atomic), hidden."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` to a temporary file beside `path`, fsync, then `os.replace`: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        why = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+        fix = "free space or change trainer.default_root_dir"
+        kept = "the ones already there are intact"
+        raise LitFlashError(f"cannot save the checkpoint {path}: {why}; {kept}; {fix}") from err
+    # The rename is durable only once the folder's entry is on disk too.
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> Any:
+    """`torch.load` with `weights_only=True` unless asked otherwise, and one-line errors for missing, truncated,
+    corrupted or unsafe files."""
+    weights_only = True if weights_only is None else weights_only
+    if not Path(path).is_file():
+        raise LitFlashError(f"ckpt_path={path}: no such checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=weights_only)
+    except LOAD_ERRORS as err:
+        raise load_error(path, err) from err
+
+
+# What torch.load raises on a truncated, corrupted or (with weights_only) unsafe file.
+LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError)
+
+
+def load_error(path: str | os.PathLike, err: BaseException) -> LitFlashError:
+    """The one line for a checkpoint `torch.load` could not read."""
+    if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+        return LitFlashError(
+            f"ckpt_path={path}: the checkpoint holds objects other than tensors and plain values; "
+            "if you trust where it comes from, pass --weights_only false"
+        )
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return LitFlashError(
+        f"ckpt_path={path}: the file is truncated or corrupted ({first[:160]}); "
+        "resume from an earlier checkpoint in the same folder"
+    )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's `TorchCheckpointIO` with atomic, fsynced local saves and `weights_only=True` loads by default
+    (pass `--weights_only false` to `fit`/`validate`/... for a trusted checkpoint holding other objects)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> Any:
+        if not _is_local(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        return load_checkpoint_file(path, map_location=map_location, weights_only=weights_only)
+
+
+def check_state_dict_fits(expected: dict[str, torch.Tensor], found: dict[str, Any]) -> None:
+    """The checkpoint's weights have this model's names and shapes, or a one-line error on the first difference."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    hint = "; use the model config the checkpoint was trained with, or another ckpt_path"
+    for name, want in expected.items():
+        got = found.get(name)
+        if got is not None and hasattr(got, "shape") and tuple(got.shape) != tuple(want.shape):
+            raise LitFlashError(
+                f"the checkpoint is from a different model: {name} is {list(got.shape)} there and "
+                f"{list(want.shape)} here{hint}"
+            )
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, unknown here"
+        count = len(missing) + len(unexpected)
+        raise LitFlashError(f"the checkpoint is from a different model: it {what} ({count} names differ){hint}")
+
+
+def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcommand: str) -> str | None:
+    """Turn `ckpt_path=auto` into the newest checkpoint in `ckpt_dir` (normally `last.ckpt`; a step checkpoint
+    when a kill landed between writing it and last.ckpt), or None (start fresh) when there is none; and refuse a
+    fresh `fit` that would overwrite the checkpoints of an earlier run in the same folder."""
+    ckpt_dir = Path(ckpt_dir)
+    existing = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if ckpt_dir.is_dir() else []
+    if ckpt_path == "auto":
+        if existing:
+            print(f"lit_flash: resuming from {existing[-1]} (ckpt_path=auto)", flush=True)
+            return str(existing[-1])
+        then = "starting from scratch" if subcommand == "fit" else "using the model as configured"
+        print(f"lit_flash: no checkpoint in {ckpt_dir} yet, {then} (ckpt_path=auto)", flush=True)
+        return None
+    if ckpt_path is None and subcommand == "fit" and existing:
+        names = ", ".join(p.name for p in existing[-3:])
+        raise LitFlashError(
+            f"{ckpt_dir} already holds checkpoints of an earlier run ({names}): resume it with "
+            "--ckpt_path last (or auto), or set trainer.default_root_dir to a new folder"
+        )
+    return ckpt_path

@@ -1,0 +1,50 @@
+"""Checks before the trainer starts: can this machine run the asked precision, can the run write its folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lit_flash.errors import LitFlashError
+
+
+def check_precision_supported(precision: str | int | None, device_type: str, bf16_supported: bool = True) -> None:
+    """fp16 needs a CUDA GPU (Lightning's GradScaler and fp16 kernels); bf16 on CUDA needs sm_80+ (Ampere)."""
+    p = str(precision)
+    if p.startswith("16") and device_type == "cpu":
+        raise LitFlashError(
+            f"trainer.precision={p}: fp16 needs a CUDA GPU and this run is on CPU; use bf16-mixed or 32-true"
+        )
+    if p.startswith("bf16") and device_type == "cuda" and not bf16_supported:
+        raise LitFlashError(
+            f"trainer.precision={p}: this GPU cannot run bf16 (it needs sm_80/Ampere or newer); use 16-mixed"
+        )
+
+
+def trainer_device_type(accelerator: str | None) -> str:
+    """The device type a `Trainer(accelerator=...)` string will use on this machine."""
+    name = str(accelerator or "auto").lower()
+    if name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    if name == "auto":
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    return name
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "trainer.default_root_dir") -> None:
+    """Create `path` if needed and write (then remove) a probe file: fail now, not at the first checkpoint."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        why = err.strerror or str(err)
+        raise LitFlashError(f"{flag}={path}: cannot write there ({why}); choose a writable folder") from err

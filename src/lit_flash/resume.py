@@ -1,0 +1,137 @@
+"""Exact resume: what a Lightning checkpoint needs beyond weights, optimizer, scheduler and grad-scaler state.
+
+Lightning restores the loops (global step, batch index) and asks every training `DataLoader` that has
+`state_dict`/`load_state_dict` for its position (`CombinedLoader._state_dicts`). A plain `DataLoader` has none, so
+a resumed run would restart the epoch's data from the top with a fresh shuffle. `ResumableDataLoader` over a
+`ResumableSampler` (a per-epoch seeded permutation, as `DistributedSampler`) records the epoch and the batches
+already handed out, and skips them after a restore. `ExactResume` carries the RNG states (dropout masks), flushes
+the loggers with each checkpoint and writes `last.ckpt` when a preemption's SIGTERM stops the run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+class ResumableSampler(DistributedSampler):
+    """`DistributedSampler` (a seeded permutation per epoch, this rank's share of it) that can start mid-epoch.
+
+    Being a `DistributedSampler`, Lightning keeps it under DDP instead of wrapping it; `num_replicas=1, rank=0` on
+    one device. `start` is the number of this rank's indices to skip in the next pass only.
+    """
+
+    def __init__(
+        self, dataset: Any, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self.start = self.start, 0
+        return iter(indices[start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A `DataLoader` over a `ResumableSampler` whose position (epoch, batches handed out) is saved in Lightning
+    checkpoints and restored on resume, so a resumed run sees exactly the batches an uninterrupted run would."""
+
+    sampler: ResumableSampler
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, ResumableSampler):
+            raise TypeError("ResumableDataLoader needs sampler=ResumableSampler(...)")
+        self._batches_out = 0
+        self._skip_batches = 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        # Counted here, where batches reach the training loop: worker prefetching runs ahead of the sampler.
+        self._batches_out, self._skip_batches = self._skip_batches, 0
+        self.sampler.start = self._batches_out * self.batch_size
+        for batch in super().__iter__():
+            self._batches_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self._batches_out, "replicas": self.sampler.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, batches = state["epoch"], state["batches"]
+        if batches >= len(self):  # saved after the epoch's last batch: the next pass is the next epoch, from 0
+            epoch, batches = epoch + 1, 0
+        if state.get("replicas", 1) != self.sampler.num_replicas and batches:
+            rank_zero_warn(
+                f"the checkpoint was saved mid-epoch by {state['replicas']} processes and this run has "
+                f"{self.sampler.num_replicas}: the shards differ, so epoch {epoch} starts over"
+            )
+            batches = 0
+        self.sampler.set_epoch(epoch)
+        self._skip_batches = batches
+
+
+class ExactResume(L.Callback):
+    """What the CLI adds to every run so that a stopped run resumes exactly:
+
+    - the torch (CPU, CUDA) and Python RNG states go into each checkpoint and are restored just before the first
+      training batch after a resume, so dropout draws the same masks as in an uninterrupted run (on several GPUs
+      rank 0's states are saved; the other ranks resume with fresh ones);
+    - the loggers are flushed with every checkpoint, so the metrics up to it survive a SIGKILL (a CSVLogger
+      writes only every 100 steps by default; the CLI's writes every logged step);
+    - a SIGTERM (a preemption, `docker stop`, a stopped FlexAI job) saves `last.ckpt` before the process exits:
+      Lightning's own handler sets `trainer.received_sigterm`, lets the running batch finish and raises
+      `SIGTERMException`, a point it resumes from exactly.
+    """
+
+    def __init__(self) -> None:
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        return states
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._rng_to_restore = state_dict
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        # Restored here, not on load: setting up the run in between draws random numbers (model init, seeding).
+        states, self._rng_to_restore = self._rng_to_restore, None
+        if states is None:
+            return
+        torch.set_rng_state(states["torch"])
+        random.setstate(states["python"])
+        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        path = last_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"SIGTERM at step {trainer.global_step}: saved {path} (resume with --ckpt_path last)")
+
+
+def last_checkpoint_path(trainer: L.Trainer) -> str:
+    """`<ModelCheckpoint dirpath>/last.ckpt`, or `<default_root_dir>/checkpoints/last.ckpt` without one."""
+    callback = trainer.checkpoint_callback
+    folder = callback.dirpath if isinstance(callback, ModelCheckpoint) and callback.dirpath else None
+    folder = folder or os.path.join(trainer.default_root_dir, "checkpoints")
+    return os.path.join(folder, ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION)

@@ -1,0 +1,465 @@
+"""A killed run resumes exactly, checkpoints never corrupt, a NaN loss never trains on.
+
+The runs are the CLI (`cli_main`) on a 1-layer, 32-wide GPT-2 on CPU with dropout on, each in a forked child that
+the test kills with SIGKILL or SIGTERM; one run goes through `python -m lit_flash` as a real job would. Losses are
+compared step by step with an uninterrupted run: CPU kernels on one thread are deterministic, so they must match
+to 1e-6 (they are in fact bit-identical).
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from _reliability_helpers import (
+    SlowSteps,
+    checkpoint_step,
+    cli_command,
+    cli_env,
+    fork_cli,
+    logged,
+    make_dataset,
+    snapshot,
+    tiny_config,
+    wait_for_file,
+    write_config,
+)
+
+from lit_flash import checkpointing
+from lit_flash.checkpointing import AtomicCheckpointIO, atomic_torch_save, load_checkpoint_file, partial_path
+from lit_flash.cli import cli_main
+from lit_flash.data import WikitextDataModule
+from lit_flash.errors import LitFlashError, NonFiniteLossError
+from lit_flash.model import FlashGPT2LM
+from lit_flash.resume import ExactResume, ResumableDataLoader, ResumableSampler
+
+TOLERANCE = 1e-6  # absolute, per logged loss; the runs are in fact bit-identical
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "blocks")
+
+
+def _config(tmp: Path, root: Path, data_dir: Path, name: str = "run.yaml", slow: float | None = 0.03, **sections):
+    config = tiny_config(root, data_dir, **sections)
+    if slow:  # a little time per step, so that a kill lands between two checkpoints
+        slow_steps = {"class_path": "_reliability_helpers.SlowSteps", "init_args": {"seconds": slow}}
+        config["trainer"]["callbacks"] = [slow_steps]
+    return str(write_config(tmp / name, config))
+
+
+def _finish(proc: multiprocessing.Process, timeout: float = 300) -> int:
+    proc.join(timeout)
+    assert proc.exitcode is not None, "the run did not finish"
+    return proc.exitcode
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """The reference: 60 steps (1.5 epochs of 40 batches) without interruption."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    root = tmp / "run"
+    assert _finish(fork_cli("fit", "--config", _config(tmp, root, data_dir, slow=None))) == 0
+    return root
+
+
+def _assert_same_losses(run: Path, reference: Path, key: str = "train_loss", resumed_at: tuple[int, ...] = ()) -> None:
+    """Every step the run logged has the reference's value; only the metrics of the very step a kill interrupted
+    (the one before a resume point, logged just after its checkpoint was written) may be missing."""
+    got, want = logged(run, key), logged(reference, key)
+    assert set(got) <= set(want) and set(want) - set(got) <= {step - 1 for step in resumed_at}, f"{key}: steps differ"
+    worst = max(abs(got[s] - want[s]) for s in got)
+    assert worst <= TOLERANCE, f"{key} differs by up to {worst} after the resume"
+
+
+def _assert_same_weights(run: Path, reference: Path) -> None:
+    from safetensors.torch import load_file
+
+    got, want = load_file(run / "model" / "model.safetensors"), load_file(reference / "model" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=TOLERANCE)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def test_sigkill_twice_then_resume_matches_uninterrupted(
+    tmp_path: Path, data_dir: Path, uninterrupted: Path, capfd: pytest.CaptureFixture
+) -> None:
+    root = tmp_path / "run"
+    config = _config(tmp_path, root, data_dir)
+    ckpts = root / "checkpoints"
+
+    # 1. killed mid-epoch (epoch 0 has 40 batches) some time after the step-20 checkpoint
+    proc = fork_cli("fit", "--config", config)
+    wait_for_file(ckpts / "epoch=0-step=20.ckpt", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert _finish(proc) == -signal.SIGKILL
+    first_resume = checkpoint_step(ckpts / "last.ckpt")  # step 10 if the kill fell between step=20.ckpt and last
+    assert first_resume >= 10
+
+    # 2. `--ckpt_path last` (Lightning's), killed again after the epoch boundary
+    proc = fork_cli("fit", "--config", config, "--ckpt_path", "last")
+    wait_for_file(ckpts / "epoch=1-step=50.ckpt", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert _finish(proc) == -signal.SIGKILL
+    newest = max(ckpts.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    second_resume = checkpoint_step(newest)
+    assert second_resume >= 50
+
+    # 3. the automatic mode a restarted job uses: picks up the newest checkpoint by itself, and says so
+    capfd.readouterr()
+    assert _finish(fork_cli("fit", "--config", config, "--ckpt_path", "auto")) == 0
+    assert f"resuming from {newest}" in capfd.readouterr().out
+
+    # each resume starts at the checkpoint's step: its log's first step is that one
+    versions = sorted((root / "logs").glob("version_*"))
+    assert len(versions) == 3
+    assert min(logged_version(versions[1])) == first_resume
+    assert min(logged_version(versions[2])) == second_resume
+    _assert_same_losses(root, uninterrupted, resumed_at=(first_resume, second_resume))
+    # Validation: equal wherever it ran. Lightning does not re-run a validation that was due at the very step of
+    # the checkpoint a run resumes from, so that one may be missing.
+    _assert_same_losses(root, uninterrupted, "val_loss", resumed_at=(first_resume, second_resume))
+    _assert_same_weights(root, uninterrupted)
+    # the export is safetensors only
+    assert not list((root / "model").glob("*.bin"))
+
+
+def logged_version(version: Path) -> list[int]:
+    import csv
+
+    with open(version / "metrics.csv") as f:
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get("train_loss")]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resume_matches(tmp_path: Path, data_dir: Path, uninterrupted: Path) -> None:
+    """A preemption's SIGTERM on the real entry point (`python -m lit_flash`): the running batch finishes,
+    `last.ckpt` is written at that step, the exit status is 143; the resumed run matches the uninterrupted one."""
+    import subprocess
+
+    root = tmp_path / "run"
+    config = _config(tmp_path, root, data_dir, slow=0.1)
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen(
+            cli_command("fit", "--config", config),
+            env=cli_env(OMP_NUM_THREADS="1"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_file(root / "checkpoints" / "epoch=0-step=10.ckpt", job, timeout=300)
+        time.sleep(0.5)  # a few steps (0.1 s each) past that checkpoint
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=120) == 143
+    finally:
+        job.kill()
+    output = log.read_text()
+    assert "stopped by SIGTERM" in output
+    stopped_at = checkpoint_step(root / "checkpoints" / "last.ckpt")
+    # saved after the last batch that ran: every logged step is before it, nothing was lost
+    assert stopped_at > 10 and max(logged(root)) == stopped_at - 1
+    assert f"SIGTERM at step {stopped_at}" in output
+
+    assert _finish(fork_cli("fit", "--config", config, "--ckpt_path", "auto")) == 0
+    _assert_same_losses(root, uninterrupted)
+    _assert_same_weights(root, uninterrupted)
+
+
+def test_fresh_fit_refuses_to_overwrite_an_earlier_runs_checkpoints(
+    tmp_path: Path, uninterrupted: Path, data_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root = tmp_path / "run"
+    shutil.copytree(uninterrupted, root)
+    before = snapshot(root)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", _config(tmp_path, root, data_dir, slow=None)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ckpt_path last (or auto)" in err and "already holds checkpoints" in err
+    assert snapshot(root) == before
+
+
+def test_auto_without_a_checkpoint_starts_from_scratch(tmp_path: Path, data_dir: Path, capsys) -> None:
+    from lit_flash.checkpointing import resolve_ckpt_path
+
+    assert resolve_ckpt_path("auto", tmp_path / "none", "fit") is None
+    assert "starting from scratch" in capsys.readouterr().out
+    (tmp_path / "last.ckpt").write_bytes(b"x")
+    assert resolve_ckpt_path("auto", tmp_path, "fit") == str(tmp_path / "last.ckpt")
+    time.sleep(0.01)
+    (tmp_path / "step=20.ckpt").write_bytes(b"x")  # written after last.ckpt: a kill fell between the two
+    assert resolve_ckpt_path("auto", tmp_path, "fit") == str(tmp_path / "step=20.ckpt")
+    assert resolve_ckpt_path("last", tmp_path, "fit") == "last"  # Lightning resolves this one
+
+
+# ------------------------------------------------------------------------------------- data position
+
+
+def test_resumable_loader_continues_mid_epoch_with_the_same_batches() -> None:
+    data = torch.arange(50)
+    full = ResumableDataLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=3))
+    full.sampler.set_epoch(2)
+    reference = [b.tolist() for b in full]
+    assert sorted(sum(reference, [])) == list(range(50))  # a permutation of the epoch
+    full.sampler.set_epoch(3)
+    assert [b.tolist() for b in full] != reference  # a new order each epoch
+
+    stopped = ResumableDataLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=3))
+    stopped.sampler.set_epoch(2)
+    it = iter(stopped)
+    seen = [next(it).tolist() for _ in range(5)]
+    state = stopped.state_dict()
+    assert state == {"epoch": 2, "batches": 5, "replicas": 1}
+
+    resumed = ResumableDataLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=3))
+    resumed.load_state_dict(state)
+    assert seen + [b.tolist() for b in resumed] == reference
+    assert len([*resumed]) == len(reference)  # only the first pass after a restore skips
+
+    # saved after the epoch's last batch: the next pass is the next epoch from its start
+    resumed.load_state_dict({"epoch": 2, "batches": len(reference)})
+    assert resumed.sampler.epoch == 3 and len([*resumed]) == len(reference)
+
+    # another number of processes shards the epoch differently: that epoch starts over, with a warning
+    with pytest.warns(UserWarning, match="starts over"):
+        resumed.load_state_dict({"epoch": 2, "batches": 5, "replicas": 2})
+    assert len([*resumed]) == len(reference)
+
+
+def test_datamodule_trains_through_the_resumable_loader(tmp_path: Path, data_dir: Path) -> None:
+    dm = WikitextDataModule(tokenized_dataset_load_dir=str(data_dir), tokenizer_name=None, batch_size=4)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader, ResumableDataLoader) and isinstance(loader.sampler, ResumableSampler)
+    assert loader.sampler.num_replicas == 1 and len(loader) == 40
+
+
+# ------------------------------------------------------------------------------------- atomic saves
+
+
+def _save_forever(path: str) -> None:
+    torch.set_num_threads(1)  # OpenMP threads do not survive a fork
+    version = 0
+    while True:
+        version += 1
+        atomic_torch_save({"version": version, "weights": torch.full((4_000_000,), float(version))}, path)
+
+
+def test_a_kill_at_any_moment_of_a_save_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+    """A child saves 16 MB checkpoints over the same file in a loop; it is SIGKILLed 12 times at random moments.
+    Every time the file loads and is one whole version; the kills did land mid-write (a `.partial` was left)."""
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"version": 0, "weights": torch.zeros(4_000_000)}, path)
+    generator = torch.Generator().manual_seed(0)
+    partial_seen, versions = 0, set()
+    for _ in range(12):
+        child = multiprocessing.get_context("fork").Process(target=_save_forever, args=(str(path),))
+        child.start()
+        time.sleep(0.05 + 0.3 * torch.rand(1, generator=generator).item())
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        partial_seen += partial_path(path).exists()
+        state = load_checkpoint_file(path)
+        assert bool((state["weights"] == float(state["version"])).all()), "a checkpoint mixes two saves"
+        versions.add(state["version"])
+    assert partial_seen >= 1, "no kill landed during a write; the test proves nothing"
+    assert len(versions) >= 2
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, uninterrupted: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    root = tmp_path / "run"
+    shutil.copytree(uninterrupted, root)
+    last = root / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    real_save = torch.save
+
+    def save_until_full(obj, f, *args, **kwargs):  # writes half, then the disk is full
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpointing.torch, "save", save_until_full)
+    config = _config(tmp_path, root, data_dir, slow=None, trainer={"max_steps": 70})
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", config, "--ckpt_path", "last"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the disk is full" in errors[0] and "already there are intact" in errors[0]
+    assert last.read_bytes() == before and checkpoint_step(last) == 60
+    assert not partial_path(last).exists()
+
+
+def test_truncated_or_corrupted_checkpoint_is_a_clear_error(tmp_path: Path, uninterrupted: Path) -> None:
+    data = (uninterrupted / "checkpoints" / "last.ckpt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint" * 100)
+    for name in ("truncated.ckpt", "garbage.ckpt"):
+        with pytest.raises(LitFlashError, match="truncated or corrupted"):
+            AtomicCheckpointIO().load_checkpoint(tmp_path / name)
+
+
+def test_checkpoints_load_with_weights_only(tmp_path: Path, uninterrupted: Path) -> None:
+    # What the CLI writes loads with weights_only=True (the default here); a pickle of arbitrary objects does not.
+    assert load_checkpoint_file(uninterrupted / "checkpoints" / "last.ckpt")["global_step"] == 60
+    torch.save({"state_dict": {}, "evil": SlowSteps()}, tmp_path / "objects.ckpt")
+    with pytest.raises(LitFlashError, match="--weights_only false"):
+        load_checkpoint_file(tmp_path / "objects.ckpt")
+    assert isinstance(load_checkpoint_file(tmp_path / "objects.ckpt", weights_only=False)["evil"], SlowSteps)
+
+
+# ------------------------------------------------------------------------------------ non-finite loss
+
+
+class NaNAtBatch(FlashGPT2LM):
+    """The training loss is NaN on one batch."""
+
+    nan_batch = 3
+
+    def training_step(self, batch, batch_idx):
+        self._batch_idx = batch_idx
+        return super().training_step(batch, batch_idx)
+
+    def _loss(self, batch, training):
+        loss, n = super()._loss(batch, training)
+        if training and self._batch_idx == self.nan_batch:
+            loss = loss * float("nan")
+        return loss, n
+
+
+def _tiny_trainer(tmp_path: Path, data_dir: Path, on_nonfinite: str, callbacks=()):
+    model = NaNAtBatch(
+        model_name_or_path=None,
+        model_config={"vocab_size": 300, "n_positions": 32, "n_embd": 32, "n_layer": 1, "n_head": 2},
+        attn_implementation="sdpa",
+        on_nonfinite=on_nonfinite,
+    )
+    dm = WikitextDataModule(tokenized_dataset_load_dir=str(data_dir), tokenizer_name=None, batch_size=4)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0, callbacks=list(callbacks),
+    )
+    return trainer, model, dm
+
+
+def test_nonfinite_loss_stops_before_the_update_naming_the_step(tmp_path: Path, data_dir: Path) -> None:
+    trainer, model, dm = _tiny_trainer(tmp_path, data_dir, "stop")
+    with pytest.raises(NonFiniteLossError, match=r"train_loss is nan at step 3 .*model.on_nonfinite=skip"):
+        trainer.fit(model, dm)
+    assert trainer.global_step == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class RecordParams(L.Callback):
+    def __init__(self, batch: int) -> None:
+        self.batch, self.before, self.after = batch, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.batch:
+            self.before = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.batch:
+            self.after = [p.detach().clone() for p in pl_module.parameters()]
+
+
+def test_nonfinite_loss_skip_mode_skips_only_that_batch(tmp_path: Path, data_dir: Path) -> None:
+    record = RecordParams(NaNAtBatch.nan_batch)
+    trainer, model, dm = _tiny_trainer(tmp_path, data_dir, "skip", [record])
+    with pytest.warns(UserWarning, match=r"train_loss is nan at step 3 .*skipped the batch"):
+        trainer.fit(model, dm)
+    assert trainer.global_step == 6  # 7 batches, one skipped
+    assert all(torch.equal(a, b) for a, b in zip(record.before, record.after, strict=True))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nonfinite_loss_through_the_cli_is_one_line(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr(FlashGPT2LM, "_loss", lambda self, batch, training: (torch.tensor(math.inf), torch.tensor(1)))
+    config = _config(tmp_path, tmp_path / "run", data_dir, slow=None)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", config])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]] and "train_loss is inf at step 0" in errors[0]
+
+
+# --------------------------------------------------------------------------------------------- safety
+
+
+def test_trust_remote_code_is_off_unless_set(tmp_path: Path) -> None:
+    """A local model folder whose config asks for its own code: without trust_remote_code, the code never runs."""
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    marker = tmp_path / "code-ran"
+    (folder / "config.json").write_text(
+        '{"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"}}'
+    )
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(LitFlashError, match="model.model_name_or_path"):
+        FlashGPT2LM(model_name_or_path=str(folder), attn_implementation="sdpa")
+    assert not marker.exists()
+    assert ExactResume  # the callbacks the CLI adds import cleanly
+
+
+# ----------------------------------------------------------------------------------------------- soak
+
+
+@pytest.mark.slow
+def test_soak_2000_steps_on_the_demo_with_kills_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    """The demo config (stdlib text, a BPE tokenizer trained on it), shrunk to a tiny model: 2,000 steps straight,
+    and 2,000 steps SIGKILLed four times at checkpoints and resumed with `ckpt_path=auto` each time."""
+    import yaml
+
+    from lit_flash.cli import config_path
+
+    def config(name: str) -> str:
+        demo = yaml.safe_load(config_path("demo.yaml").read_text())
+        demo["trainer"].update(
+            max_steps=2000, val_check_interval=500, log_every_n_steps=1, default_root_dir=str(tmp_path / name),
+            enable_progress_bar=False, enable_model_summary=False,
+        )
+        demo["checkpoint"] = {"every_n_train_steps": 100}
+        demo["model"]["model_config"].update(vocab_size=512, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+        demo["model"]["dropout"] = 0.1
+        demo["data"].update(
+            text_files={"train": "{stdlib}/[a-b]*.py", "validation": "{stdlib}/s[a-h]*.py"},
+            train_tokenizer_vocab_size=512, block_size=32, batch_size=8, max_eval_samples=64,
+            cache_dir=str(tmp_path / "cache"),
+        )
+        demo["ckpt_path"] = "auto"
+        return str(write_config(tmp_path / f"{name}.yaml", demo))
+
+    straight, killed = config("straight"), config("killed")
+    assert _finish(fork_cli("fit", "--config", straight), timeout=600) == 0
+    ckpts = tmp_path / "killed" / "checkpoints"
+    for step in (400, 900, 1300, 1700):
+        proc = fork_cli("fit", "--config", killed)
+        wait_for_file(ckpts / f"epoch=*-step={step}.ckpt", proc, timeout=600)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert _finish(proc) == -signal.SIGKILL
+    assert _finish(fork_cli("fit", "--config", killed), timeout=600) == 0
+
+    final_straight, final_killed = logged(tmp_path / "straight"), logged(tmp_path / "killed")
+    assert max(final_killed) == max(final_straight) == 1999
+    assert abs(final_killed[1999] - final_straight[1999]) <= TOLERANCE
+    assert logged(tmp_path / "killed", "val_loss")[1999] == pytest.approx(
+        logged(tmp_path / "straight", "val_loss")[1999], abs=TOLERANCE
+    )
+    _assert_same_weights(tmp_path / "killed", tmp_path / "straight")
+    assert len(list((tmp_path / "killed" / "logs").glob("version_*"))) == 5
