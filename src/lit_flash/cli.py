@@ -1,4 +1,4 @@
-"""`python -m lit_flash fit|validate|test|predict|prepare ...`: LightningCLI over the two lit_flash classes."""
+"""`python -m lit_flash fit|validate|test|prepare|generate|plot ...`: LightningCLI over lit_flash's classes."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ from lit_flash.model import FlashGPT2LM
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_CONFIG = "demo.yaml"
+# Subcommands that are a typed function (jsonargparse.CLI), not a Trainer run: "module:function".
+FUNCTION_SUBCOMMANDS = {
+    "prepare": "lit_flash.data:prepare_dataset",
+    "generate": "lit_flash.generate:generate_main",
+    "plot": "lit_flash.plot:plot_main",
+}
 
 
 def config_path(name: str) -> Path:
@@ -53,6 +59,11 @@ class OneLineErrorParser(LightningArgumentParser):
 class LitFlashCLI(LightningCLI):
     """LightningCLI with lit_flash's fixed parts: checkpoints, HF export, loggers, LR and throughput monitors."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # No `predict`: text generation is the `generate` subcommand (sampling options, prompts in, text out).
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1})
@@ -75,13 +86,21 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
     """
     args = list(sys.argv[1:] if args is None else args)
     try:
-        if args and args[0] == "prepare":
+        if args and args[0] in FUNCTION_SUBCOMMANDS:
+            import importlib
+
             from jsonargparse import CLI
 
-            from lit_flash.data import prepare_dataset
+            module, name = FUNCTION_SUBCOMMANDS[args[0]].split(":")
+            if args[0] == "generate":
+                from lit_flash.generate import expand_prompts_flag
 
-            CLI(prepare_dataset, args=args[1:], as_positional=False)
+                args = args[:1] + expand_prompts_flag(args[1:])
+            function = getattr(importlib.import_module(module), name)
+            CLI(function, args=args[1:], as_positional=args[0] == "plot")
             return None
+        if args and args[0] == "predict":
+            raise LitFlashError("to generate text: python -m lit_flash generate --model_name_or_path <run>/model ...")
         if args and args[0] in TRAINER_SUBCOMMANDS and not any(a in ("-c", "--config") or a.startswith("--config=")
                                                                for a in args):
             if not any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in args):
