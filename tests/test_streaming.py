@@ -1,4 +1,4 @@
-"""`data.streaming=true` on local text files (one shard per file): the same code path as a hub stream, offline."""
+"""`data.streaming=true` on local text files (a shard per file): the code path of a hub stream, offline."""
 
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def streamed_blocks(files, tokenizer, world_size: int, workers: int, **kwargs) -
         dm.prepare_data()
         dm.setup("fit")
         assert dm.val_dataloader() == []  # no validation split in the source: no validation
-        per_rank.append([tuple(row.tolist()) for batch in dm.train_dataloader() for row in batch["input_ids"]])
+        batches = dm.train_dataloader()
+        per_rank.append([tuple(row.tolist()) for batch in batches for row in batch["input_ids"]])
     return per_rank
 
 
@@ -83,7 +84,8 @@ def test_max_train_samples_limits_the_stream(corpus):
 
 def test_streaming_needs_max_steps_and_a_raw_text_source(corpus):
     files, tokenizer = corpus
-    dm = WikitextDataModule(text_files={"train": files}, tokenizer_name=tokenizer, block_size=BLOCK, streaming=True)
+    dm = WikitextDataModule(text_files={"train": files}, tokenizer_name=tokenizer, block_size=BLOCK,
+                            streaming=True)
     dm.trainer = SimpleNamespace(global_rank=0, world_size=1, max_steps=-1)
     with pytest.raises(LitFlashError, match="trainer.max_steps"):
         dm.setup("fit")
