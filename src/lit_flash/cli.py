@@ -10,6 +10,7 @@ from typing import Any
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_flash.callbacks import HFExport, TokenThroughput
 from lit_flash.data import WikitextDataModule
@@ -38,6 +39,22 @@ def default_loggers(root: str | os.PathLike) -> list[Any]:
     """CSV (`metrics.csv`) and TensorBoard, side by side in one `logs/version_N` folder of the run."""
     csv = CSVLogger(save_dir=root, name="logs")
     return [csv, TensorBoardLogger(save_dir=root, name="logs", version=csv.version, sub_dir="tensorboard")]
+
+
+def with_default_loggers(configured: Any, root: str | os.PathLike) -> Any:
+    """CSV + TensorBoard, plus loggers the config adds (`--trainer.logger+=WandbLogger`). A config naming its
+    own CSVLogger or TensorBoardLogger gets exactly its loggers; `trainer.logger: false` gets none."""
+    if configured is False:
+        return False
+    extra = [] if configured in (None, True) else configured if isinstance(configured, list) else [configured]
+    if any(isinstance(logger, (CSVLogger, TensorBoardLogger)) for logger in extra):
+        return extra
+    wandb = any(type(logger).__name__ == "WandbLogger" for logger in extra)
+    if wandb and not os.environ.get("WANDB_API_KEY"):
+        # As the reference recipe: W&B online only with a key; else keep the run locally (`wandb sync` later).
+        if os.environ.setdefault("WANDB_MODE", "offline") == "offline":
+            rank_zero_info("lit_flash: no WANDB_API_KEY, so W&B logs offline (upload it with `wandb sync`)")
+    return default_loggers(root) + list(extra)
 
 
 def _checkpoint_dir(root: str | None) -> str:
@@ -74,8 +91,9 @@ class LitFlashCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer_config = self._get(self.config_init, "trainer", default={})
-        if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = default_loggers(trainer_config.get("default_root_dir") or os.getcwd())
+        kwargs["logger"] = with_default_loggers(
+            trainer_config.get("logger"), trainer_config.get("default_root_dir") or os.getcwd()
+        )
         return super().instantiate_trainer(**kwargs)
 
 
@@ -121,4 +139,5 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
 
 def main() -> None:
     """Console entry point (`lit-flash`)."""
-    cli_main()
+    args, sys.argv[1:] = sys.argv[1:], []  # given once, as `args`: LightningCLI warns when sys.argv has them too
+    cli_main(args)
