@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_flash.callbacks import HFExport, TokenThroughput
 from lit_flash.data import WikitextDataModule
+from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
 from lit_flash.model import FlashGPT2LM
 
@@ -89,12 +90,19 @@ class LitFlashCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
 
+    def _check_ckpt_path(self) -> None:
+        check_resume(self._get(self.config_init, "ckpt_path"), self.trainer.strategy)
+
+    before_fit = before_validate = before_test = _check_ckpt_path
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        trainer_config = self._get(self.config_init, "trainer", default={})
-        kwargs["logger"] = with_default_loggers(
-            trainer_config.get("logger"), trainer_config.get("default_root_dir") or os.getcwd()
-        )
-        return super().instantiate_trainer(**kwargs)
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        root = config.get("default_root_dir") or os.getcwd()
+        config["logger"] = with_default_loggers(config.get("logger"), root)
+        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if config.get("enable_checkpointing") is False:  # the user turned our always-on checkpointing off
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return self._instantiate_trainer(config, callbacks)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | None:

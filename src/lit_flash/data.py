@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader
 
+from lit_flash.distributed import shard_sampler
 from lit_flash.errors import LitFlashError
 
 REQUIRED_COLUMN = "input_ids"
@@ -141,7 +142,9 @@ def train_bpe_tokenizer(raw: Any, vocab_size: int, save_dir: str | Path) -> Any:
 
     bpe = ByteLevelBPETokenizer()
     lines = (t for t in raw["train"]["text"] if t.strip())
-    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN], show_progress=False)
+    bpe.train_from_iterator(
+        lines, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN], show_progress=False
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN, model_max_length=1024
     )
@@ -171,7 +174,7 @@ def load_tokenized(load_dir: str | Path, flag: str = "data.tokenized_dataset_loa
         raise LitFlashError(f"{flag}={load_dir}: no such directory")
     if not (path / "dataset_dict.json").is_file():
         hint = " (it is a single Dataset: save a DatasetDict with splits)" if (path / "state.json").is_file() else ""
-        raise LitFlashError(f"{flag}={load_dir}: not a DatasetDict saved with save_to_disk (no dataset_dict.json){hint}")
+        raise LitFlashError(f"{flag}={load_dir}: not a DatasetDict saved by save_to_disk (no dataset_dict.json){hint}")
     try:
         dataset = datasets.load_from_disk(str(path))
     except Exception as err:  # corrupt arrow files, wrong versions: say which folder, not 40 lines of pyarrow
@@ -314,7 +317,8 @@ class WikitextDataModule(L.LightningDataModule):
         for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
             if value is not None and value < 1:
                 raise LitFlashError(f"data.{name}={value}: must be >= 1, or null for all rows")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("block_size", block_size)):
+        sizes = (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("block_size", block_size))
+        for name, value in sizes:
             if value < 1:
                 raise LitFlashError(f"data.{name}={value}: must be >= 1")
         if tokenizer_name is None and tokenized_dataset_load_dir is None and train_tokenizer_vocab_size is None:
@@ -365,7 +369,8 @@ class WikitextDataModule(L.LightningDataModule):
             tokenizer = train_bpe_tokenizer(raw, h.train_tokenizer_vocab_size, cache / "tokenizer")
         else:
             tokenizer = self._load_tokenizer()
-        save_dataset_dict(tokenize_and_group(raw, tokenizer, h.block_size, h.num_proc), cache / "blocks", overwrite=True)
+        blocks = tokenize_and_group(raw, tokenizer, h.block_size, h.num_proc)
+        save_dataset_dict(blocks, cache / "blocks", overwrite=True)
 
     def _load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -380,7 +385,8 @@ class WikitextDataModule(L.LightningDataModule):
         try:
             return AutoTokenizer.from_pretrained(name)
         except OSError as err:
-            raise LitFlashError(f"data.tokenizer_name={name}: cannot load the tokenizer ({err})".splitlines()[0]) from err
+            first = str(err).splitlines()[0]
+            raise LitFlashError(f"data.tokenizer_name={name}: cannot load the tokenizer ({first})") from err
 
     def setup(self, stage: str) -> None:
         h = self.hparams
@@ -444,13 +450,18 @@ class WikitextDataModule(L.LightningDataModule):
 
     # -- loaders
     def _loader(self, dataset: Any, batch_size: int, shuffle: bool) -> DataLoader:
-        shuffle = shuffle and not isinstance(dataset, torch.utils.data.IterableDataset)  # streams: in order
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        # Streams are read in order and split across ranks by `split_dataset_by_node` already.
+        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        shuffle = shuffle and not iterable
+        # Several processes: our own shard sampler (no repeated rows), which Lightning then leaves as it is.
+        sampler = None if iterable else shard_sampler(dataset, self.trainer, shuffle, self.hparams.seed)
+        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle and sampler is None else None
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             generator=generator,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),

@@ -5,7 +5,8 @@ The `nn.Module` is transformers' own model (`self.model`); this file only adds t
 
 from __future__ import annotations
 
-import importlib.util
+import copy
+import importlib
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -26,13 +27,16 @@ def flash_attention_unavailable_reason(device: torch.device | None = None) -> st
     """Why FlashAttention-2 cannot run here, or None when it can."""
     if device is not None and device.type != "cuda":
         return f"the trainer runs on {device.type}, and flash-attn needs a CUDA GPU"
-    if importlib.util.find_spec("flash_attn") is None:
-        return "the flash-attn package is not installed (pip install 'lit-flash[flash]' on a CUDA machine)"
+    try:  # an import, not a find_spec: a wheel built for another torch/CUDA fails here, not mid-training
+        importlib.import_module("flash_attn")
+    except ImportError as err:
+        return f"flash-attn cannot be imported ({err}); pip install 'lit-flash[flash]' on a CUDA machine"
     if not torch.cuda.is_available():
         return "no CUDA GPU is available"
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
-        return f"the GPU {torch.cuda.get_device_name(device)} is sm_{major}{minor}; flash-attn needs sm_80 (Ampere) or newer"
+        name = torch.cuda.get_device_name(device)
+        return f"the GPU {name} is sm_{major}{minor}; flash-attn needs sm_80 (Ampere) or newer"
     return None
 
 
@@ -42,7 +46,8 @@ def resolve_attn_implementation(
     """The attention backend to load: `requested`, or `sdpa` (said once, with the reason) when flash cannot run."""
     if requested not in get_args(AttnImplementation):
         raise LitFlashError(
-            f"model.attn_implementation={requested!r} is unknown: choose one of {', '.join(get_args(AttnImplementation))}"
+            f"model.attn_implementation={requested!r} is unknown: choose one of "
+            + ", ".join(get_args(AttnImplementation))
         )
     if requested != "flash_attention_2":
         return requested
@@ -59,10 +64,14 @@ def resolve_attn_implementation(
 
 
 def check_data_fits_model(
-    config: Any, seq_len: int | None = None, max_token_id: int | None = None, tokenizer_size: int | None = None
+    config: Any,
+    seq_len: int | None = None,
+    max_token_id: int | None = None,
+    tokenizer_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> None:
     """Catch on the host what would otherwise be a CUDA device-side assert deep inside the embedding."""
-    vocab = config.vocab_size
+    vocab = vocab_size or config.vocab_size
     context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if seq_len is not None and context is not None and seq_len > context:
         raise LitFlashError(
@@ -98,6 +107,34 @@ def _params_of_config(config: Any) -> list[torch.Tensor]:
     return list(model.parameters())
 
 
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups as the HF Trainer makes them: no decay on biases and norm weights, decay on the rest.
+
+    Decided by parameter name and module type, not by `ndim`: under FSDP (`use_orig_params`) each parameter is
+    a flat 1-d shard, and an `ndim < 2` rule would silently drop weight decay everywhere.
+    """
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    seen: set[int] = set()  # tied weights (GPT-2's wte and lm_head) are one parameter: one group
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                (no_decay if is_norm or name == "bias" else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _liger_fused_ce() -> torch.nn.Module:
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as err:
+        raise LitFlashError(
+            f"model.fused_cross_entropy=true needs liger-kernel ({err}): pip install 'lit-flash[fast]', or set it false"
+        ) from err
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+
+
 class FlashGPT2LM(L.LightningModule):
     """Causal-LM fine-tuning with FlashAttention-2: logs `train_loss`, `val_loss`, `val_ppl`, `test_loss`, `test_ppl`.
 
@@ -117,6 +154,13 @@ class FlashGPT2LM(L.LightningModule):
         lr_scheduler: Decay after warm-up, as transformers' `get_scheduler` names it (`--lr_scheduler_type`).
         dropout: Sets GPT-2's residual, embedding and attention dropout together; null keeps the model's.
         trust_remote_code: Allow hub models that ship their own code. Off unless you trust the repository.
+        compile: `torch.compile` the transformer body (not the loss). The first steps are slow while it compiles.
+        fused_cross_entropy: Compute the loss with liger-kernel's fused linear cross-entropy, chunk by chunk, so the
+            full fp32 logits (batch x seq x vocab) are never materialized. Needs `pip install 'lit-flash[fast]'`.
+        pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
+            faster matmuls. The pad ids are masked out of the softmax; the export is sliced back to the real size.
+        fused_adamw: AdamW's fused CUDA kernel; null: on when training on CUDA without gradient clipping (Lightning
+            cannot clip a fused optimizer's gradients under mixed precision), else multi-tensor (foreach) AdamW.
     """
 
     def __init__(
@@ -133,11 +177,26 @@ class FlashGPT2LM(L.LightningModule):
         lr_scheduler: LRSchedule = "linear",
         dropout: float | None = None,
         trust_remote_code: bool = False,
+        compile: bool = False,
+        fused_cross_entropy: bool = False,
+        pad_vocab_to_multiple_of: int | None = None,
+        fused_adamw: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.attn_implementation = resolve_attn_implementation(attn_implementation, attn_fallback)
         self.model = self._build_model()
+        self.vocab_size = self.model.config.vocab_size  # the real vocabulary, before any padding
+        if pad_vocab_to_multiple_of:
+            self.model.resize_token_embeddings(self.vocab_size, pad_to_multiple_of=pad_vocab_to_multiple_of)
+        padded = self.model.config.vocab_size
+        # 0 for real ids, a huge negative for pad ids: their probability is exactly 0 and they get no gradient.
+        bias = torch.zeros(padded)
+        bias[self.vocab_size :] = -1e4
+        self.register_buffer("vocab_bias", bias, persistent=False)
+        self.fused_ce = _liger_fused_ce() if fused_cross_entropy else None
+        self._compute_loss = self._loss_impl
+        self._compiled = False
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.flops_per_batch: float | None = None  # read by Lightning's ThroughputMonitor
@@ -158,7 +217,9 @@ class FlashGPT2LM(L.LightningModule):
             return AutoModelForCausalLM.from_config(config, **common)
         try:
             # fp32 master weights: Lightning's 16-mixed autocasts; fp16 weights would break its GradScaler.
-            return AutoModelForCausalLM.from_pretrained(h.model_name_or_path, dtype=torch.float32, **overrides, **common)
+            return AutoModelForCausalLM.from_pretrained(
+                h.model_name_or_path, dtype=torch.float32, **overrides, **common
+            )
         except OSError as err:
             first = str(err).splitlines()[0]
             raise LitFlashError(f"model.model_name_or_path={h.model_name_or_path}: cannot load it ({first})") from err
@@ -167,7 +228,8 @@ class FlashGPT2LM(L.LightningModule):
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device
         if self.attn_implementation == "flash_attention_2" and device.type != "cuda":
-            self.attn_implementation = resolve_attn_implementation("flash_attention_2", self.hparams.attn_fallback, device)
+            fallback = self.hparams.attn_fallback
+            self.attn_implementation = resolve_attn_implementation("flash_attention_2", fallback, device)
             self.model.set_attn_implementation(self.attn_implementation)
         precision = str(self.trainer.precision)
         if self.attn_implementation == "flash_attention_2" and precision in ("32-true", "32", "64-true", "64"):
@@ -177,8 +239,15 @@ class FlashGPT2LM(L.LightningModule):
             )
         dm = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(dm, "tokenizer", None)
+        if self.hparams.compile and not self._compiled:
+            self._compiled = True
+            if self.fused_ce is None:  # the whole forward, so the cross-entropy fuses with the logits
+                self._compute_loss = torch.compile(self._loss_impl)
+            else:  # liger's kernels stay outside the graph
+                self.model.base_model.compile()
         check_data_fits_model(
             self.model.config,
+            vocab_size=self.vocab_size,
             seq_len=getattr(dm, "seq_len", None),
             max_token_id=getattr(dm, "max_token_id", None),
             tokenizer_size=len(tokenizer) if tokenizer is not None else None,
@@ -191,10 +260,25 @@ class FlashGPT2LM(L.LightningModule):
     def _loss(self, batch: dict[str, torch.Tensor], training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss over the batch's predicted tokens, and how many tokens that mean is over."""
         labels = batch["labels"]
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
-        n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
         self.flops_per_batch = self._flops(labels.shape[1], training) * labels.numel()
-        return out.loss, n_tokens
+        loss = self._compute_loss(batch["input_ids"], labels, batch.get("attention_mask"))
+        return loss, (labels[:, 1:] != IGNORE_INDEX).sum()
+
+    def _loss_impl(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.fused_ce is None and self.model.config.vocab_size == self.vocab_size:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        targets = labels[:, 1:].reshape(-1)
+        head = self.model.get_output_embeddings()
+        if self.fused_ce is not None:
+            # liger wants the head weight in the activations' dtype (bf16/fp16 under autocast), not fp32.
+            weight, bias = head.weight.to(hidden.dtype), self.vocab_bias.to(hidden.dtype)
+            return self.fused_ce(weight, hidden, targets, bias=bias)
+        logits = head(hidden)[:, : self.vocab_size].float()
+        return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
 
     def _flops(self, seq_len: int, training: bool) -> float:
         key = (seq_len, training)
@@ -235,13 +319,16 @@ class FlashGPT2LM(L.LightningModule):
         from transformers import get_scheduler
 
         h = self.hparams
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                # As the HF Trainer: no decay on biases and LayerNorm weights (all 1-d parameters).
-                (no_decay if param.ndim < 2 else decay).append(param)
-        groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.trainer.strategy.root_device.type == "cuda" if self._trainer is not None else False
+        groups = weight_decay_groups(self.model, h.weight_decay)
+        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
+        # Lightning cannot clip gradients of a fused AdamW under mixed precision (it unscales inside its step).
+        if h.fused_adamw and clipping and "mixed" in str(self.trainer.precision):
+            raise LitFlashError(
+                "model.fused_adamw=true cannot be combined with trainer.gradient_clip_val under mixed precision: "
+                "set model.fused_adamw=null (multi-tensor AdamW) or trainer.gradient_clip_val=null"
+            )
+        fused = (on_cuda and not clipping) if h.fused_adamw is None else h.fused_adamw
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
         total = self.trainer.estimated_stepping_batches
         if h.warmup_steps >= total and h.lr_scheduler != "constant":
@@ -253,10 +340,23 @@ class FlashGPT2LM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -------------------------------------------------------------------------------------------- export
-    def export_hf(self, path: str | Path, tokenizer: Any = None) -> Path:
-        """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(path)` loads them."""
+    def export_hf(self, path: str | Path, tokenizer: Any = None, state_dict: dict | None = None) -> Path:
+        """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(path)` loads them.
+
+        `state_dict`: the full weights gathered under FSDP, where `self.model` only holds this rank's shard;
+        they are loaded into a plain copy of the model, which is saved instead.
+        """
+        from transformers import AutoModelForCausalLM
+
         path = Path(path)
-        self.model.save_pretrained(str(path), safe_serialization=True)
+        model = self.model
+        if state_dict is not None:
+            model = AutoModelForCausalLM.from_config(self.model.config, attn_implementation="eager")
+            model.load_state_dict(state_dict)
+        if model.config.vocab_size != self.vocab_size:  # slice the padding back off
+            model = copy.deepcopy(model).cpu()
+            model.resize_token_embeddings(self.vocab_size)
+        model.save_pretrained(str(path), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
         return path

@@ -1,0 +1,288 @@
+"""Throughput of lit_flash against the reference recipe, on one GPU, in one process.
+
+    python benchmarks/bench.py --out results/         # GPU machine: reference, lit_flash fast, matmul peak, levers
+    python benchmarks/bench.py --out /tmp/b --cpu-smoke  # a few tiny steps on CPU: checks the script itself
+
+Both sides train GPT-2 124M (random init from GPT2Config: the numbers do not depend on the weights) on the same
+synthetic reference-format token blocks (lit_flash.synthetic), 1024 tokens a row. Tokens/s are timed between the
+end of the warm-up steps and the last step, with the GPU synchronized at both ends. MFU = tokens/s x FLOPs per token
+/ peak, FLOPs per token = 6N + 12*L*d*T (N parameters, L layers, d width, T=1024 context), against both 790 TFLOP/s
+(the H100/H200 bf16 dense rate the issue names) and the matmul rate measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GPT2_124M = {"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}
+TINY = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64, "vocab_size": 50257}
+PEAK_BF16 = 790e12
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepClock:
+    """Wall time from the end of step `warmup` to `stop()`: synchronized at both ends only, so that the clock itself
+    does not stall the CPU from queueing kernels ahead."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.steps, self.t0, self.t1 = warmup, 0, None, None
+
+    def tick(self) -> None:
+        self.steps += 1
+        if self.steps == self.warmup:
+            sync()
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        sync()
+        self.t1 = time.perf_counter()
+
+    def rate(self, tokens_per_step: int) -> float:
+        return (self.steps - self.warmup) * tokens_per_step / (self.t1 - self.t0)
+
+
+def peak_mem_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def reset() -> None:
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def matmul_tflops(n: int = 8192, iters: int = 50) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    sync()
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync()
+    return 2 * n**3 * iters / (time.perf_counter() - t) / 1e12
+
+
+def run_reference(data: Path, model_config: dict, steps: int, warmup: int, batch: int, smoke: bool) -> dict:
+    """The reference recipe: HF Trainer, fp16 weights (--torch_dtype float16), flash_attention_2, batch 8."""
+    import datasets
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    cfg = dict(model_config)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    attn = "sdpa" if smoke else "flash_attention_2"
+    dtype = torch.float32 if smoke else torch.float16
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    ds = datasets.load_from_disk(str(data))
+    clock, eval_clock = StepClock(warmup), StepClock(2)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            clock.tick()
+
+        def on_train_end(self, *a: Any, **k: Any) -> None:
+            clock.stop()
+
+        def on_prediction_step(self, *a: Any, **k: Any) -> None:
+            eval_clock.tick()
+
+        def on_evaluate(self, *a: Any, **k: Any) -> None:
+            eval_clock.stop()
+
+    tmp = tempfile.mkdtemp()
+    args = TrainingArguments(
+        output_dir=tmp, per_device_train_batch_size=batch, per_device_eval_batch_size=batch, max_steps=steps,
+        logging_steps=50, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=smoke,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=ds["train"], eval_dataset=ds["test"],
+                      data_collator=default_data_collator, callbacks=[Clock()])
+    reset()
+    trainer.train()
+    seq = len(ds["train"][0]["input_ids"])
+    out = {"tokens_per_s": clock.rate(batch * seq), "peak_mem_gib": peak_mem_gib()}
+    trainer.evaluate()
+    out["eval_tokens_per_s"] = eval_clock.rate(batch * seq)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def run_lit(
+    data: Path, config: str, overrides: list[str], model_config: dict, steps: int, warmup: int, evaluate: bool = True
+) -> dict:
+    """`lit_flash fit --config <config>` in-process, the model built from `model_config` (no hub), no checkpoints."""
+    import lightning as L
+
+    from lit_flash.cli import cli_main
+
+    tmp = tempfile.mkdtemp()
+    args = ["--config", str(ROOT / "configs" / config),
+            "--model.model_name_or_path", "null", "--model.model_config", json.dumps(model_config),
+            "--data.tokenized_dataset_load_dir", str(data), "--data.tokenizer_name", "null",
+            "--trainer.max_steps", str(steps), "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0",
+            "--trainer.default_root_dir", tmp, "--trainer.enable_checkpointing", "false",
+            "--checkpoint.save_last", "false", "--export.dirname", "null", *overrides]
+    reset()
+    cli = cli_main(args, run=False)
+    clock, eval_clock = StepClock(warmup), StepClock(3)
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, *a: Any, **k: Any) -> None:
+            clock.tick()
+
+        def on_train_end(self, *a: Any, **k: Any) -> None:
+            clock.stop()
+
+        def on_validation_batch_end(self, *a: Any, **k: Any) -> None:
+            eval_clock.tick()
+
+        def on_validation_end(self, *a: Any, **k: Any) -> None:
+            eval_clock.stop()
+
+    cli.trainer.callbacks.append(Clock())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    rows, seq = cli.datamodule.hparams.batch_size, cli.datamodule.seq_len
+    out = {"tokens_per_s": clock.rate(rows * seq), "peak_mem_gib": peak_mem_gib()}
+    losses = cli.trainer.callback_metrics
+    out["final_train_loss"] = float(losses["train_loss"]) if "train_loss" in losses else None
+    if not evaluate:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    cli.trainer.limit_val_batches = 1.0
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    out["eval_tokens_per_s"] = eval_clock.rate(cli.datamodule.hparams.eval_batch_size * seq)
+    out["val_loss"] = float(cli.trainer.callback_metrics["val_loss"])
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def flops_per_token(model_config: dict) -> float:
+    from transformers import AutoConfig
+
+    from lit_flash.model import flops_per_token as fpt
+
+    cfg = dict(model_config)
+    return fpt(AutoConfig.for_model(cfg.pop("model_type"), **cfg), seq_len=cfg["n_positions"])
+
+
+# The levers, each added on top of the previous row (the last row is configs/gpt2_fast.yaml), then a few toggles.
+LEVERS: list[tuple[str, str, list[str]]] = [
+    ("plain: gpt2_flash.yaml (16-mixed, batch 8, flash)", "gpt2_flash.yaml", []),
+    ("+ bf16-mixed", "gpt2_flash.yaml", ["--trainer.precision", "bf16-mixed"]),
+    ("+ batch 32", "gpt2_flash.yaml", ["--trainer.precision", "bf16-mixed", "--data.batch_size", "32"]),
+    ("+ torch.compile", "gpt2_flash.yaml",
+     ["--trainer.precision", "bf16-mixed", "--data.batch_size", "32", "--model.compile", "true"]),
+    ("+ dropout 0", "gpt2_flash.yaml",
+     ["--trainer.precision", "bf16-mixed", "--data.batch_size", "32", "--model.compile", "true",
+      "--model.dropout", "0"]),
+    ("+ vocab padded to 50304", "gpt2_fast.yaml", ["--model.fused_cross_entropy", "false"]),
+    ("+ fused linear cross-entropy = gpt2_fast.yaml", "gpt2_fast.yaml", []),
+    ("gpt2_fast.yaml, sdpa instead of flash", "gpt2_fast.yaml", ["--model.attn_implementation", "sdpa"]),
+    ("gpt2_fast.yaml, fused AdamW off", "gpt2_fast.yaml", ["--model.fused_adamw", "false"]),
+    ("gpt2_fast.yaml, batch 8 (memory vs reference)", "gpt2_fast.yaml", ["--data.batch_size", "8"]),
+    ("gpt2_fast.yaml, batch 64", "gpt2_fast.yaml", ["--data.batch_size", "64"]),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--parts", default="matmul,reference,fast,quality,levers", help="comma-separated subset")
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--warmup", type=int, default=25)
+    p.add_argument("--levers", default="", help="comma-separated lever indices (default all)")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny model, 4 steps, CPU: tests the script only")
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    smoke = a.cpu_smoke
+    model_config, steps, warmup = (TINY, 4, 2) if smoke else (GPT2_124M, a.steps, a.warmup)
+    cpu = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.attn_implementation", "sdpa",
+           "--model.compile", "false", "--model.fused_cross_entropy", "false", "--data.batch_size", "2",
+           "--data.eval_batch_size", "2", "--data.num_workers", "0"] if smoke else []
+    from lit_flash.synthetic import save_synthetic_dataset
+
+    data = Path(tempfile.mkdtemp()) / "blocks"
+    block = model_config["n_positions"]
+    save_synthetic_dataset(data, n_train=64 if smoke else 3000, n_test=8 if smoke else 256, block_size=block)
+    fpt = flops_per_token(model_config)
+    results: dict[str, Any] = {"flops_per_token": fpt, "device": torch.cuda.get_device_name() if not smoke else "cpu",
+                               "date": time.strftime("%Y-%m-%d"), "steps": steps, "warmup": warmup}
+    parts = a.parts.split(",")
+
+    def save() -> None:
+        (a.out / "bench.json").write_text(json.dumps(results, indent=1))
+
+    def mfu(r: dict) -> None:
+        r["mfu_790"] = r["tokens_per_s"] * fpt / PEAK_BF16
+        if "matmul_tflops" in results:
+            r["mfu_measured"] = r["tokens_per_s"] * fpt / (results["matmul_tflops"] * 1e12)
+        print(json.dumps(r), flush=True)
+
+    if "matmul" in parts and not smoke:
+        results["matmul_tflops"] = matmul_tflops()
+        print(f"bf16 matmul 8192^3: {results['matmul_tflops']:.0f} TFLOP/s", flush=True)
+    if "reference" in parts:
+        results["reference"] = r = run_reference(data, model_config, steps, warmup, 8 if not smoke else 2, smoke)
+        mfu(r)
+        save()
+    if "fast" in parts:
+        results["fast"] = r = run_lit(data, "gpt2_fast.yaml", cpu, model_config, steps, warmup)
+        mfu(r)
+        if "reference" in results:
+            ref = results["reference"]
+            r["speedup_train"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            r["speedup_eval"] = r["eval_tokens_per_s"] / ref["eval_tokens_per_s"]
+            print(f"lit_flash / reference: train {r['speedup_train']:.2f}x, eval {r['speedup_eval']:.2f}x", flush=True)
+        save()
+    if "quality" in parts:  # same tokens, same seed: fast levers on vs off (bf16, batch 32, dropout 0 in both)
+        n = 8 if smoke else 300
+        off = ["--model.compile", "false", "--model.fused_cross_entropy", "false", "--model.pad_vocab_to_multiple_of",
+               "null", "--trainer.log_every_n_steps", "1"]
+        on = ["--trainer.log_every_n_steps", "1"]
+        q = {"steps": n}
+        q["fast_val_loss"] = run_lit(data, "gpt2_fast.yaml", on + cpu, model_config, n, 2)["val_loss"]
+        q["plain_val_loss"] = run_lit(data, "gpt2_fast.yaml", off + cpu, model_config, n, 2)["val_loss"]
+        q["rel_diff"] = abs(q["fast_val_loss"] - q["plain_val_loss"]) / q["plain_val_loss"]
+        results["quality"] = q
+        print(json.dumps(q), flush=True)
+        save()
+    if "levers" in parts:
+        chosen = [int(i) for i in a.levers.split(",")] if a.levers else range(len(LEVERS))
+        results.setdefault("levers", {})
+        for i in chosen:
+            name, config, extra = LEVERS[i]
+            try:
+                r = run_lit(data, config, extra + cpu, model_config, steps, warmup, evaluate=False)
+                mfu(r)
+            except Exception as err:  # one failed lever must not cost the others' numbers
+                r = {"error": f"{type(err).__name__}: {err}"[:300]}
+                print(name, r, flush=True)
+            results["levers"][name] = r
+            save()
+    save()
+
+
+if __name__ == "__main__":
+    main()

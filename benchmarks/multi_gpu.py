@@ -1,0 +1,200 @@
+"""Multi-GPU benchmark (issue 7): GPT-2 124M (built from config, no hub) on synthetic reference-format data.
+
+Runs, each a plain `python -m lit_flash fit --config configs/gpt2_flash.yaml [--config configs/<overlay>.yaml]`:
+  1gpu_b8     1 GPU, batch 8            baseline for tokens/s at the same per-device batch
+  1gpu_b16    1 GPU, batch 16           the same global batch as the 2-GPU runs: loss curve to compare
+  ddp2_b8     2 GPUs DDP, batch 8 each  (global 16)
+  fsdp2_b8    2 GPUs FSDP, batch 8 each (global 16), with last.ckpt (full state dict) and the HF export
+  fsdp1_resume  FSDP on 1 GPU resuming fsdp2_b8's last.ckpt for a few steps (another device count)
+tokens/s = Lightning ThroughputMonitor's `train/device/items_per_sec` x world size (median of the second half).
+Writes <out>/results.json and <out>/summary.md (the table for benchmarks/RESULTS.md) and prints the summary.
+
+GPU machine:  source .devwheels/setup.sh && python benchmarks/multi_gpu.py --out $OUT
+CPU check:    python benchmarks/multi_gpu.py --out /tmp/mg --cpu-smoke   (tiny model, 2 steps, gloo DDP, no FSDP)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # lit_flash from this checkout
+from lit_flash.synthetic import save_synthetic_dataset  # noqa: E402
+
+GPT2_124M = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
+             "n_head": 12, "bos_token_id": 50256, "eos_token_id": 50256}
+TINY = {"model_type": "gpt2", "vocab_size": 300, "n_positions": 32, "n_embd": 32, "n_layer": 1, "n_head": 2,
+        "bos_token_id": 0, "eos_token_id": 0}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """Rows of the run's metrics.csv (CSVLogger), empty cells dropped, values as floats."""
+    files = sorted(run_dir.glob("logs/version_*/metrics.csv"))
+    if not files:
+        return []
+    with files[-1].open() as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def tokens_per_sec(rows: list[dict[str, float]], world_size: int) -> float | None:
+    """All ranks' tokens/s: rank 0's `train/device/items_per_sec` x world size, median of the later half
+    (the first windows include warm-up)."""
+    values = [r["train/device/items_per_sec"] for r in rows if "train/device/items_per_sec" in r]
+    return statistics.median(values[len(values) // 2 :]) * world_size if values else None
+
+
+def loss_curve(rows: list[dict[str, float]]) -> dict[int, float]:
+    return {int(r["step"]): r["train_loss"] for r in rows if "train_loss" in r}
+
+
+def mean_loss_last(curve: dict[int, float], fraction: float = 0.25) -> float | None:
+    """Mean train loss over the last `fraction` of logged steps (a rank's loss is noisy step to step)."""
+    steps = sorted(curve)
+    tail = steps[int(len(steps) * (1 - fraction)) :] or steps
+    return statistics.fmean(curve[s] for s in tail) if tail else None
+
+
+def fit(name: str, out: Path, data: Path, *, gpus: int, batch: int, steps: int, overlay: str | None,
+        smoke: bool, extra: list[str] | None = None) -> dict[str, Any]:
+    """One `python -m lit_flash fit` run in its own process (Lightning starts the other ranks)."""
+    run_dir = out / name
+    model = TINY if smoke else GPT2_124M
+    args = [sys.executable, "-m", "lit_flash", "fit", "--config", str(ROOT / "configs" / "gpt2_flash.yaml")]
+    if overlay:
+        args += ["--config", str(ROOT / "configs" / overlay)]
+    args += [
+        f"--trainer.devices={gpus}", f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1",
+        "--trainer.limit_val_batches=0", f"--trainer.log_every_n_steps={1 if smoke else 5}",
+        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run_dir}",
+        "--model.model_name_or_path=null", f"--model.model_config={json.dumps(model)}",
+        "--model.learning_rate=3e-4", "--model.warmup_steps=" + ("0" if smoke else "10"),
+        f"--data.tokenized_dataset_load_dir={data}", "--data.tokenizer_name=null",
+        f"--data.batch_size={batch}", f"--data.eval_batch_size={batch}",
+        f"--throughput.window_size={2 if smoke else 10}",
+        "--checkpoint.every_n_train_steps=0",
+    ]
+    if smoke:
+        args += ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--model.attn_implementation=sdpa"]
+    args += extra or ["--checkpoint.save_top_k=0", "--checkpoint.save_last=false", "--export.dirname=null"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+    if not smoke:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
+    start = time.perf_counter()
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    rows = read_metrics(run_dir)
+    curve = loss_curve(rows)
+    result = {
+        "name": name, "gpus": gpus, "batch_per_device": batch, "global_batch": batch * gpus, "overlay": overlay,
+        "rc": proc.returncode, "wall_s": round(wall, 1), "tokens_per_sec": tokens_per_sec(rows, gpus),
+        "final_loss": mean_loss_last(curve), "loss_curve": curve, "command": " ".join(args[1:]),
+    }
+    print(f"[{name}] rc={proc.returncode} wall={wall:.0f}s tokens/s={result['tokens_per_sec']} "
+          f"loss(last 25%)={result['final_loss']}", flush=True)
+    if proc.returncode != 0:
+        print((proc.stdout + proc.stderr)[-4000:], flush=True)
+    return result
+
+
+def check_export(path: Path, data: Path) -> dict[str, Any]:
+    """The FSDP run's HF export loads with plain transformers, and its loss on held-out rows is sane."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    ids = torch.tensor(datasets.load_from_disk(str(data))["test"]["input_ids"][:2], dtype=torch.long)
+    with torch.no_grad():
+        loss = float(model(input_ids=ids, labels=ids).loss)
+    return {"export_loads": True, "export_test_loss": round(loss, 3)}
+
+
+def summarize(results: dict[str, dict[str, Any]], card: str) -> str:
+    def tps(name: str) -> float | None:
+        return results.get(name, {}).get("tokens_per_sec")
+
+    lines = [f"Card: {card}. Model from config, synthetic reference-format blocks; see results.json for commands.", "",
+             "| run | GPUs | batch/GPU | global batch | tokens/s | loss (last 25% steps) | rc |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        if "gpus" in r:
+            t = f"{r['tokens_per_sec']:,.0f}" if r["tokens_per_sec"] else "-"
+            loss = f"{r['final_loss']:.3f}" if r["final_loss"] is not None else "-"
+            lines.append(f"| {r['name']} | {r['gpus']} | {r['batch_per_device']} | {r['global_batch']} | {t} | {loss} "
+                         f"| {r['rc']} |")
+    lines.append("")
+    for two, one, what in (("ddp2_b8", "1gpu_b8", "DDP, same batch per GPU"),
+                           ("ddp2_b8", "1gpu_b16", "DDP, same global batch"),
+                           ("fsdp2_b8", "1gpu_b8", "FSDP, same batch per GPU")):
+        if tps(two) and tps(one):
+            lines.append(f"- {what}: {two} / {one} = {tps(two) / tps(one):.2f}x")
+    a, b = results.get("ddp2_b8", {}).get("final_loss"), results.get("1gpu_b16", {}).get("final_loss")
+    if a is not None and b is not None:
+        lines.append(f"- loss, 2-GPU DDP vs 1 GPU at global batch 16: {a:.3f} vs {b:.3f} ({(a - b) / b:+.1%})")
+    for key in ("fsdp1_resume", "export"):
+        if key in results:
+            lines.append(f"- {key}: {json.dumps({k: v for k, v in results[key].items() if k != 'loss_curve'})}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for runs, logs, results.json, summary.md")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny model, 2 steps, CPU + gloo, no FSDP")
+    parser.add_argument("--skip-fsdp", action="store_true")
+    args = parser.parse_args(argv)
+    smoke = args.cpu_smoke
+    steps = 2 if smoke else args.steps
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model = TINY if smoke else GPT2_124M
+    data = out / "data"
+    if not (data / "dataset_dict.json").is_file():
+        # Enough rows that no run repeats one: steps x global batch 16 (+ the resume's steps).
+        save_synthetic_dataset(data, (steps + 20) * 16, 16, model["n_positions"], model["vocab_size"])
+
+    card = "cpu"
+    if not smoke:
+        import torch
+
+        card = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    results: dict[str, dict[str, Any]] = {}
+    common = {"out": out, "data": data, "steps": steps, "smoke": smoke}
+    results["1gpu_b8"] = fit("1gpu_b8", gpus=1, batch=8, overlay=None, **common)
+    results["1gpu_b16"] = fit("1gpu_b16", gpus=1, batch=16, overlay=None, **common)
+    keep = ["--checkpoint.save_top_k=0", "--checkpoint.save_last=true"]  # last.ckpt + HF export
+    # On CPU the DDP run also writes last.ckpt and the export, to check that path without a GPU.
+    results["ddp2_b8"] = fit("ddp2_b8", gpus=2, batch=8, overlay="ddp.yaml", extra=keep if smoke else None, **common)
+    if smoke:
+        results["export"] = check_export(out / "ddp2_b8" / "model", data)
+    if not (smoke or args.skip_fsdp):
+        results["fsdp2_b8"] = fit("fsdp2_b8", gpus=2, batch=8, overlay="fsdp.yaml", extra=keep, **common)
+        ckpt = out / "fsdp2_b8" / "checkpoints" / "last.ckpt"
+        if ckpt.is_file():
+            resume = {**common, "steps": steps + 10}
+            results["fsdp1_resume"] = fit("fsdp1_resume", gpus=1, batch=16, overlay="fsdp.yaml",
+                                          extra=[f"--ckpt_path={ckpt}", *keep[:1], "--export.dirname=null"], **resume)
+            curve = results["fsdp1_resume"]["loss_curve"]
+            results["fsdp1_resume"]["resumed_at_step"] = min(curve) if curve else None
+        if (out / "fsdp2_b8" / "model").is_dir():
+            results["export"] = check_export(out / "fsdp2_b8" / "model", data)
+    summary = summarize(results, card)
+    (out / "results.json").write_text(json.dumps({"card": card, "results": results}, indent=1))
+    (out / "summary.md").write_text(summary)
+    print(summary)
+    return results
+
+
+if __name__ == "__main__":
+    main()

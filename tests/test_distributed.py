@@ -1,0 +1,257 @@
+"""Several processes on CPU (gloo): one real 2-rank DDP fit, launched as users launch it (`python -m lit_flash fit`
+with `trainer.devices=2`; Lightning starts the second rank itself), then a 1-process validate and a 1-process
+resume of its checkpoint in this process. Plus the pure helpers on their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from lit_flash.cli import cli_main, config_path
+from lit_flash.distributed import check_resume, shard_sampler
+from lit_flash.errors import LitFlashError
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+N_TRAIN, N_VAL, BLOCK, VOCAB, BATCH = 37, 11, 32, 300, 4  # odd sizes: a remainder on 2 ranks
+WORLD = 2
+STEPS_PER_EPOCH_2 = -(-(N_TRAIN // WORLD) // BATCH)  # 18 rows per rank -> 5 batches
+STEPS_PER_EPOCH_1 = -(-N_TRAIN // BATCH)  # 10 batches
+
+# A test-only callback, written beside the data and put on PYTHONPATH: every rank writes which training rows
+# (their first token is the row number + 1) it saw in each epoch, and the val_ppl it ends with.
+RECORDER = '''
+import json
+from pathlib import Path
+import lightning as L
+
+
+class SeenSamples(L.Callback):
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        ids = (batch["input_ids"][:, 0] - 1).tolist()
+        self.seen.setdefault(str(trainer.current_epoch), []).extend(ids)
+
+    def on_fit_end(self, trainer, pl_module):
+        ppl = float(trainer.callback_metrics["val_ppl"])
+        out = {"seen": self.seen, "world_size": trainer.world_size, "val_ppl": ppl}
+        name = f"seen_rank{trainer.global_rank}.json"
+        (Path(trainer.default_root_dir) / name).write_text(json.dumps(out))
+'''
+
+
+def build_blocks(path: Path) -> None:
+    """A reference-format DatasetDict: training row i starts with token i + 1 (so rows can be told apart),
+    the rest is a learnable sequence (a random start and stride)."""
+    import datasets
+
+    gen = torch.Generator().manual_seed(0)
+
+    def rows(n: int, first: list[int] | None) -> dict[str, list[list[int]]]:
+        starts = torch.randint(0, VOCAB, (n,), generator=gen)
+        strides = torch.randint(1, 5, (n,), generator=gen)
+        ids = (starts[:, None] + strides[:, None] * torch.arange(BLOCK)) % VOCAB
+        if first is not None:
+            ids[:, 0] = torch.tensor(first)
+        ids = ids.tolist()
+        return {"input_ids": ids, "attention_mask": [[1] * BLOCK] * n, "labels": ids}
+
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict(rows(N_TRAIN, [i + 1 for i in range(N_TRAIN)])),
+        validation=datasets.Dataset.from_dict(rows(N_VAL, None)),
+    ).save_to_disk(str(path))
+
+
+def tiny_config(tmp: Path) -> Path:
+    config = {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": WORLD,
+            "strategy": "ddp",
+            "precision": "32-true",
+            "max_epochs": 2,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp / "run"),
+            "callbacks": [{"class_path": "seen_samples.SeenSamples"}],
+        },
+        "model": {
+            "model_name_or_path": None,
+            "model_config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": VOCAB, "n_positions": BLOCK,
+                             "bos_token_id": 0, "eos_token_id": 0},
+            "attn_implementation": "sdpa",
+            "learning_rate": 1.0e-2,
+            "weight_decay": 0.01,
+        },
+        "data": {
+            "tokenized_dataset_load_dir": str(tmp / "blocks"),
+            "tokenizer_name": None,
+            "batch_size": BATCH,
+            "eval_batch_size": BATCH,
+        },
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ddp_fit(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """One 2-rank DDP fit (2 epochs) in a subprocess, as a user runs it."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    build_blocks(tmp / "blocks")
+    (tmp / "seen_samples.py").write_text(RECORDER)
+    config = tiny_config(tmp)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(tmp)]), OMP_NUM_THREADS="1")
+    env.pop("MASTER_PORT", None)  # Lightning picks a free one
+    proc = subprocess.run(
+        [sys.executable, "-m", "lit_flash", "fit", "--config", str(config)],
+        env=env, cwd=tmp, capture_output=True, text=True, timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    root = tmp / "run"
+    ranks = [json.loads((root / f"seen_rank{r}.json").read_text()) for r in range(WORLD)]
+    sys.path.insert(0, str(tmp))  # the recorder, for the in-process runs below
+    yield SimpleNamespace(tmp=tmp, root=root, config=config, output=output, ranks=ranks)
+    sys.path.remove(str(tmp))
+
+
+def test_each_rank_trains_on_its_own_shard(ddp_fit: SimpleNamespace) -> None:
+    assert [r["world_size"] for r in ddp_fit.ranks] == [WORLD, WORLD]
+    orders = []
+    for epoch in ("0", "1"):
+        shards = [r["seen"][epoch] for r in ddp_fit.ranks]
+        assert [len(s) for s in shards] == [N_TRAIN // WORLD] * WORLD  # equal shares: no rank waits on another
+        seen = [i for s in shards for i in s]
+        assert len(seen) == len(set(seen)), "a row was seen twice in one epoch"
+        assert set(seen) <= set(range(N_TRAIN)) and len(set(seen)) == N_TRAIN - N_TRAIN % WORLD  # only the remainder
+        orders.append(shards[0])
+    assert orders[0] != orders[1], "the shuffle must change with the epoch (set_epoch)"
+
+
+def test_val_ppl_same_on_every_rank_and_equal_to_one_process(ddp_fit: SimpleNamespace) -> None:
+    ppl = [r["val_ppl"] for r in ddp_fit.ranks]
+    assert ppl[0] == ppl[1]
+    cli = cli_main([
+        "validate", "--config", str(ddp_fit.config), "--trainer.devices=1", "--trainer.strategy=auto",
+        f"--trainer.default_root_dir={ddp_fit.tmp / 'validate'}",
+        f"--ckpt_path={ddp_fit.root / 'checkpoints' / 'last.ckpt'}",
+    ])
+    single = float(cli.trainer.callback_metrics["val_ppl"])
+    # Exact up to float summation order; a padded (repeated) validation row would move it by ~1e-3.
+    assert single == pytest.approx(ppl[0], rel=1e-5)
+
+
+def test_checkpoints_export_and_logs_written_once(ddp_fit: SimpleNamespace) -> None:
+    root = ddp_fit.root
+    expected = [f"epoch=0-step={STEPS_PER_EPOCH_2}.ckpt", f"epoch=1-step={2 * STEPS_PER_EPOCH_2}.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == expected
+    assert ddp_fit.output.count("Exported the Hugging Face model") == 1
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("metrics.csv")) == ["logs/version_0/metrics.csv"]
+    assert [p.name for p in (root / "logs").iterdir()] == ["version_0"]
+    rows = (root / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    val_ppl = [float(v) for r in rows[1:] if (v := r.split(",")[header.index("val_ppl")])]
+    assert len(val_ppl) == 2 and val_ppl[-1] == pytest.approx(ddp_fit.ranks[0]["val_ppl"])
+    # The export holds the final (rank-0 = all ranks') weights.
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(str(root / "model"))
+    state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    key = "transformer.h.0.mlp.c_fc.weight"
+    torch.testing.assert_close(exported.get_parameter(key), state[f"model.{key}"])
+
+
+def test_ddp_checkpoint_resumes_on_one_process(ddp_fit: SimpleNamespace) -> None:
+    root = ddp_fit.tmp / "resumed"
+    cli = cli_main([
+        "fit", "--config", str(ddp_fit.config), "--trainer.devices=1", "--trainer.strategy=auto",
+        "--trainer.max_epochs=3", f"--trainer.default_root_dir={root}",
+        f"--ckpt_path={ddp_fit.root / 'checkpoints' / 'last.ckpt'}",
+    ])
+    assert cli.trainer.current_epoch == 3
+    assert cli.trainer.global_step == 2 * STEPS_PER_EPOCH_2 + STEPS_PER_EPOCH_1  # the third epoch on one process
+    seen = json.loads((root / "seen_rank0.json").read_text())["seen"]
+    assert sorted(seen["2"]) == list(range(N_TRAIN))  # one process: every row, none dropped
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def fake_trainer(rank: int, world: int) -> SimpleNamespace:
+    return SimpleNamespace(distributed_sampler_kwargs={"num_replicas": world, "rank": rank})
+
+
+def test_shard_sampler_train_drops_only_the_remainder() -> None:
+    data = list(range(11))
+    samplers = [shard_sampler(data, fake_trainer(r, 3), shuffle=True, seed=1) for r in range(3)]
+    for epoch in (0, 1):
+        for s in samplers:
+            s.set_epoch(epoch)
+        shards = [list(s) for s in samplers]
+        flat = [i for s in shards for i in s]
+        assert [len(s) for s in shards] == [3, 3, 3] and len(set(flat)) == 9
+
+
+def test_shard_sampler_eval_covers_every_row_once() -> None:
+    data = list(range(11))
+    shards = [list(shard_sampler(data, fake_trainer(r, 3), shuffle=False, seed=1)) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == data
+    assert shard_sampler(data, fake_trainer(0, 1), shuffle=True, seed=1) is None
+    assert shard_sampler(data, None, shuffle=False, seed=1) is None
+    with pytest.raises(LitFlashError, match="fewer than the 4 processes"):
+        shard_sampler(data[:3], fake_trainer(0, 4), shuffle=False, seed=1)
+
+
+def test_sharded_fsdp_checkpoint_needs_fsdp(tmp_path: Path) -> None:
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    with pytest.raises(LitFlashError, match="consolidate_checkpoint"):
+        check_resume(str(folder), "ddp")
+    check_resume(str(folder), "fsdp")
+    check_resume("last", "ddp")
+    (tmp_path / "plain.ckpt").write_bytes(b"")
+    check_resume(str(tmp_path / "plain.ckpt"), "ddp")
+
+
+def test_cli_refuses_sharded_checkpoint_under_ddp(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "sharded.ckpt"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--config", str(config_path("demo.yaml")), f"--trainer.default_root_dir={tmp_path}",
+                  f"--ckpt_path={folder}"])
+    assert exc.value.code == 2
+    assert "sharded FSDP checkpoint" in capsys.readouterr().err
+
+
+def print_config(*configs: str, capsys: pytest.CaptureFixture) -> dict:
+    args = ["fit"] + [a for name in configs for a in ("--config", str(config_path(name)))] + ["--print_config"]
+    with pytest.raises(SystemExit):
+        cli_main(args)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_overlays_merge_onto_the_recipe(capsys: pytest.CaptureFixture) -> None:
+    ddp = print_config("gpt2_flash.yaml", "ddp.yaml", capsys=capsys)
+    assert ddp["trainer"]["strategy"] == "ddp" and ddp["trainer"]["devices"] == -1
+    assert ddp["data"]["batch_size"] == 8 and ddp["trainer"]["precision"] == "16-mixed"  # the recipe's, kept
+    fsdp = print_config("gpt2_flash.yaml", "multinode.yaml", "fsdp.yaml", capsys=capsys)
+    strategy = fsdp["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+    assert strategy["init_args"]["auto_wrap_policy"] == ["transformers.models.gpt2.modeling_gpt2.GPT2Block"]
+    assert strategy["init_args"]["state_dict_type"] == "full"
+    assert fsdp["trainer"]["num_nodes"] == 2 and fsdp["trainer"]["accelerator"] == "gpu"
+    assert fsdp["model"]["model_name_or_path"] == "openai-community/gpt2"

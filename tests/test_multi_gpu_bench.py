@@ -1,0 +1,31 @@
+"""The CPU-checkable parts of benchmarks/multi_gpu.py (the GPU runs themselves: `--cpu-smoke` and the lead's GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "multi_gpu.py"
+spec = importlib.util.spec_from_file_location("multi_gpu", SCRIPT)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_metrics_to_tokens_per_sec_and_loss(tmp_path: Path) -> None:
+    log = tmp_path / "run" / "logs" / "version_0"
+    log.mkdir(parents=True)
+    rows = ["step,train_loss,train/device/items_per_sec"]
+    rows += [f"{s},{10 - s / 10},{100 if s < 20 else 1000}" for s in range(0, 40, 5)]
+    rows.insert(3, "7,,")  # a row with other metrics only
+    (log / "metrics.csv").write_text("\n".join(rows) + "\n")
+    metrics = bench.read_metrics(tmp_path / "run")
+    assert bench.tokens_per_sec(metrics, world_size=2) == 2000  # the later half, all ranks
+    curve = bench.loss_curve(metrics)
+    assert curve[0] == 10 and len(curve) == 8
+    assert bench.mean_loss_last(curve) == pytest.approx((10 - 3.0 + 10 - 3.5) / 2)
+    one = {"name": "1gpu_b8", "gpus": 1, "batch_per_device": 8, "global_batch": 8, "rc": 0,
+           "tokens_per_sec": 1000.0, "final_loss": 5.0}
+    two = {**one, "name": "ddp2_b8", "gpus": 2, "global_batch": 16, "tokens_per_sec": 1950.0}
+    assert "ddp2_b8 / 1gpu_b8 = 1.95x" in bench.summarize({"1gpu_b8": one, "ddp2_b8": two}, "test card")
