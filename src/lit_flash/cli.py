@@ -147,5 +147,4 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
 
 def main() -> None:
     """Console entry point (`lit-flash`)."""
-    args, sys.argv[1:] = sys.argv[1:], []  # given once, as `args`: LightningCLI warns when sys.argv has them too
-    cli_main(args)
+    cli_main()
