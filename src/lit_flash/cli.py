@@ -1,4 +1,4 @@
-"""`python -m lit_flash fit|validate|test|predict|prepare ...`: LightningCLI over the two lit_flash classes."""
+"""`python -m lit_flash fit|validate|test|prepare|generate|plot ...`: LightningCLI over lit_flash's classes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_flash.callbacks import HFExport, TokenThroughput
@@ -24,6 +25,12 @@ from lit_flash.resume import ExactResume, last_checkpoint_path
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_CONFIG = "demo.yaml"
+# Subcommands that are a typed function (jsonargparse.CLI), not a Trainer run: "module:function".
+FUNCTION_SUBCOMMANDS = {
+    "prepare": "lit_flash.data:prepare_dataset",
+    "generate": "lit_flash.generate:generate_main",
+    "plot": "lit_flash.plot:plot_main",
+}
 
 
 def config_path(name: str) -> Path:
@@ -39,6 +46,22 @@ def default_loggers(root: str | os.PathLike) -> list[Any]:
     # Rows appended at every logged step (cheap): a killed run keeps its metrics up to the kill.
     csv = CSVLogger(save_dir=root, name="logs", flush_logs_every_n_steps=1)
     return [csv, TensorBoardLogger(save_dir=root, name="logs", version=csv.version, sub_dir="tensorboard")]
+
+
+def with_default_loggers(configured: Any, root: str | os.PathLike) -> Any:
+    """CSV + TensorBoard, plus loggers the config adds (`--trainer.logger+=WandbLogger`). A config naming its
+    own CSVLogger or TensorBoardLogger gets exactly its loggers; `trainer.logger: false` gets none."""
+    if configured is False:
+        return False
+    extra = [] if configured in (None, True) else configured if isinstance(configured, list) else [configured]
+    if any(isinstance(logger, (CSVLogger, TensorBoardLogger)) for logger in extra):
+        return extra
+    wandb = any(type(logger).__name__ == "WandbLogger" for logger in extra)
+    if wandb and not os.environ.get("WANDB_API_KEY"):
+        # As the reference recipe: W&B online only with a key; else keep the run locally (`wandb sync` later).
+        if os.environ.setdefault("WANDB_MODE", "offline") == "offline":
+            rank_zero_info("lit_flash: no WANDB_API_KEY, so W&B logs offline (upload it with `wandb sync`)")
+    return default_loggers(root) + list(extra)
 
 
 def _checkpoint_dir(root: str | None) -> str:
@@ -75,6 +98,11 @@ def one_line_parser_error(message: str) -> str:
 class LitFlashCLI(LightningCLI):
     """LightningCLI with lit_flash's fixed parts: checkpoints, HF export, loggers, LR and throughput monitors."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # No `predict`: text generation is the `generate` subcommand (sampling options, prompts in, text out).
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1})
@@ -87,9 +115,9 @@ class LitFlashCLI(LightningCLI):
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         device_type = trainer_device_type(config.get("accelerator"))
         check_precision_supported(config.get("precision"), device_type, bf16_supported())
-        check_output_dir(config.get("default_root_dir") or os.getcwd())
-        if config.get("logger") in (None, True):
-            config["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
+        root = config.get("default_root_dir") or os.getcwd()
+        check_output_dir(root)
+        config["logger"] = with_default_loggers(config.get("logger"), root)
         # Atomic checkpoint files, weights_only loads; exact resume (RNG states, a checkpoint on SIGTERM).
         plugins = _as_list(config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -129,13 +157,21 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
     """
     args = list(sys.argv[1:] if args is None else args)
     try:
-        if args and args[0] == "prepare":
+        if args and args[0] in FUNCTION_SUBCOMMANDS:
+            import importlib
+
             from jsonargparse import CLI
 
-            from lit_flash.data import prepare_dataset
+            module, name = FUNCTION_SUBCOMMANDS[args[0]].split(":")
+            if args[0] == "generate":
+                from lit_flash.generate import expand_prompts_flag
 
-            CLI(prepare_dataset, args=args[1:], as_positional=False)
+                args = args[:1] + expand_prompts_flag(args[1:])
+            function = getattr(importlib.import_module(module), name)
+            CLI(function, args=args[1:], as_positional=args[0] == "plot")
             return None
+        if args and args[0] == "predict":
+            raise LitFlashError("to generate text: python -m lit_flash generate --model_name_or_path <run>/model ...")
         if args and args[0] in TRAINER_SUBCOMMANDS and not any(a in ("-c", "--config") or a.startswith("--config=")
                                                                for a in args):
             if not any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in args):

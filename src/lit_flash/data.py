@@ -125,10 +125,11 @@ def load_raw_text(
 def tokenize_and_group(raw: Any, tokenizer: Any, block_size: int, num_proc: int | None = None) -> Any:
     """Raw text `DatasetDict` -> reference-format blocks. Empty lines are dropped first, as the reference does."""
     kwargs = {} if num_proc is None or num_proc < 2 else {"num_proc": num_proc}
+    # Only `text` goes on (a stream may not know its other columns in advance: it cannot list them to drop).
+    raw = raw.select_columns(["text"])
     raw = raw.filter(lambda ex: [bool(t.strip()) for t in ex["text"]], batched=True, **kwargs)
-    columns = list(next(iter(raw.values())).column_names)
     tokens = raw.map(
-        lambda ex: tokenize_texts(ex["text"], tokenizer), batched=True, remove_columns=columns, **kwargs
+        lambda ex: tokenize_texts(ex["text"], tokenizer), batched=True, remove_columns=["text"], **kwargs
     )
     return tokens.map(
         lambda ex: group_texts(ex, block_size), batched=True, batch_size=GROUP_BATCH_ROWS, **kwargs
@@ -281,6 +282,10 @@ class WikitextDataModule(L.LightningDataModule):
         text_column: Column of the raw dataset holding the text (`--dataset_text_field`).
         num_proc: Processes for tokenization (`--dataset_num_proc`).
         seed: Seed of the training shuffle.
+        streaming: Read the raw text as a stream (`--dataset_streaming`): nothing is downloaded whole or cached;
+            lines are tokenized and grouped on the fly, shards split across ranks and dataloader workers, no
+            shuffle. Needs `trainer.max_steps`. Validation/test read the source's `validation`/`test` split (the
+            first `max_eval_samples` blocks if set), and are skipped when it has none (e.g. FineWeb).
     """
 
     def __init__(
@@ -302,8 +307,14 @@ class WikitextDataModule(L.LightningDataModule):
         text_column: str = "text",
         num_proc: int | None = None,
         seed: int = 42,
+        streaming: bool = False,
     ) -> None:
         super().__init__()
+        if streaming and (tokenized_dataset_load_dir or train_tokenizer_vocab_size):
+            raise LitFlashError(
+                "data.streaming=true reads raw text with a given tokenizer: unset data.tokenized_dataset_load_dir "
+                "and data.train_tokenizer_vocab_size"
+            )
         for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
             if value is not None and value < 1:
                 raise LitFlashError(f"data.{name}={value}: must be >= 1, or null for all rows")
@@ -345,7 +356,7 @@ class WikitextDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Download and tokenize once (rank 0 only), into the cache; a second run finds it there."""
         h = self.hparams
-        if h.tokenized_dataset_load_dir:
+        if h.tokenized_dataset_load_dir or h.streaming:
             if h.tokenizer_name:
                 self._load_tokenizer()
             return
@@ -383,6 +394,8 @@ class WikitextDataModule(L.LightningDataModule):
         h = self.hparams
         if self.tokenizer is None:
             self.tokenizer = self._load_tokenizer()
+        if h.streaming:
+            return self._setup_streaming(stage)
         dataset = load_tokenized(self.blocks_path)
         eval_split = "validation" if "validation" in dataset else "test"
         if stage == "fit":
@@ -405,6 +418,37 @@ class WikitextDataModule(L.LightningDataModule):
         self.seq_len = max(len(d[0]["input_ids"]) for d in used)
         self.max_token_id = max(max_token_id(d) for d in used)
 
+    def _setup_streaming(self, stage: str) -> None:
+        from datasets.distributed import split_dataset_by_node
+
+        h = self.hparams
+        trainer = self.trainer
+        if stage == "fit" and trainer is not None and trainer.max_steps in (None, -1):
+            raise LitFlashError("data.streaming=true: a stream has no length, so set trainer.max_steps")
+        raw = load_raw_text(h.dataset_name, h.dataset_config_name, h.text_files, True, h.text_column)
+        blocks = tokenize_and_group(raw, self.tokenizer, h.block_size)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+        def stream(split: str, limit: int | None) -> Any:
+            ds = blocks[split] if limit is None else blocks[split].take(limit)
+            # Whole shards (files) per rank when they divide evenly, else every world_size-th block; the
+            # DataLoader's workers then split each rank's shards among themselves: no block is read twice.
+            return split_dataset_by_node(ds, rank=rank, world_size=world_size).with_format("torch")
+
+        if "train" not in blocks:
+            raise LitFlashError(f"the streamed data has no 'train' split (found {sorted(blocks)})")
+        eval_split = next((s for s in ("validation", "test") if s in blocks), None)
+        if stage == "fit":
+            self.train_dataset = stream("train", h.max_train_samples)
+        if stage in ("fit", "validate") and eval_split is not None:
+            self.val_dataset = stream(eval_split, h.max_eval_samples)
+        if stage == "test":
+            if "test" not in blocks:
+                raise LitFlashError(f"the streamed data has no 'test' split (found {sorted(blocks)})")
+            self.test_dataset = stream("test", h.max_eval_samples)
+        self.seq_len = h.block_size
+        self.max_token_id = None  # unknown without reading the stream; the tokenizer's size is checked instead
+
     @staticmethod
     def _subset(ds: Any, limit: int | None) -> Any:
         if limit is not None:
@@ -415,6 +459,8 @@ class WikitextDataModule(L.LightningDataModule):
     # -- loaders
     def _loader(self, dataset: Any, batch_size: int, shuffle: bool) -> DataLoader:
         seed = self.hparams.seed
+        # Streams are read in order and split across ranks by `split_dataset_by_node` already.
+        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
         workers = self.hparams.num_workers
         kwargs: dict[str, Any] = dict(
             batch_size=batch_size,
@@ -425,6 +471,8 @@ class WikitextDataModule(L.LightningDataModule):
             # Its own generator (for worker seeds): iterating never draws from the global RNG (exact resume).
             generator=torch.Generator().manual_seed(seed),
         )
+        if iterable:
+            return DataLoader(dataset, **kwargs)
         # Several processes: our own shard sampler (no repeated rows), which Lightning then leaves as it is.
         shard = shard_sampler(dataset, self.trainer, shuffle, seed)
         if not shuffle:
@@ -438,7 +486,9 @@ class WikitextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None and self.hparams.streaming:
+            return []  # a stream without a validation/test split: no validation
         return self._loader(self.val_dataset, self.hparams.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:

@@ -1,0 +1,82 @@
+"""Loss and perplexity curves from a run's CSV log: `python -m lit_flash plot runs/demo`, or `plot_metrics()`.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from lit_flash.errors import LitFlashError
+
+DEFAULT_METRICS = ("train_loss", "val_ppl")
+
+
+def _require_matplotlib() -> Any:
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise LitFlashError("plotting needs matplotlib: pip install 'lit-flash[plot]'") from err
+    return matplotlib
+
+
+def find_metrics_csv(path: str | Path) -> Path:
+    """`metrics.csv` itself, or the newest one under a run folder (`<root>/logs/version_N/metrics.csv`)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
+    if not found:
+        raise LitFlashError(f"{path}: no metrics.csv there (give a run folder, log folder or csv)")
+    return found[-1]
+
+
+def read_metrics(path: str | Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Each metric of a Lightning `CSVLogger` file as (steps, values); empty cells (other metrics) skipped."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    with open(find_metrics_csv(path), newline="") as f:
+        for row in csv.DictReader(f):
+            step = row.get("step")
+            for name, value in row.items():
+                if name in ("step", "epoch") or value in (None, "") or step in (None, ""):
+                    continue
+                steps, values = series.setdefault(name, ([], []))
+                steps.append(int(float(step)))
+                values.append(float(value))
+    return series
+
+
+def plot_metrics(path: str | Path, metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS) -> Any:
+    """A matplotlib figure with one panel per metric against the training step."""
+    _require_matplotlib()
+    import matplotlib.pyplot as plt
+
+    series = read_metrics(path)
+    missing = [m for m in metrics if m not in series]
+    if missing:
+        raise LitFlashError(f"{find_metrics_csv(path)}: no {missing} logged yet (it has {sorted(series)})")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], metrics, strict=True):
+        steps, values = series[name]
+        ax.plot(steps, values, marker="o" if len(steps) < 30 else None)
+        ax.set(title=name, xlabel="step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_main(path: str, output: str | None = None, metrics: list[str] | None = None) -> None:
+    """Draw training loss and validation perplexity of a run into a PNG.
+
+    Args:
+        path: A run's `default_root_dir` (its newest `metrics.csv` is used), a log folder, or a `metrics.csv`.
+        output: Image file to write (must not exist); default `plot.png` beside the csv, rewritten each time.
+        metrics: Logged metrics to draw, default `[train_loss, val_ppl]`.
+    """
+    _require_matplotlib().use("Agg")  # files only: no display needed
+    if output is not None and Path(output).exists():
+        raise LitFlashError(f"--output {output} exists: choose another file or remove it yourself")
+    target = Path(output) if output is not None else find_metrics_csv(path).with_name("plot.png")
+    fig = plot_metrics(path, tuple(metrics or DEFAULT_METRICS))
+    fig.savefig(target, dpi=100)
+    print(f"wrote {target}")

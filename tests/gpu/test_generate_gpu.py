@@ -1,0 +1,52 @@
+"""Generation with flash_attention_2 on fp32 weights (as `fit` exports them): needs the half-precision autocast.
+Run on a CUDA machine with flash-attn: `pytest -m gpu tests/gpu/test_generate_gpu.py`."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from lit_flash.generate import generate
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash-attn"),
+]
+
+
+def word_tokenizer(vocab: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=vocab[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=vocab[0])
+
+
+def test_flash_attention_generation_on_fp32_weights():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    vocab = ["<eos>"] + [f"w{i}" for i in range(60)]
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=64, n_layer=2, n_head=2,
+                        bos_token_id=0, eos_token_id=0)
+    flash = GPT2LMHeadModel._from_config(config, attn_implementation="flash_attention_2").cuda().eval()
+    assert flash.config._attn_implementation == "flash_attention_2"
+    assert next(flash.parameters()).dtype == torch.float32
+    tokenizer = word_tokenizer(vocab)
+    prompts = ["w1 w2 w3 w4 w5", "w9", "w20 w21"]
+    # Without autocast, flash-attn refuses fp32 ("FlashAttention only supports fp16 and bf16").
+    batch = tokenizer(prompts[:1], return_tensors="pt").to("cuda")
+    with pytest.raises(RuntimeError, match="fp16 and bf16"):
+        flash.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    out = generate(flash, tokenizer, prompts, max_new_tokens=10, temperature=0.7, seed=3)
+    assert len(out) == 3 and all(isinstance(text, str) for text in out)
+    assert generate(flash, tokenizer, prompts, max_new_tokens=10, temperature=0.7, seed=3) == out
+    # Left padding under flash attention: the batch matches one prompt at a time (greedy).
+    greedy = generate(flash, tokenizer, prompts, max_new_tokens=8, temperature=0)
+    assert greedy == [generate(flash, tokenizer, p, max_new_tokens=8, temperature=0)[0] for p in prompts]

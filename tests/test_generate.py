@@ -1,0 +1,142 @@
+"""Generation on a tiny random GPT-2 and a word-level tokenizer built here (CPU, float64: exact ties)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lit_flash.cli import cli_main
+from lit_flash.errors import LitFlashError
+from lit_flash.generate import expand_prompts_flag, generate, load_for_generation
+
+VOCAB = ["<eos>"] + [f"w{i}" for i in range(60)]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead (and contention on a shared CPU)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(VOCAB), n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+    yield GPT2LMHeadModel(config).double().eval(), make_tokenizer()
+    torch.set_num_threads(threads)
+
+
+def argmax_loop(model, tokenizer, prompt: str, steps: int) -> str:
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.cat([ids, torch.tensor([new], dtype=torch.long)], dim=1)).logits
+            token = int(logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+    return tokenizer.decode(new)
+
+
+def test_greedy_matches_manual_argmax_loop(tiny):
+    model, tokenizer = tiny
+    for prompt in ("w1 w2 w3", "w7", "w40 w41 w42 w43 w44 w45"):
+        assert generate(model, tokenizer, prompt, max_new_tokens=8, temperature=0) == [
+            argmax_loop(model, tokenizer, prompt, 8)
+        ]
+
+
+def test_left_padded_batch_equals_one_prompt_at_a_time(tiny):
+    model, tokenizer = tiny
+    prompts = ["w1 w2 w3 w4 w5 w6", "w9", "w20 w21", "w33 w34 w35"]
+    one_by_one = [generate(model, tokenizer, p, max_new_tokens=6, temperature=0)[0] for p in prompts]
+    assert generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0, batch_size=4) == one_by_one
+    assert tokenizer.padding_side == "left"
+    # Sampling, too: one batch of prompts with a seed is reproducible and leaves the caller's RNG alone.
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = generate(model, tokenizer, prompts, max_new_tokens=6, seed=7, top_k=20, top_p=0.95)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert generate(model, tokenizer, prompts, max_new_tokens=6, seed=7, top_k=20, top_p=0.95) == a
+    assert generate(model, tokenizer, prompts, max_new_tokens=6, seed=8, top_k=20, top_p=0.95) != a
+
+
+def test_top_k_one_is_greedy(tiny):
+    model, tokenizer = tiny
+    prompts = ["w3 w4", "w50"]
+    assert generate(model, tokenizer, prompts, max_new_tokens=5, top_k=1, seed=0) == generate(
+        model, tokenizer, prompts, max_new_tokens=5, temperature=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 40}, "context"),
+    ],
+)
+def test_bad_options_name_the_flag(tiny, kwargs, flag):
+    model, tokenizer = tiny
+    with pytest.raises(LitFlashError, match=flag):
+        generate(model, tokenizer, ["w1"], **kwargs)
+
+
+def test_cli_reads_a_prompts_file_and_writes_jsonl(tiny, tmp_path, capsys):
+    model, tokenizer = tiny
+    export = tmp_path / "model"
+    model.save_pretrained(export)
+    tokenizer.save_pretrained(export)
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("w1 w2\n\nw3 w4 w5\n")
+    out = tmp_path / "out" / "completions.jsonl"
+    args = ["generate", "--model_name_or_path", str(export), "--prompts", "w8", "w9 w10", "--prompts_file",
+            str(prompts_file), "--max_new_tokens", "5", "--temperature", "0", "--device", "cpu",
+            "--output", str(out)]
+    cli_main(args)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    reloaded, reloaded_tokenizer = load_for_generation(str(export), device="cpu")
+    prompts = ["w8", "w9 w10", "w1 w2", "w3 w4 w5"]
+    assert [r["prompt"] for r in rows] == prompts
+    expected = generate(reloaded, reloaded_tokenizer, prompts, 5, temperature=0)
+    assert [r["completion"] for r in rows] == expected
+    # Never overwrite: the same command again stops with a one-line error naming --output.
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    assert "--output" in capsys.readouterr().err
+
+
+def test_cli_input_str_prints_and_predict_points_to_generate(tiny, tmp_path, capsys):
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    cli_main(["generate", "--model_name_or_path", str(tmp_path), "--input_str", "w5 w6",
+              "--max_new_tokens", "3", "--seed", "1", "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("w5 w6")
+    with pytest.raises(SystemExit):
+        cli_main(["predict"])
+    assert "lit_flash generate" in capsys.readouterr().err
+
+
+def test_expand_prompts_flag():
+    assert expand_prompts_flag(["--prompts", "a b", "c", "--seed", "1"]) == [
+        "--prompts+=a b", "--prompts+=c", "--seed", "1"
+    ]
+    assert expand_prompts_flag(["--prompts", '["a"]']) == ["--prompts", '["a"]']

@@ -1,0 +1,117 @@
+"""Configs that reproduce a run (`--print_config`, the saved `config.yaml`), the plot command, W&B offline."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_flash.cli import cli_main, config_path, with_default_loggers
+from lit_flash.errors import LitFlashError
+from lit_flash.plot import plot_metrics, read_metrics
+
+
+def print_config(args: list[str], capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """4 steps of the demo on two small stdlib files: a real run folder with logs, config.yaml and model."""
+    root = tmp_path_factory.mktemp("run")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    args = [
+        "--data.text_files", f"{{train: {stdlib / 'argparse.py'}, validation: {stdlib / 'ast.py'}}}",
+        "--data.cache_dir", str(root / "cache"), "--data.max_eval_samples", "8",
+        "--trainer.default_root_dir", str(root / "run"), "--trainer.max_steps", "4",
+        "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli_main(["fit", *args])
+    finally:
+        torch.set_num_threads(threads)
+    return root / "run", args
+
+
+def test_print_config_is_complete_and_feeds_back(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    printed = print_config([], capsys)
+    for key in ("trainer:", "model:", "data:", "checkpoint:", "export:", "lr_monitor:", "throughput:",
+                "seed_everything:", "  max_steps: 300", "  block_size: 128"):
+        assert key in printed
+    saved = tmp_path / "my.yaml"
+    saved.write_text(printed)
+    assert print_config(["--config", str(saved)], capsys) == printed
+    # And a changed value survives the trip.
+    changed = print_config(["--config", str(saved), "--model.learning_rate", "0.01"], capsys)
+    assert "  learning_rate: 0.01" in changed
+
+
+def test_saved_config_of_a_run_reproduces_it(short_run, capsys):
+    run_dir, args = short_run
+    (saved,) = run_dir.glob("logs/version_*/config.yaml")
+    assert print_config(["--config", str(saved)], capsys) == print_config(
+        ["--config", str(config_path("demo.yaml")), *args], capsys
+    )
+
+
+def test_run_writes_csv_tensorboard_and_plot(short_run, capsys):
+    run_dir, _ = short_run
+    version = next(run_dir.glob("logs/version_*"))
+    assert list(version.glob("tensorboard/events.out.tfevents.*"))
+    series = read_metrics(run_dir)
+    assert series["train_loss"][0] == [0, 1, 2, 3]
+    assert series["val_ppl"][0] == [1, 3] and all(v > 1 for v in series["val_ppl"][1])
+    assert {"lr-AdamW/pg1", "train/samples", "val_loss"} <= set(series)  # LR and throughput monitors
+    cli_main(["plot", str(run_dir)])
+    png = version / "plot.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # An explicit --output is never overwritten.
+    with pytest.raises(SystemExit):
+        cli_main(["plot", str(run_dir), "--output", str(png)])
+    assert "--output" in capsys.readouterr().err
+
+
+def test_read_metrics_and_plot_errors(tmp_path, monkeypatch):
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("epoch,step,train_loss,val_ppl\n0,0,5.0,\n0,1,4.0,\n0,1,,30.5\n0,2,3.5,\n")
+    assert read_metrics(csv) == {"train_loss": ([0, 1, 2], [5.0, 4.0, 3.5]), "val_ppl": ([1], [30.5])}
+    with pytest.raises(LitFlashError, match="test_ppl"):
+        plot_metrics(csv, ["train_loss", "test_ppl"])
+    with pytest.raises(LitFlashError, match="no metrics.csv"):
+        read_metrics(tmp_path / "nothing")
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    with pytest.raises(LitFlashError, match="lit-flash\\[plot\\]"):
+        plot_metrics(csv)
+
+
+def test_wandb_is_added_to_csv_and_tensorboard_and_offline_without_key(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cli = cli_main(["--config", str(config_path("demo.yaml")), "--trainer.logger+=WandbLogger",
+                    "--trainer.logger.init_args.project=lit-flash"], run=False)
+    loggers = cli.trainer.loggers
+    assert [type(lg) for lg in loggers] == [CSVLogger, TensorBoardLogger, WandbLogger]
+    assert loggers[2]._project == "lit-flash"
+    assert __import__("os").environ["WANDB_MODE"] == "offline"
+    # With a key, the mode is left to wandb; a config's own CSVLogger replaces the defaults; false means none.
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    wandb_logger = WandbLogger(project="p", save_dir=str(tmp_path))
+    assert len(with_default_loggers([wandb_logger], tmp_path)) == 3
+    assert "WANDB_MODE" not in __import__("os").environ
+    own = CSVLogger(tmp_path)
+    assert with_default_loggers([own, wandb_logger], tmp_path) == [own, wandb_logger]
+    assert with_default_loggers(False, tmp_path) is False
