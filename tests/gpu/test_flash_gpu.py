@@ -128,7 +128,7 @@ def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
 
 
 def test_flash_runs_in_every_stage_under_16_mixed(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
-    """fit, validate, test and generation all reach flash-attn, in fp16: never a silent fp32 attention, never
+    """fit, validate and test all reach flash-attn, in fp16: never a silent fp32 attention, never
     'FlashAttention only supports fp16 and bf16'."""
     spy = AttentionSpy(monkeypatch)
     module = build()
@@ -144,12 +144,7 @@ def test_flash_runs_in_every_stage_under_16_mixed(tmp_path: Path, data_dir: Path
     assert set(spy.take()) == {torch.float16}
     assert next(module.parameters()).dtype == torch.float32  # fp32 master weights: the GradScaler works on them
 
-    generate = pytest.importorskip("lit_flash.generate").generate
-    module.model.cuda().eval()
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]  # unequal lengths: left padding through flash's varlen path
-    out = generate(module.model, None, prompts, max_new_tokens=4, temperature=0.0)
-    assert len(out) == 2
-    assert spy.take() and set(spy.calls) <= {torch.float16, torch.bfloat16}
+    # Generation outside the trainer (fp32 weights, flash): tests/gpu/test_generate_gpu.py.
 
 
 def test_pretrained_fp16_weights_train_under_16_mixed(tmp_path: Path, data_dir: Path) -> None:
