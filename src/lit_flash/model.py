@@ -391,6 +391,11 @@ class FlashGPT2LM(L.LightningModule):
             else:
                 torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
             return
+        if gradient_clip_val and gradient_clip_algorithm != "value" and hasattr(self.trainer.model, "clip_grad_norm_"):
+            # FSDP: the norm spans every rank's shard; only the wrapped module can compute it (Lightning's FSDP
+            # precision refuses 'norm'). The GradScaler, if any, has unscaled the gradients already.
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -------------------------------------------------------------------------------------------- export
