@@ -316,7 +316,8 @@ class FlashGPT2LM(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Before Lightning's load_state_dict: a wrong-shape checkpoint is one line, not a page of size mismatches.
-        check_state_dict_fits(self.state_dict(), checkpoint.get("state_dict", {}))
+        if "state_dict" in checkpoint:  # FSDP loads (and pops) the weights itself, before this hook
+            check_state_dict_fits(self.state_dict(), checkpoint["state_dict"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, n_tokens = self._loss(batch, training=False)
