@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lit_flash.cli import cli_main, config_path, with_default_loggers
 from lit_flash.errors import LitFlashError
@@ -44,8 +45,10 @@ def short_run(tmp_path_factory):
 def test_print_config_is_complete_and_feeds_back(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     printed = print_config([], capsys)
+    demo = yaml.safe_load(config_path("demo.yaml").read_text())
     for key in ("trainer:", "model:", "data:", "checkpoint:", "export:", "lr_monitor:", "throughput:",
-                "seed_everything:", "  max_steps: 300", "  block_size: 128"):
+                "seed_everything:", f"  max_steps: {demo['trainer']['max_steps']}",
+                f"  block_size: {demo['data']['block_size']}"):
         assert key in printed
     saved = tmp_path / "my.yaml"
     saved.write_text(printed)
