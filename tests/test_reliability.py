@@ -364,6 +364,30 @@ def test_nonfinite_loss_stops_before_the_update_naming_the_step(tmp_path: Path, 
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_nonfinite_loss_on_gpu_stops_at_the_next_log_step_or_checkpoint(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deferred check the GPU takes (simulated on CPU): the NaN at step 3 is named at the next logging step
+    (step 4 with log_every_n_steps=5), or at the next checkpoint, which is then not written."""
+    monkeypatch.setattr(FlashGPT2LM, "_defer_nonfinite_check", staticmethod(lambda loss: True))
+    trainer, model, dm = _tiny_trainer(tmp_path, data_dir, "stop")
+    trainer.log_every_n_steps = 5
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 3 .*model.on_nonfinite=skip"):
+        trainer.fit(model, dm)
+    assert trainer.global_step == 4  # not stopped at step 3: no per-step sync
+
+    trainer, model, dm = _tiny_trainer(tmp_path, data_dir, "stop")
+    trainer.log_every_n_steps = 5
+
+    def save(*args) -> None:
+        trainer.save_checkpoint(tmp_path / f"{trainer.global_step}.ckpt")
+
+    model.on_train_batch_end = save
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 3"):
+        trainer.fit(model, dm)
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["1.ckpt", "2.ckpt", "3.ckpt"]
+
+
 class RecordParams(L.Callback):
     def __init__(self, batch: int) -> None:
         self.batch, self.before, self.after = batch, None, None

@@ -164,7 +164,9 @@ class FlashGPT2LM(L.LightningModule):
         fused_adamw: AdamW's fused CUDA kernel; null: on when training on CUDA, except with gradient clipping under
             16-mixed (the GradScaler and a fused step cannot be combined): then multi-tensor (foreach) AdamW.
         on_nonfinite: A NaN/inf training loss `stop`s the run with an error naming the step (before the update, so
-            the weights and the last checkpoint stay finite), or `skip`s that batch (no update) with a warning.
+            the weights and the last checkpoint stay finite), or `skip`s that batch (no update) with a warning. On
+            GPU, `stop` looks every `log_every_n_steps` and before each checkpoint instead of syncing every step:
+            up to that many updates may see the NaN, but no checkpoint ever holds them.
     """
 
     def __init__(
@@ -199,6 +201,8 @@ class FlashGPT2LM(L.LightningModule):
         bias = torch.zeros(padded)
         bias[self.vocab_size :] = -1e4
         self.register_buffer("vocab_bias", bias, persistent=False)
+        # First step whose loss was NaN/inf (-1: none), kept on the device: see _finite_or_skip.
+        self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
         self.fused_ce = _liger_fused_ce() if fused_cross_entropy else None
         self._compute_loss = self._loss_impl
         self._compiled = False
@@ -300,6 +304,14 @@ class FlashGPT2LM(L.LightningModule):
         return loss
 
     def _finite_or_skip(self, loss: torch.Tensor, batch_idx: int) -> bool:
+        if self.hparams.on_nonfinite == "stop" and self._defer_nonfinite_check(loss):
+            # A per-step check would sync the GPU every step (the CPU could not queue the next step ahead): note
+            # the first bad step on the device, look at it on logging steps and before every checkpoint.
+            bad = ~torch.isfinite(loss.detach()) & (self.first_nonfinite_step < 0)
+            self.first_nonfinite_step.copy_(torch.where(bad, self.global_step, self.first_nonfinite_step))
+            if self.trainer._logger_connector.should_update_logs:
+                self._stop_if_nonfinite()
+            return True
         # One host sync per step. Every rank takes the same decision: a skip on one rank alone would hang DDP.
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
         if finite:
@@ -313,6 +325,23 @@ class FlashGPT2LM(L.LightningModule):
             )
         rank_zero_warn(f"{where}: skipped the batch (model.on_nonfinite=skip)")
         return False
+
+    @staticmethod
+    def _defer_nonfinite_check(loss: torch.Tensor) -> bool:
+        return loss.device.type == "cuda"  # on the CPU a check costs nothing
+
+    def _stop_if_nonfinite(self) -> None:
+        step = int(self.first_nonfinite_step)
+        if not self.trainer.strategy.reduce_boolean_decision(step < 0, all=True):
+            raise NonFiniteLossError(
+                f"train_loss was NaN/inf at step {step} (on GPU checked every trainer.log_every_n_steps; no checkpoint "
+                "holds the weights since): lower model.learning_rate, use bf16-mixed instead of 16-mixed, or set "
+                "model.on_nonfinite=skip"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.on_nonfinite == "stop":
+            self._stop_if_nonfinite()  # never write weights trained on a NaN loss
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Before Lightning's load_state_dict: a wrong-shape checkpoint is one line, not a page of size mismatches.
