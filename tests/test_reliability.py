@@ -487,3 +487,41 @@ def test_soak_2000_steps_on_the_demo_with_kills_ends_like_an_uninterrupted_run(t
     )
     _assert_same_weights(tmp_path / "killed", tmp_path / "straight")
     assert len(list((tmp_path / "killed" / "logs").glob("version_*"))) == 5
+
+
+class RecordLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_grad_scaler_state_is_restored_on_resume(tmp_path: Path, data_dir: Path) -> None:
+    """16-mixed's GradScaler (here on CPU, growing its scale every 2 steps) resumes from a step-5 checkpoint with
+    its scale and growth tracker, and the losses after the resume equal the uninterrupted run's."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.plugins import MixedPrecision
+
+    def run(ckpt: str | None = None) -> tuple[torch.amp.GradScaler, list[float]]:
+        torch.manual_seed(0)
+        config = {"vocab_size": 300, "n_positions": 32, "n_embd": 32, "n_layer": 1, "n_head": 2}
+        model = FlashGPT2LM(model_name_or_path=None, attn_implementation="sdpa", model_config=config)
+        dm = WikitextDataModule(tokenized_dataset_load_dir=str(data_dir), tokenizer_name=None, batch_size=4)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        record = RecordLosses()
+        every5 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=8, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+            logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+            limit_val_batches=0, callbacks=[ExactResume(), record] + ([every5] if ckpt is None else []),
+        )
+        trainer.fit(model, dm, ckpt_path=ckpt)
+        return scaler, record.losses
+
+    straight, straight_losses = run()
+    (step5,) = (tmp_path / "ckpt").glob("*step=5.ckpt")
+    resumed, resumed_losses = run(str(step5))
+    assert straight.get_scale() > 2.0**10  # it grew: there is state to restore
+    assert resumed.state_dict() == straight.state_dict()
+    assert resumed_losses == pytest.approx(straight_losses[5:], abs=1e-6)
