@@ -85,6 +85,18 @@ def test_fit_writes_checkpoints_logs_and_a_reloadable_export(tiny_config, run_cl
     assert code == 2 and "lit_flash generate" in err  # text generation is `generate`
 
 
+def test_fit_ends_with_a_validation_and_last_ckpt_of_the_final_weights(tiny_config, run_cli, tmp_path):
+    """7 steps, validation and checkpoints every 3: as the reference's evaluation after training, the final weights
+    are validated once more (step 7) and last.ckpt holds them, not step 6's."""
+    code, _, err = run_cli(["fit", "--config", str(tiny_config), "--trainer.max_steps", "7"])
+    assert code == 0, err
+    root = tmp_path / "run"
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
+    assert len(_values(root / "logs" / "version_0", "val_ppl")) == 3  # after steps 3, 6 and the final 7
+    rows = _metrics(root / "logs" / "version_0")
+    assert max(_by_step(rows, "val_ppl")) == 7  # logged at the final global step
+
+
 def test_prepare_output_feeds_tokenized_dataset_load_dir(tiny_config, text_files, tokenizer_dir, run_cli, tmp_path):
     prepared = tmp_path / "prepared"
     files = json.dumps({"train": text_files["train"], "test": text_files["test"]})

@@ -216,6 +216,19 @@ def test_shard_sampler_eval_covers_every_row_once() -> None:
         shard_sampler(data[:3], fake_trainer(0, 4), shuffle=False, seed=1)
 
 
+def test_shard_sampler_eval_under_fsdp_gives_every_rank_as_many_rows() -> None:
+    """Every FSDP forward is a collective: unequal batch counts would hang, so evaluation pads as Lightning does."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    data = list(range(11))
+    trainers = [fake_trainer(r, 3) for r in range(3)]
+    for trainer in trainers:
+        trainer.strategy = FSDPStrategy()
+    shards = [list(shard_sampler(data, t, shuffle=False, seed=1)) for t in trainers]
+    assert [len(s) for s in shards] == [4, 4, 4]
+    assert sorted(set(i for s in shards for i in s)) == data
+
+
 def test_sharded_fsdp_checkpoint_needs_fsdp(tmp_path: Path) -> None:
     folder = tmp_path / "last.ckpt"
     folder.mkdir()

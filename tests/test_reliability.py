@@ -388,6 +388,20 @@ def test_nonfinite_loss_on_gpu_stops_at_the_next_log_step_or_checkpoint(
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["1.ckpt", "2.ckpt", "3.ckpt"]
 
 
+def test_deferred_nonfinite_check_runs_before_the_export(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN after the last logging step (GPU's deferred check, simulated) stops the run before the HF export."""
+    from lit_flash.callbacks import HFExport
+
+    monkeypatch.setattr(FlashGPT2LM, "_defer_nonfinite_check", staticmethod(lambda loss: True))
+    trainer, model, dm = _tiny_trainer(tmp_path, data_dir, "stop", [HFExport(dirname=str(tmp_path / "model"))])
+    trainer.log_every_n_steps = 50  # no logging step in these 6 steps
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 3"):
+        trainer.fit(model, dm)
+    assert not (tmp_path / "model").exists()
+
+
 class RecordParams(L.Callback):
     def __init__(self, batch: int) -> None:
         self.batch, self.before, self.after = batch, None, None

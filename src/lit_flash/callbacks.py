@@ -32,6 +32,8 @@ class HFExport(L.Callback):
         path = self.export_path(trainer)
         if path is None or trainer.interrupted:
             return
+        if hasattr(pl_module, "_stop_if_nonfinite"):
+            pl_module._stop_if_nonfinite()  # on GPU the NaN check is deferred: never export NaN-trained weights
         state_dict = gather_full_state_dict(trainer)  # FSDP: every rank takes part in gathering the shards
         self._export(pl_module, trainer, path, state_dict)
 
@@ -82,7 +84,9 @@ class TokenThroughput(ThroughputMonitor):
         self._batches[stage] += 1
         flops = getattr(pl_module, "flops_per_batch", None) or 0
         self._pending_flops[stage] = self._pending_flops.get(stage, 0) + flops
-        if stage == RunningStage.TRAINING and not trainer._logger_connector.should_update_logs:
+        if stage == RunningStage.TRAINING and (
+            trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs
+        ):
             return
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()  # only now: the time must include the queued work

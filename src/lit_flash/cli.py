@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -144,6 +145,19 @@ class LitFlashCLI(LightningCLI):
             check_resume(config["ckpt_path"], self.trainer.strategy)
 
     before_fit = before_validate = before_test = before_predict = _resolve_ckpt_path
+
+    def after_fit(self) -> None:
+        """As the reference's evaluation after training: validate the final weights (unless the last step just
+        did), and make `last.ckpt` hold them (ModelCheckpoint leaves it at the last periodic save)."""
+        trainer = self.trainer
+        if trainer.interrupted or trainer.state.status != TrainerStatus.FINISHED:
+            return
+        if sum(trainer.num_val_batches) > 0 and getattr(self.model, "last_validated_step", None) != trainer.global_step:
+            trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        checkpoint = trainer.checkpoint_callback
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath:
+            if checkpoint._last_global_step_saved != trainer.global_step:
+                trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"))
 
 
 def _as_list(value: Any) -> list[Any]:

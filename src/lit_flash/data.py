@@ -39,8 +39,10 @@ _CACHE_FORMAT_VERSION = 1
 
 
 def tokenize_texts(texts: list[str], tokenizer: Any) -> dict[str, list[list[int]]]:
-    """Tokenize a batch of lines as the reference recipe does (special tokens on, no truncation)."""
-    encoded = tokenizer(texts, add_special_tokens=True, return_attention_mask=False, verbose=False)
+    """Tokenize a batch of lines as the reference recipe does (special tokens on, truncation to the tokenizer's
+    `model_max_length`)."""
+    # As the reference: lines longer than the tokenizer's model_max_length are truncated to it.
+    encoded = tokenizer(texts, add_special_tokens=True, truncation=True, return_attention_mask=False, verbose=False)
     return {"input_ids": encoded["input_ids"]}
 
 

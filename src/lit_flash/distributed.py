@@ -5,7 +5,8 @@ Lightning launches the ranks, wraps the model and reduces the gradients. Three t
   repeating samples: in training some rows would be seen twice per epoch, and in validation the repeated rows
   would bias `val_ppl` away from the single-process value. `shard_sampler` gives training a sampler that drops
   the remainder instead (at most `world_size - 1` rows per epoch, a different random few each epoch) and
-  evaluation one that neither pads nor drops (ranks may differ by one row; no collective runs per eval batch).
+  evaluation one that neither pads nor drops (ranks may differ by one row; no collective runs per eval batch
+  under DDP; under FSDP, whose forward is a collective, evaluation pads as Lightning does).
 - The Hugging Face export under FSDP: each rank holds only a shard, so the full weights are gathered first.
 - Resuming a sharded FSDP checkpoint (a folder) under another strategy, which Lightning cannot load.
 """
@@ -42,13 +43,17 @@ def shard_sampler(dataset: Any, trainer: Any, shuffle: bool, seed: int) -> Distr
         )
     if shuffle:
         return DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True, **kwargs)
+    if is_fsdp(trainer):
+        # Every FSDP forward all-gathers the weights: all ranks need the same number of batches, so up to
+        # world_size - 1 rows are repeated (val_ppl then differs slightly from the single-process value).
+        return DistributedSampler(dataset, shuffle=False, drop_last=False, **kwargs)
     return UnrepeatedDistributedSampler(dataset, shuffle=False, **kwargs)
 
 
 def is_fsdp(trainer: Any) -> bool:
     from lightning.pytorch.strategies import FSDPStrategy
 
-    return isinstance(trainer.strategy, FSDPStrategy)
+    return isinstance(getattr(trainer, "strategy", None), FSDPStrategy)
 
 
 def gather_full_state_dict(trainer: Any, prefix: str = "model.") -> dict[str, torch.Tensor] | None:

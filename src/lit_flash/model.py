@@ -156,7 +156,8 @@ class FlashGPT2LM(L.LightningModule):
         lr_scheduler: Decay after warm-up, as transformers' `get_scheduler` names it (`--lr_scheduler_type`).
         dropout: Sets GPT-2's residual, embedding and attention dropout together; null keeps the model's.
         trust_remote_code: Allow hub models that ship their own code. Off unless you trust the repository.
-        compile: `torch.compile` the transformer body (not the loss). The first steps are slow while it compiles.
+        compile: `torch.compile` the forward and the loss (only the body when liger's cross-entropy is on). The
+            first steps are slow while it compiles.
         fused_cross_entropy: Compute the loss with liger-kernel's fused linear cross-entropy, chunk by chunk, so the
             full fp32 logits (batch x seq x vocab) are never materialized. Needs `pip install 'lit-flash[fast]'`.
         pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
@@ -209,6 +210,7 @@ class FlashGPT2LM(L.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.flops_per_batch: float | None = None  # read by Lightning's ThroughputMonitor
+        self.last_validated_step: int | None = None
         self._flops_per_token: dict[tuple[int, bool], float] = {}
 
     def _build_model(self) -> torch.nn.Module:
@@ -251,7 +253,9 @@ class FlashGPT2LM(L.LightningModule):
         if self.hparams.compile and not self._compiled:
             self._compiled = True
             if self.fused_ce is None:  # the whole forward, so the cross-entropy fuses with the logits
-                self._compute_loss = torch.compile(self._loss_impl)
+                # Static shapes: an epoch's smaller last batch gets its own graph instead of turning every later
+                # step's graph dynamic (slower).
+                self._compute_loss = torch.compile(self._loss_impl, dynamic=False)
             else:  # liger's kernels stay outside the graph
                 self.model.base_model.compile()
         check_data_fits_model(
@@ -375,10 +379,12 @@ class FlashGPT2LM(L.LightningModule):
         self._log_epoch_loss("test", self.test_loss)
 
     def _log_epoch_loss(self, prefix: str, metric: MeanMetric) -> None:
-        if metric.update_count == 0:
-            return
+        if metric.update_count == 0 and self.trainer.world_size == 1:
+            return  # with several ranks compute() syncs: a rank without batches must still take part
         mean = metric.compute()
         metric.reset()
+        if prefix == "val" and not self.trainer.sanity_checking:
+            self.last_validated_step = self.global_step  # the CLI validates once more after fit unless it is this
         self.log(f"{prefix}_loss", mean, prog_bar=True)
         self.log(f"{prefix}_ppl", perplexity(mean), prog_bar=True)
 
@@ -413,18 +419,19 @@ class FlashGPT2LM(L.LightningModule):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        if gradient_clip_val and optimizer.defaults.get("fused"):
-            # No GradScaler here (see configure_optimizers): the gradients are true-scale, clip them directly;
-            # Lightning's AMP plugin refuses any fused optimizer.
-            if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
-            return
-        if gradient_clip_val and gradient_clip_algorithm != "value" and hasattr(self.trainer.model, "clip_grad_norm_"):
+        norm = bool(gradient_clip_val) and gradient_clip_algorithm != "value"
+        if norm and hasattr(self.trainer.model, "clip_grad_norm_"):
             # FSDP: the norm spans every rank's shard; only the wrapped module can compute it (Lightning's FSDP
             # precision refuses 'norm'). The GradScaler, if any, has unscaled the gradients already.
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        if gradient_clip_val and optimizer.defaults.get("fused"):
+            # No GradScaler here (see configure_optimizers): the gradients are true-scale, clip them directly;
+            # Lightning's AMP plugin refuses any fused optimizer.
+            if norm:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
+            else:
+                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
