@@ -229,6 +229,15 @@ def test_shard_sampler_eval_under_fsdp_gives_every_rank_as_many_rows() -> None:
     assert sorted(set(i for s in shards for i in s)) == data
 
 
+def test_hf_trainer_checkpoint_folder_points_to_model_name_or_path(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint-500"  # what the reference recipe's HF Trainer writes
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text("{}")
+    for strategy in ("ddp", "fsdp"):
+        with pytest.raises(LitFlashError, match="--model.model_name_or_path .*checkpoint-500"):
+            check_resume(str(folder), strategy)
+
+
 def test_sharded_fsdp_checkpoint_needs_fsdp(tmp_path: Path) -> None:
     folder = tmp_path / "last.ckpt"
     folder.mkdir()

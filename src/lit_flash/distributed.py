@@ -79,6 +79,12 @@ def check_resume(ckpt_path: str | None, strategy: Any) -> None:
     checkpoint reshards it). Elsewhere Lightning would fail deep inside `torch.load`: say what to do instead."""
     if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or not Path(ckpt_path).is_dir():
         return
+    if any((Path(ckpt_path) / name).is_file() for name in ("trainer_state.json", "config.json")):
+        # The reference recipe's `checkpoint-<step>/` (HF Trainer): weights we can start from, not a Lightning state.
+        raise LitFlashError(
+            f"ckpt_path={ckpt_path} is a Hugging Face (Trainer) checkpoint, not a Lightning one: start from its "
+            f"weights with --model.model_name_or_path {ckpt_path} (its optimizer state cannot be resumed)"
+        )
     from lightning.pytorch.strategies import FSDPStrategy
 
     name = strategy if isinstance(strategy, str) else type(strategy).__name__
