@@ -57,7 +57,7 @@ class TokenThroughput(ThroughputMonitor):
     FLOP/s and MFU every `log_every_n_steps`, FLOPs from the module's `flops_per_batch`.
 
     The stock callback synchronizes the GPU after every batch, which stops the CPU from queueing the next step's
-    kernels ahead (measured: a few % of a GPT-2 step). This one counts every batch on the host and synchronizes only
+    kernels ahead (not measured on its own here). This one counts every batch on the host and synchronizes only
     on the steps it logs.
 
     Args:
