@@ -39,9 +39,11 @@ class StepClock:
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.steps, self.t0, self.t1 = warmup, 0, None, None
+        self.host_times: list[float] = []  # when the host finished queueing each step: shows stalls (recompiles)
 
     def tick(self) -> None:
         self.steps += 1
+        self.host_times.append(time.perf_counter())
         if self.steps == self.warmup:
             sync()
             self.t0 = time.perf_counter()
@@ -52,6 +54,12 @@ class StepClock:
 
     def rate(self, tokens_per_step: int) -> float:
         return (self.steps - self.warmup) * tokens_per_step / (self.t1 - self.t0)
+
+    def stalls(self) -> dict[str, float]:
+        """Host-side step gaps in the timed window: a max far above the median is a stall, not a slow kernel."""
+        timed = self.host_times[self.warmup - 1 :]
+        gaps = sorted(b - a for a, b in zip(timed, timed[1:], strict=False))
+        return {"median_step_s": gaps[len(gaps) // 2], "max_step_s": gaps[-1]} if gaps else {}
 
 
 def peak_mem_gib() -> float | None:
@@ -164,7 +172,7 @@ def run_lit(
     cli.trainer.callbacks.append(Clock())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     rows, seq = cli.datamodule.hparams.batch_size, cli.datamodule.seq_len
-    out = {"tokens_per_s": clock.rate(rows * seq), "peak_mem_gib": peak_mem_gib()}
+    out = {"tokens_per_s": clock.rate(rows * seq), "peak_mem_gib": peak_mem_gib(), **clock.stalls()}
     losses = cli.trainer.callback_metrics
     out["final_train_loss"] = float(losses["train_loss"]) if "train_loss" in losses else None
     if not evaluate:
@@ -206,6 +214,8 @@ LEVERS: list[tuple[str, str, list[str]]] = [
     ("+ liger fused linear cross-entropy", "gpt2_fast.yaml", ["--model.fused_cross_entropy", "true"]),
     ("+ batch 64", "gpt2_fast.yaml", ["--data.batch_size", "64"]),
     ("- pinned memory, 0 workers", "gpt2_fast.yaml", ["--data.pin_memory", "false", "--data.num_workers", "0"]),
+    ("+ compile max-autotune-no-cudagraphs", "gpt2_fast.yaml", ["--model.compile_mode", "max-autotune-no-cudagraphs"]),
+    ("+ compile mode max-autotune (CUDA graphs)", "gpt2_fast.yaml", ["--model.compile_mode", "max-autotune"]),
 ]
 
 

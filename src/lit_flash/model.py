@@ -20,6 +20,7 @@ from lit_flash.data import perplexity
 from lit_flash.errors import LitFlashError, NonFiniteLossError
 
 AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 LRSchedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"]
 IGNORE_INDEX = -100
 
@@ -158,6 +159,8 @@ class FlashGPT2LM(L.LightningModule):
         trust_remote_code: Allow hub models that ship their own code. Off unless you trust the repository.
         compile: `torch.compile` the forward and the loss (only the body when liger's cross-entropy is on). The
             first steps are slow while it compiles.
+        compile_mode: `torch.compile`'s mode. `max-autotune-no-cudagraphs` benchmarks Triton matmul kernels against
+            cuBLAS and tunes the fused kernels: minutes more to compile (cached on disk for later runs), faster steps.
         fused_cross_entropy: Compute the loss with liger-kernel's fused linear cross-entropy, chunk by chunk, so the
             full fp32 logits (batch x seq x vocab) are never materialized. Needs `pip install 'lit-flash[fast]'`.
         pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
@@ -185,6 +188,7 @@ class FlashGPT2LM(L.LightningModule):
         dropout: float | None = None,
         trust_remote_code: bool = False,
         compile: bool = False,
+        compile_mode: CompileMode = "default",
         fused_cross_entropy: bool = False,
         pad_vocab_to_multiple_of: int | None = None,
         fused_adamw: bool | None = None,
@@ -252,12 +256,13 @@ class FlashGPT2LM(L.LightningModule):
         tokenizer = getattr(dm, "tokenizer", None)
         if self.hparams.compile and not self._compiled:
             self._compiled = True
+            mode = None if self.hparams.compile_mode == "default" else self.hparams.compile_mode
             if self.fused_ce is None:  # the whole forward, so the cross-entropy fuses with the logits
                 # Static shapes: an epoch's smaller last batch gets its own graph instead of turning every later
                 # step's graph dynamic (slower).
-                self._compute_loss = torch.compile(self._loss_impl, dynamic=False)
+                self._compute_loss = torch.compile(self._loss_impl, dynamic=False, mode=mode)
             else:  # liger's kernels stay outside the graph
-                self.model.base_model.compile()
+                self.model.base_model.compile(mode=mode)
         check_data_fits_model(
             self.model.config,
             vocab_size=self.vocab_size,
