@@ -5,6 +5,7 @@ The `nn.Module` is transformers' own model (`self.model`); this file only adds t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 from pathlib import Path
@@ -16,13 +17,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lit_flash.checkpointing import check_state_dict_fits
-from lit_flash.data import perplexity
+from lit_flash.data import IGNORE_INDEX, perplexity
 from lit_flash.errors import LitFlashError, NonFiniteLossError
 
 AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
+SDPABackend = Literal["cudnn", "flash", "efficient", "math"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 LRSchedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"]
-IGNORE_INDEX = -100
 
 
 def flash_attention_unavailable_reason(device: torch.device | None = None) -> str | None:
@@ -147,6 +148,8 @@ class FlashGPT2LM(L.LightningModule):
         model_config: Config values: the whole config of a from-scratch model (`model_type` defaults to gpt2), or
             overrides of the pretrained model's config.
         attn_implementation: `flash_attention_2` (default), `sdpa` or `eager` (`--attn_implementation`).
+        sdpa_backends: With `attn_implementation: sdpa`, PyTorch's attention kernels to choose from, in this order
+            (`cudnn`: cuDNN's fused attention, for Hopper GPUs). Null: PyTorch's own choice.
         attn_fallback: When flash attention cannot run here (no flash-attn, no CUDA, GPU older than sm_80), say
             why once and use `sdpa`. False stops with an error instead.
         learning_rate: Peak AdamW learning rate (`--learning_rate`).
@@ -179,6 +182,7 @@ class FlashGPT2LM(L.LightningModule):
         model_config: dict[str, Any] | None = None,
         attn_implementation: AttnImplementation = "flash_attention_2",
         attn_fallback: bool = True,
+        sdpa_backends: list[SDPABackend] | None = None,
         learning_rate: float = 5e-5,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -279,7 +283,8 @@ class FlashGPT2LM(L.LightningModule):
         """Mean loss over the batch's predicted tokens, and how many tokens that mean is over."""
         labels = batch["labels"]
         self.flops_per_batch = self._flops(labels.shape[1], training) * labels.numel()
-        loss = self._compute_loss(batch["input_ids"], labels, batch.get("attention_mask"))
+        with self._sdpa_kernels():
+            loss = self._compute_loss(batch["input_ids"], labels, batch.get("attention_mask"))
         return loss, (labels[:, 1:] != IGNORE_INDEX).sum()
 
     def _loss_impl(
@@ -298,6 +303,16 @@ class FlashGPT2LM(L.LightningModule):
         # Masking the pad ids with the bias keeps the logits' aligned width (a slice to 50257 would not).
         logits = (head(hidden) + self.vocab_bias).float()
         return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+
+    def _sdpa_kernels(self) -> contextlib.AbstractContextManager:
+        # The backward runs outside this block: eager autograd and torch.compile both keep the forward's kernel.
+        if not self.hparams.sdpa_backends or self.attn_implementation != "sdpa":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+        backends = [getattr(SDPBackend, names.get(name, "MATH")) for name in self.hparams.sdpa_backends]
+        return sdpa_kernel(backends, set_priority=True)
 
     def _flops(self, seq_len: int, training: bool) -> float:
         key = (seq_len, training)
