@@ -216,6 +216,9 @@ LEVERS: list[tuple[str, str, list[str]]] = [
     ("- pinned memory, 0 workers", "gpt2_fast.yaml", ["--data.pin_memory", "false", "--data.num_workers", "0"]),
     ("+ compile max-autotune-no-cudagraphs", "gpt2_fast.yaml", ["--model.compile_mode", "max-autotune-no-cudagraphs"]),
     ("+ compile mode max-autotune (CUDA graphs)", "gpt2_fast.yaml", ["--model.compile_mode", "max-autotune"]),
+    ("sdpa with cuDNN attention (for flash_attention_2)", "gpt2_fast.yaml",
+     ["--model.attn_implementation", "sdpa", "--model.sdpa_backends", '["cudnn"]']),
+    ("- pad_last_batch", "gpt2_fast.yaml", ["--data.pad_last_batch", "false"]),
 ]
 
 
