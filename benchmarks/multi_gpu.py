@@ -6,6 +6,7 @@ Runs, each a plain `python -m lit_flash fit --config configs/gpt2_flash.yaml [--
   ddp2_b8     2 GPUs DDP, batch 8 each  (global 16)
   fsdp2_b8    2 GPUs FSDP, batch 8 each (global 16), with last.ckpt (full state dict) and the HF export
   fsdp1_resume  FSDP on 1 GPU resuming fsdp2_b8's last.ckpt for a few steps (another device count)
+  ddp4_b8, 1gpu_b32   with 4 GPUs or more: 4-GPU DDP and its 1-GPU twin at the same global batch (32)
 tokens/s = Lightning ThroughputMonitor's `train/device/items_per_sec` x world size (median of the second half).
 Writes <out>/results.json and <out>/summary.md (the table for benchmarks/RESULTS.md) and prints the summary.
 
@@ -135,12 +136,15 @@ def summarize(results: dict[str, dict[str, Any]], card: str) -> str:
     lines.append("")
     for two, one, what in (("ddp2_b8", "1gpu_b8", "DDP, same batch per GPU"),
                            ("ddp2_b8", "1gpu_b16", "DDP, same global batch"),
-                           ("fsdp2_b8", "1gpu_b8", "FSDP, same batch per GPU")):
+                           ("fsdp2_b8", "1gpu_b8", "FSDP, same batch per GPU"),
+                           ("ddp4_b8", "1gpu_b8", "DDP 4 GPUs, same batch per GPU"),
+                           ("ddp4_b8", "1gpu_b32", "DDP 4 GPUs, same global batch")):
         if tps(two) and tps(one):
             lines.append(f"- {what}: {two} / {one} = {tps(two) / tps(one):.2f}x")
-    a, b = results.get("ddp2_b8", {}).get("final_loss"), results.get("1gpu_b16", {}).get("final_loss")
-    if a is not None and b is not None:
-        lines.append(f"- loss, 2-GPU DDP vs 1 GPU at global batch 16: {a:.3f} vs {b:.3f} ({(a - b) / b:+.1%})")
+    for many, one, gpus, batch in (("ddp2_b8", "1gpu_b16", 2, 16), ("ddp4_b8", "1gpu_b32", 4, 32)):
+        a, b = results.get(many, {}).get("final_loss"), results.get(one, {}).get("final_loss")
+        if a is not None and b is not None:
+            lines.append(f"- loss, {gpus}-GPU DDP vs 1 GPU at global batch {batch}: {a:.3f} vs {b:.3f} ({(a - b) / b:+.1%})")
     for key in ("fsdp1_resume", "export"):
         if key in results:
             lines.append(f"- {key}: {json.dumps({k: v for k, v in results[key].items() if k != 'loss_curve'})}")
@@ -159,16 +163,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     model = TINY if smoke else GPT2_124M
-    data = out / "data"
-    if not (data / "dataset_dict.json").is_file():
-        # Enough rows that no run repeats one: steps x global batch 16 (+ the resume's steps).
-        save_synthetic_dataset(data, (steps + 20) * 16, 16, model["n_positions"], model["vocab_size"])
-
+    four = False
     card = "cpu"
     if not smoke:
         import torch
 
         card = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+        four = torch.cuda.device_count() >= 4
+    data = out / "data"
+    if not (data / "dataset_dict.json").is_file():
+        # Enough rows that no run repeats one: steps x the largest global batch (+ the resume's steps).
+        rows = (steps + 20) * (32 if four else 16)
+        save_synthetic_dataset(data, rows, 16, model["n_positions"], model["vocab_size"])
     results: dict[str, dict[str, Any]] = {}
     common = {"out": out, "data": data, "steps": steps, "smoke": smoke}
     results["1gpu_b8"] = fit("1gpu_b8", gpus=1, batch=8, overlay=None, **common)
@@ -178,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["ddp2_b8"] = fit("ddp2_b8", gpus=2, batch=8, overlay="ddp.yaml", extra=keep if smoke else None, **common)
     if smoke:
         results["export"] = check_export(out / "ddp2_b8" / "model", data)
+    if four:
+        results["ddp4_b8"] = fit("ddp4_b8", gpus=4, batch=8, overlay="ddp.yaml", **common)
+        results["1gpu_b32"] = fit("1gpu_b32", gpus=1, batch=32, overlay=None, **common)
     if not (smoke or args.skip_fsdp):
         results["fsdp2_b8"] = fit("fsdp2_b8", gpus=2, batch=8, overlay="fsdp.yaml", extra=keep, **common)
         ckpt = out / "fsdp2_b8" / "checkpoints" / "last.ckpt"
