@@ -144,7 +144,8 @@ def summarize(results: dict[str, dict[str, Any]], card: str) -> str:
     for many, one, gpus, batch in (("ddp2_b8", "1gpu_b16", 2, 16), ("ddp4_b8", "1gpu_b32", 4, 32)):
         a, b = results.get(many, {}).get("final_loss"), results.get(one, {}).get("final_loss")
         if a is not None and b is not None:
-            lines.append(f"- loss, {gpus}-GPU DDP vs 1 GPU at global batch {batch}: {a:.3f} vs {b:.3f} ({(a - b) / b:+.1%})")
+            what = f"{gpus}-GPU DDP vs 1 GPU at global batch {batch}"
+            lines.append(f"- loss, {what}: {a:.3f} vs {b:.3f} ({(a - b) / b:+.1%})")
     for key in ("fsdp1_resume", "export"):
         if key in results:
             lines.append(f"- {key}: {json.dumps({k: v for k, v in results[key].items() if k != 'loss_curve'})}")
