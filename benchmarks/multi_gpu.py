@@ -104,6 +104,8 @@ def fit(name: str, out: Path, data: Path, *, gpus: int, batch: int, steps: int, 
           f"loss(last 25%)={result['final_loss']}", flush=True)
     if proc.returncode != 0:
         print((proc.stdout + proc.stderr)[-4000:], flush=True)
+    with (out / "runs.jsonl").open("a") as f:  # each run as it ends: a time limit keeps the finished ones
+        f.write(json.dumps(result) + "\n")
     return result
 
 
