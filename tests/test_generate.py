@@ -140,3 +140,31 @@ def test_expand_prompts_flag():
         "--prompts+=a b", "--prompts+=c", "--seed", "1"
     ]
     assert expand_prompts_flag(["--prompts", '["a"]']) == ["--prompts", '["a"]']
+
+
+def test_ids_beyond_the_tokenizer_are_never_generated(tiny):
+    """A model whose vocabulary is padded past the tokenizer (model.pad_vocab_to_multiple_of) never emits a pad id,
+    even where the pad rows would win the argmax."""
+    from transformers import GPT2LMHeadModel
+
+    base, tokenizer = tiny
+    model = GPT2LMHeadModel(base.config).double().eval()
+    model.load_state_dict(base.state_dict())
+    model.resize_token_embeddings(len(VOCAB) + 7)
+    ids = tokenizer("w1 w2 w3", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        hidden = model.transformer(ids).last_hidden_state[0, -1]
+        model.get_output_embeddings().weight[len(VOCAB) :] = 1e3 * hidden / hidden.norm()  # the pad ids win
+        assert int(model(ids).logits[0, -1].argmax()) >= len(VOCAB)  # so the check below can fail
+    produced = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        produced.append(out)
+        return out
+
+    model.generate = spy
+    generate(model, tokenizer, "w1 w2 w3", max_new_tokens=4, temperature=0)
+    generate(model, tokenizer, "w1 w2 w3", max_new_tokens=4, temperature=1.0, seed=0)
+    assert produced and all(int(out.max()) < len(VOCAB) for out in produced)
