@@ -27,6 +27,11 @@ import yaml
 # Tests never reach the hub: a test that tries fails fast instead of hanging on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# No tqdm monitor thread: it takes tqdm's lock every few seconds, and a test that forks (fork_cli) while it holds
+# that lock leaves the child waiting on it forever (seen once in test_soak_...: the child hung in load_from_disk).
+import tqdm  # noqa: E402
+
+tqdm.tqdm.monitor_interval = 0
 
 TINY_VOCAB = 320  # 256 bytes + <|endoftext|> + a few merges: the BPE tokenizer below stays within it
 TINY_CONTEXT = 64  # the tiny model's n_positions

@@ -386,6 +386,9 @@ def test_nonfinite_loss_on_gpu_stops_at_the_next_log_step_or_checkpoint(
     with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 3"):
         trainer.fit(model, dm)
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["1.ckpt", "2.ckpt", "3.ckpt"]
+    # Each rank keeps its own record: DDP overwrites every buffer with rank 0's before each forward.
+    assert int(model.first_nonfinite_step) == 3
+    assert all(b is not model.first_nonfinite_step for b in model.buffers())
 
 
 def test_deferred_nonfinite_check_runs_before_the_export(

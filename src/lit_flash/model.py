@@ -210,8 +210,9 @@ class FlashGPT2LM(L.LightningModule):
         bias = torch.zeros(padded)
         bias[self.vocab_size :] = -1e4
         self.register_buffer("vocab_bias", bias, persistent=False)
-        # First step whose loss was NaN/inf (-1: none), kept on the device: see _finite_or_skip.
-        self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
+        # First step whose loss was NaN/inf (-1: none), kept on the device: see _finite_or_skip. Not a buffer: DDP
+        # broadcasts buffers from rank 0 before each forward, which would erase another rank's record.
+        self.first_nonfinite_step: torch.Tensor | None = None
         self.fused_ce = _liger_fused_ce() if fused_cross_entropy else None
         self._compute_loss = self._loss_impl
         self._compiled = False
@@ -331,8 +332,10 @@ class FlashGPT2LM(L.LightningModule):
         if self.hparams.on_nonfinite == "stop" and self._defer_nonfinite_check(loss):
             # A per-step check would sync the GPU every step (the CPU could not queue the next step ahead): note
             # the first bad step on the device, look at it on logging steps and before every checkpoint.
-            bad = ~torch.isfinite(loss.detach()) & (self.first_nonfinite_step < 0)
-            self.first_nonfinite_step.copy_(torch.where(bad, self.global_step, self.first_nonfinite_step))
+            if self.first_nonfinite_step is None:
+                self.first_nonfinite_step = torch.tensor(-1, device=loss.device)
+            first = self.first_nonfinite_step
+            first.copy_(torch.where(~torch.isfinite(loss.detach()) & (first < 0), self.global_step, first))
             if self.trainer._logger_connector.should_update_logs:
                 self._stop_if_nonfinite()
             return True
@@ -355,7 +358,7 @@ class FlashGPT2LM(L.LightningModule):
         return loss.device.type == "cuda"  # on the CPU a check costs nothing
 
     def _stop_if_nonfinite(self) -> None:
-        step = int(self.first_nonfinite_step)
+        step = -1 if self.first_nonfinite_step is None else int(self.first_nonfinite_step)
         if not self.trainer.strategy.reduce_boolean_decision(step < 0, all=True):
             raise NonFiniteLossError(
                 f"train_loss was NaN/inf at step {step} (on GPU checked every trainer.log_every_n_steps; no checkpoint "
