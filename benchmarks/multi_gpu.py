@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -154,6 +155,12 @@ def summarize(results: dict[str, dict[str, Any]], card: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _train_rows(data: Path) -> int:
+    import datasets
+
+    return len(datasets.load_from_disk(str(data))["train"])
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for runs, logs, results.json, summary.md")
@@ -173,10 +180,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         card = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
         four = torch.cuda.device_count() >= 4
+    (out / "runs.jsonl").unlink(missing_ok=True)  # this invocation's runs only
     data = out / "data"
-    if not (data / "dataset_dict.json").is_file():
-        # Enough rows that no run repeats one: steps x the largest global batch (+ the resume's steps).
-        rows = (steps + 20) * (32 if four else 16)
+    # Enough rows that no run repeats one: steps x the largest global batch (+ the resume's steps).
+    rows = (steps + 20) * (32 if four else 16)
+    if not (data / "dataset_dict.json").is_file() or _train_rows(data) < rows:
+        shutil.rmtree(data, ignore_errors=True)
         save_synthetic_dataset(data, rows, 16, model["n_positions"], model["vocab_size"])
     results: dict[str, dict[str, Any]] = {}
     common = {"out": out, "data": data, "steps": steps, "smoke": smoke}

@@ -95,6 +95,12 @@ def test_collate_blocks_derives_labels_and_drops_an_all_ones_mask():
     batch = collate_blocks(rows)
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[-100, 5, 6]] * 2
+    # A short batch filled up to 4 rows: copies of the first row that predict nothing.
+    batch = collate_blocks(rows, pad_rows_to=4)
+    assert batch["input_ids"].tolist() == [[1, 2, 3]] * 4
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1]]
+    assert batch["labels"].tolist() == [[-100, 5, 6]] * 2 + [[-100, -100, -100]] * 2
+    assert collate_blocks(rows, pad_rows_to=2)["input_ids"].shape == (2, 3)  # a full batch stays as it is
 
 
 # -------------------------------------------------------------------------------------------- the DataModule

@@ -389,6 +389,14 @@ def test_nonfinite_loss_on_gpu_stops_at_the_next_log_step_or_checkpoint(
     # Each rank keeps its own record: DDP overwrites every buffer with rank 0's before each forward.
     assert int(model.first_nonfinite_step) == 3
     assert all(b is not model.first_nonfinite_step for b in model.buffers())
+    # The same module fitted again (a notebook after the error: weights reloaded from the last good checkpoint, no
+    # NaN batch) does not stop on the old record.
+    model.load_state_dict(torch.load(tmp_path / "3.ckpt", weights_only=True)["state_dict"])
+    model.nan_batch = -1
+    trainer, _, dm = _tiny_trainer(tmp_path / "again", data_dir, "stop")
+    trainer.log_every_n_steps = 1
+    trainer.fit(model, dm)
+    assert trainer.global_step == 6
 
 
 def test_deferred_nonfinite_check_runs_before_the_export(

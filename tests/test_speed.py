@@ -469,13 +469,32 @@ def test_pad_last_batch_keeps_one_shape_and_the_same_loss(tiny_model_config, mak
 
 def test_sdpa_backends_reach_scaled_dot_product_attention(tiny_model_config):
     config = _small_config(tiny_model_config)
-    plain = _module(config)
     batch = _batch(REAL_VOCAB)
+    plain = _module(config)
     math_only = _module(config, sdpa_backends=["math"])
     math_only.load_state_dict(plain.state_dict())
     torch.testing.assert_close(math_only._loss(batch, True)[0], plain._loss(batch, True)[0], rtol=1e-5, atol=1e-5)
     cudnn_only = _module(config, sdpa_backends=["cudnn"])  # no cuDNN attention on a CPU: proof the choice applies
     with pytest.raises(RuntimeError, match="No viable backend"):
         cudnn_only._loss(batch, True)
-    eager = _module(config, sdpa_backends=["cudnn"], attn_implementation="eager")  # only sdpa reads the setting
-    assert torch.isfinite(eager._loss(batch, True)[0])
+
+
+def test_compiled_step_keeps_the_sdpa_choice(tiny_model_config):
+    module = _module(_small_config(tiny_model_config, n_layer=1), sdpa_backends=["cudnn"], compile=True)
+    module._compute_loss = torch.compile(module._loss_impl, dynamic=False)  # what setup does, minus its CPU check
+    with pytest.raises(Exception, match="No viable backend"):
+        module._loss(_batch(REAL_VOCAB), True)
+
+
+def test_speed_options_that_cannot_apply_are_one_line_errors(tiny_model_config, make_token_dataset):
+    config = _small_config(tiny_model_config)
+    with pytest.raises(LitFlashError, match=r"model.compile_mode=max-autotune needs model.compile=true"):
+        _module(config, compile_mode="max-autotune")
+    with pytest.raises(LitFlashError, match=r"model.sdpa_backends is for model.attn_implementation=sdpa, not eager"):
+        _module(config, sdpa_backends=["cudnn"], attn_implementation="eager")
+    with pytest.raises(LitFlashError, match=r"model.sdpa_backends: unknown \['fast'\]"):
+        _module(config, sdpa_backends=["fast"])
+    module = _module(config, sdpa_backends=["cudnn", "efficient"])
+    dm = _datamodule(make_token_dataset, vocab_size=REAL_VOCAB)
+    with pytest.raises(LitFlashError, match=r"model.sdpa_backends=\['cudnn', 'efficient'\]: none of these runs on cpu"):
+        _trainer(max_steps=1).fit(module, dm)

@@ -61,7 +61,8 @@ class TokenThroughput(ThroughputMonitor):
     on the steps it logs.
 
     Args:
-        window_size: Number of logged steps the rates are computed over.
+        window_size: Number of recorded points the rates are computed over: the log steps, plus one at the start
+            of each validation (whose time is left out of training).
         peak_tflops: The card's peak for MFU (e.g. 790: bf16 on an H100/H200 as measured). Null: Lightning's table.
     """
 

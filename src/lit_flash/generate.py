@@ -74,8 +74,11 @@ def generate(
     else:
         options.update(do_sample=False, temperature=None, top_k=None, top_p=None)
     config = model.config
-    if config.vocab_size > len(tokenizer):  # e.g. a vocabulary padded for speed: ids no tokenizer can decode
-        options["suppress_tokens"] = list(range(len(tokenizer), config.vocab_size))
+    # Ids the tokenizer cannot decode (e.g. a vocabulary padded for speed) are never produced.
+    known = set(tokenizer.get_vocab().values())
+    unknown = [i for i in range(config.vocab_size) if i not in known]
+    if unknown:
+        options["suppress_tokens"] = unknown
     context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     device = next(model.parameters()).device
     was_training = model.training

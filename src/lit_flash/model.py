@@ -22,6 +22,9 @@ from lit_flash.errors import LitFlashError, NonFiniteLossError
 
 AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
 SDPABackend = Literal["cudnn", "flash", "efficient", "math"]
+SDPA_BACKENDS = {
+    "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"
+}
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 LRSchedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"]
 
@@ -149,7 +152,8 @@ class FlashGPT2LM(L.LightningModule):
             overrides of the pretrained model's config.
         attn_implementation: `flash_attention_2` (default), `sdpa` or `eager` (`--attn_implementation`).
         sdpa_backends: With `attn_implementation: sdpa`, PyTorch's attention kernels to choose from, in this order
-            (`cudnn`: cuDNN's fused attention, for Hopper GPUs). Null: PyTorch's own choice.
+            (`cudnn`: cuDNN's fused attention, for Hopper GPUs), in training, validation and test steps. Null:
+            PyTorch's own choice. With `compile`, the choice is fixed when the step first compiles.
         attn_fallback: When flash attention cannot run here (no flash-attn, no CUDA, GPU older than sm_80), say
             why once and use `sdpa`. False stops with an error instead.
         learning_rate: Peak AdamW learning rate (`--learning_rate`).
@@ -162,8 +166,9 @@ class FlashGPT2LM(L.LightningModule):
         trust_remote_code: Allow hub models that ship their own code. Off unless you trust the repository.
         compile: `torch.compile` the forward and the loss (only the body when liger's cross-entropy is on). The
             first steps are slow while it compiles.
-        compile_mode: `torch.compile`'s mode. `max-autotune-no-cudagraphs` benchmarks Triton matmul kernels against
-            cuBLAS and tunes the fused kernels: minutes more to compile (cached on disk for later runs), faster steps.
+        compile_mode: `torch.compile`'s mode (needs `compile: true`). `max-autotune-no-cudagraphs` benchmarks Triton
+            matmul kernels against cuBLAS: for GPT-2 124M it had not finished after 5 minutes on an H100, and cuBLAS
+            won 4 of the 5 shapes it had tuned (benchmarks/RESULTS.md); the CUDA-graph modes were not measured.
         fused_cross_entropy: Compute the loss with liger-kernel's fused linear cross-entropy, chunk by chunk, so the
             full fp32 logits (batch x seq x vocab) are never materialized. Needs `pip install 'lit-flash[fast]'`.
         pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
@@ -199,6 +204,16 @@ class FlashGPT2LM(L.LightningModule):
         on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
+        if compile_mode != "default" and not compile:
+            raise LitFlashError(f"model.compile_mode={compile_mode} needs model.compile=true")
+        if sdpa_backends and attn_implementation != "sdpa":
+            raise LitFlashError(
+                f"model.sdpa_backends is for model.attn_implementation=sdpa, not {attn_implementation}: "
+                "set model.attn_implementation=sdpa or model.sdpa_backends=null"
+            )
+        unknown = set(sdpa_backends or ()) - set(SDPA_BACKENDS)
+        if unknown:
+            raise LitFlashError(f"model.sdpa_backends: unknown {sorted(unknown)}; choose from {list(SDPA_BACKENDS)}")
         self.save_hyperparameters()
         self.attn_implementation = resolve_attn_implementation(attn_implementation, attn_fallback)
         self.model = self._build_model()
@@ -251,6 +266,12 @@ class FlashGPT2LM(L.LightningModule):
             fallback = self.hparams.attn_fallback
             self.attn_implementation = resolve_attn_implementation("flash_attention_2", fallback, device)
             self.model.set_attn_implementation(self.attn_implementation)
+        backends = self.hparams.sdpa_backends
+        if device.type != "cuda" and backends and not {"math", "flash"} & set(backends):  # the CPU's only two
+            raise LitFlashError(
+                f"model.sdpa_backends={list(backends)}: none of these runs on {device.type}; add math, or set "
+                "model.sdpa_backends=null"
+            )
         precision = str(self.trainer.precision)
         if self.attn_implementation == "flash_attention_2" and precision in ("32-true", "32", "64-true", "64"):
             raise LitFlashError(
@@ -307,12 +328,11 @@ class FlashGPT2LM(L.LightningModule):
 
     def _sdpa_kernels(self) -> contextlib.AbstractContextManager:
         # The backward runs outside this block: eager autograd and torch.compile both keep the forward's kernel.
-        if not self.hparams.sdpa_backends or self.attn_implementation != "sdpa":
+        if not self.hparams.sdpa_backends:
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        names = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
-        backends = [getattr(SDPBackend, names.get(name, "MATH")) for name in self.hparams.sdpa_backends]
+        backends = [getattr(SDPBackend, SDPA_BACKENDS[name]) for name in self.hparams.sdpa_backends]
         return sdpa_kernel(backends, set_priority=True)
 
     def _flops(self, seq_len: int, training: bool) -> float:
@@ -365,6 +385,9 @@ class FlashGPT2LM(L.LightningModule):
                 "holds the weights since): lower model.learning_rate, use bf16-mixed instead of 16-mixed, or set "
                 "model.on_nonfinite=skip"
             )
+
+    def on_train_start(self) -> None:
+        self.first_nonfinite_step = None  # a new fit (e.g. again in a notebook, on another device) starts clean
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.hparams.on_nonfinite == "stop":
