@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 import warnings
 
-import lightning as L
 import pytest
 import torch
+from _helpers import cpu_trainer, tiny_module
 from transformers import AutoModelForCausalLM
 
 from lit_flash.data import WikitextDataModule
@@ -23,18 +23,6 @@ from lit_flash.model import (
 FLASH_REASON = flash_attention_unavailable_reason()
 
 
-def _module(config: dict, **kwargs) -> FlashGPT2LM:
-    return FlashGPT2LM(**{"model_name_or_path": None, "model_config": config, "attn_implementation": "sdpa", **kwargs})
-
-
-def _trainer(**kwargs) -> L.Trainer:
-    defaults = {
-        "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
-        "enable_progress_bar": False, "enable_model_summary": False,
-    }
-    return L.Trainer(**{**defaults, **kwargs})
-
-
 def _fallback_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in caught if "flash_attention_2 cannot run" in str(w.message)]
 
@@ -43,7 +31,7 @@ def _fallback_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
 
 
 def test_builds_from_a_config_and_loads_a_local_folder(tiny_model_config, tmp_path):
-    built = _module(tiny_model_config)
+    built = tiny_module(tiny_model_config)
     assert built.model.config.n_embd == tiny_model_config["n_embd"]
     assert built.model.config._attn_implementation == "sdpa"
     built.model.save_pretrained(str(tmp_path / "pretrained"))
@@ -72,8 +60,8 @@ def test_flash_falls_back_to_sdpa_once_naming_the_reason(tiny_model_config, make
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        module = _module(tiny_model_config, attn_implementation="flash_attention_2")
-        _trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0).fit(module, dm)
+        module = tiny_module(tiny_model_config, attn_implementation="flash_attention_2")
+        cpu_trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0).fit(module, dm)
     messages = _fallback_warnings(caught)
     assert len(messages) == 1, messages
     assert FLASH_REASON in messages[0] and "sdpa" in messages[0]
@@ -92,7 +80,7 @@ def test_flash_without_fallback_is_a_clear_error(tiny_model_config):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(LitFlashError) as err:
-            _module(tiny_model_config, attn_implementation="flash_attention_2", attn_fallback=False)
+            tiny_module(tiny_model_config, attn_implementation="flash_attention_2", attn_fallback=False)
     assert FLASH_REASON in str(err.value) and "model.attn_fallback" in str(err.value)
     assert "\n" not in str(err.value) and not _fallback_warnings(caught)
 
@@ -101,8 +89,8 @@ def test_flash_without_fallback_is_a_clear_error(tiny_model_config):
 def test_flash_attention_runs_on_a_gpu_and_matches_sdpa(tiny_model_config):
     if FLASH_REASON is not None:
         pytest.skip(FLASH_REASON)
-    flash = _module(tiny_model_config, attn_implementation="flash_attention_2").cuda()
-    sdpa = _module(tiny_model_config).cuda()
+    flash = tiny_module(tiny_model_config, attn_implementation="flash_attention_2").cuda()
+    sdpa = tiny_module(tiny_model_config).cuda()
     sdpa.model.load_state_dict(flash.model.state_dict())
     ids = torch.randint(0, tiny_model_config["vocab_size"], (2, 32), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -127,8 +115,8 @@ def test_val_ppl_is_token_weighted_across_unequal_batches(tiny_model_config, mak
     ds.save_to_disk(str(path.with_name("masked")))
     dm = WikitextDataModule(tokenized_dataset_load_dir=str(path.with_name("masked")), tokenizer_name=None,
                             eval_batch_size=2)
-    module = _module(tiny_model_config)
-    metrics = _trainer().validate(module, dm, verbose=False)[0]
+    module = tiny_module(tiny_model_config)
+    metrics = cpu_trainer().validate(module, dm, verbose=False)[0]
 
     module.eval()
     losses, counts = [], []
@@ -145,7 +133,7 @@ def test_val_ppl_is_token_weighted_across_unequal_batches(tiny_model_config, mak
     batch_means = [float(sum(losses[i : i + 2])) / sum(counts[i : i + 2]) for i in (0, 2, 4)]
     assert abs(sum(batch_means) / 3 - token_mean) > 10 * 1e-5 * token_mean
 
-    test_metrics = _trainer().test(module, dm, verbose=False)[0]
+    test_metrics = cpu_trainer().test(module, dm, verbose=False)[0]
     assert test_metrics["test_ppl"] == pytest.approx(math.exp(token_mean), rel=1e-5)
 
 
@@ -153,8 +141,8 @@ def test_val_ppl_is_token_weighted_across_unequal_batches(tiny_model_config, mak
 
 
 def test_adamw_groups_and_warmup_then_decay(tiny_model_config):
-    module = _module(tiny_model_config, learning_rate=1e-3, weight_decay=0.1, warmup_steps=4, lr_scheduler="linear")
-    module.trainer = _trainer(max_steps=10, max_epochs=-1)
+    module = tiny_module(tiny_model_config, learning_rate=1e-3, weight_decay=0.1, warmup_steps=4, lr_scheduler="linear")
+    module.trainer = cpu_trainer(max_steps=10, max_epochs=-1)
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert isinstance(optimizer, torch.optim.AdamW) and config["lr_scheduler"]["interval"] == "step"
@@ -174,8 +162,8 @@ def test_adamw_groups_and_warmup_then_decay(tiny_model_config):
 
 @pytest.mark.parametrize("schedule", ["cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"])
 def test_every_schedule_builds(tiny_model_config, schedule):
-    module = _module(tiny_model_config, learning_rate=1e-3, warmup_steps=2, lr_scheduler=schedule)
-    module.trainer = _trainer(max_steps=10, max_epochs=-1)
+    module = tiny_module(tiny_model_config, learning_rate=1e-3, warmup_steps=2, lr_scheduler=schedule)
+    module.trainer = cpu_trainer(max_steps=10, max_epochs=-1)
     config = module.configure_optimizers()
     for _ in range(9):
         config["optimizer"].step()
@@ -209,7 +197,7 @@ def test_check_data_fits_model(tiny_model_config):
 
 
 def test_export_hf_reloads_with_the_same_logits(tiny_model_config, tokenizer, tmp_path):
-    module = _module(tiny_model_config).eval()
+    module = tiny_module(tiny_model_config).eval()
     path = module.export_hf(tmp_path / "model", tokenizer)
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(str(path)).eval()
@@ -222,11 +210,11 @@ def test_predict_scores_each_row(tiny_model_config, make_token_dataset):
     dm = WikitextDataModule(
         tokenized_dataset_load_dir=str(make_token_dataset(n_rows=5, seq_len=12)), tokenizer_name=None, eval_batch_size=2
     )
-    module = _module(tiny_model_config)
-    batches = _trainer().predict(module, dm)
+    module = tiny_module(tiny_model_config)
+    batches = cpu_trainer().predict(module, dm)
     loss = torch.cat([b["loss"] for b in batches])
     assert loss.shape == (5,) and torch.cat([b["n_tokens"] for b in batches]).tolist() == [11] * 5
     torch.testing.assert_close(torch.cat([b["ppl"] for b in batches]), loss.exp())
     # Rows of equal length: the mean of the rows' losses is the test loss.
-    test_loss = _trainer().test(module, dm, verbose=False)[0]["test_loss"]
+    test_loss = cpu_trainer().test(module, dm, verbose=False)[0]["test_loss"]
     assert loss.mean().item() == pytest.approx(test_loss, rel=1e-5)

@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from _helpers import RecordLosses
 from _reliability_helpers import (
     SlowSteps,
     checkpoint_step,
@@ -512,14 +513,6 @@ def test_soak_2000_steps_on_the_demo_with_kills_ends_like_an_uninterrupted_run(t
     )
     _assert_same_weights(tmp_path / "killed", tmp_path / "straight")
     assert len(list((tmp_path / "killed" / "logs").glob("version_*"))) == 5
-
-
-class RecordLosses(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
 
 
 def test_grad_scaler_state_is_restored_on_resume(tmp_path: Path, data_dir: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from _helpers import cpu_trainer, tiny_module
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.loggers import Logger
 from transformers import AutoModelForCausalLM
@@ -21,18 +22,6 @@ from lit_flash.errors import LitFlashError
 from lit_flash.model import IGNORE_INDEX, FlashGPT2LM, flops_per_token
 
 REAL_VOCAB, PAD_TO, PADDED_VOCAB = 300, 64, 320  # 300 is not a multiple of 64: padding really happens
-
-
-def _module(config: dict, **kwargs) -> FlashGPT2LM:
-    return FlashGPT2LM(**{"model_name_or_path": None, "model_config": config, "attn_implementation": "sdpa", **kwargs})
-
-
-def _trainer(**kwargs) -> L.Trainer:
-    defaults = {
-        "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
-        "enable_progress_bar": False, "enable_model_summary": False,
-    }
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 def _datamodule(make_token_dataset, n_rows: int = 16, seq_len: int = 16, batch_size: int = 4, **kwargs):
@@ -56,7 +45,7 @@ def _batch(vocab: int, rows: int = 3, seq: int = 16, seed: int = 0) -> dict[str,
 
 def _padded_twin(plain: FlashGPT2LM, config: dict, **kwargs) -> FlashGPT2LM:
     """A module padded to a multiple of `PAD_TO` holding `plain`'s weights in its real rows."""
-    padded = _module(config, pad_vocab_to_multiple_of=PAD_TO, **kwargs)
+    padded = tiny_module(config, pad_vocab_to_multiple_of=PAD_TO, **kwargs)
     state = padded.model.state_dict()
     for name, value in plain.model.state_dict().items():
         state[name][: value.shape[0]].copy_(value)  # the vocabulary is dim 0 of wte (and of the tied lm_head)
@@ -79,7 +68,7 @@ def test_padded_vocab_trains_exactly_as_the_unpadded_model(tiny_model_config, mo
     if cross_entropy == "liger_stand_in":
         monkeypatch.setattr(model_module, "_liger_fused_ce", _LigerStandIn)
     config = _small_config(tiny_model_config)
-    plain = _module(config)
+    plain = tiny_module(config)
     padded = _padded_twin(plain, config, fused_cross_entropy=cross_entropy != "torch")
     assert plain.vocab_size == padded.vocab_size == REAL_VOCAB
     assert padded.model.config.vocab_size == PADDED_VOCAB
@@ -103,7 +92,7 @@ def test_padded_vocab_trains_exactly_as_the_unpadded_model(tiny_model_config, mo
 
 
 def test_pad_ids_get_probability_exactly_zero(tiny_model_config):
-    padded = _module(_small_config(tiny_model_config), pad_vocab_to_multiple_of=PAD_TO).eval()
+    padded = tiny_module(_small_config(tiny_model_config), pad_vocab_to_multiple_of=PAD_TO).eval()
     assert padded.vocab_bias.shape == (PADDED_VOCAB,)
     assert torch.equal(padded.vocab_bias[:REAL_VOCAB], torch.zeros(REAL_VOCAB))
     with torch.no_grad():
@@ -117,7 +106,7 @@ def test_pad_ids_get_probability_exactly_zero(tiny_model_config):
 
 def test_padded_predict_scores_as_the_unpadded_model(tiny_model_config):
     config = _small_config(tiny_model_config)
-    plain = _module(config).eval()
+    plain = tiny_module(config).eval()
     padded = _padded_twin(plain, config).eval()
     batch = _batch(REAL_VOCAB)
     with torch.no_grad():
@@ -127,7 +116,7 @@ def test_padded_predict_scores_as_the_unpadded_model(tiny_model_config):
 
 
 def test_padded_export_has_the_real_vocab_and_the_same_logits(tiny_model_config, tmp_path):
-    padded = _module(_small_config(tiny_model_config), pad_vocab_to_multiple_of=PAD_TO).eval()
+    padded = tiny_module(_small_config(tiny_model_config), pad_vocab_to_multiple_of=PAD_TO).eval()
     path = padded.export_hf(tmp_path / "model")
     assert padded.model.config.vocab_size == PADDED_VOCAB  # the module itself stays padded
     reloaded = AutoModelForCausalLM.from_pretrained(str(path)).eval()
@@ -156,9 +145,9 @@ class _CompileSpy:
 def test_compile_mode_reaches_torch_compile(tiny_model_config, monkeypatch, compile_mode, expected_mode):
     spy = _CompileSpy()
     monkeypatch.setattr(torch, "compile", spy)
-    module = _module(_small_config(tiny_model_config), compile=True, compile_mode=compile_mode)
+    module = tiny_module(_small_config(tiny_model_config), compile=True, compile_mode=compile_mode)
     assert not spy.calls  # nothing compiles before setup
-    module.trainer = _trainer(max_steps=2, max_epochs=-1)
+    module.trainer = cpu_trainer(max_steps=2, max_epochs=-1)
     module.setup("fit")
     module.setup("validate")  # setup again (fit then validate in the CLI): compiled once
     assert len(spy.calls) == 1
@@ -170,9 +159,9 @@ def test_compile_with_fused_cross_entropy_compiles_only_the_base_model(tiny_mode
     spy = _CompileSpy()
     monkeypatch.setattr(torch, "compile", spy)
     monkeypatch.setattr(model_module, "_liger_fused_ce", _LigerStandIn)
-    module = _module(_small_config(tiny_model_config), compile=True, compile_mode="max-autotune-no-cudagraphs",
+    module = tiny_module(_small_config(tiny_model_config), compile=True, compile_mode="max-autotune-no-cudagraphs",
                      fused_cross_entropy=True)
-    module.trainer = _trainer(max_steps=2, max_epochs=-1)
+    module.trainer = cpu_trainer(max_steps=2, max_epochs=-1)
     module.setup("fit")
     assert len(spy.calls) == 1
     fn, kwargs = spy.calls[0]
@@ -183,10 +172,10 @@ def test_compile_with_fused_cross_entropy_compiles_only_the_base_model(tiny_mode
 
 def test_compiled_loss_matches_eager_in_a_cpu_fit(tiny_model_config, make_token_dataset):
     config = _small_config(tiny_model_config, n_layer=1, n_embd=32)
-    module = _module(config, compile=True, pad_vocab_to_multiple_of=PAD_TO, learning_rate=1e-3)
+    module = tiny_module(config, compile=True, pad_vocab_to_multiple_of=PAD_TO, learning_rate=1e-3)
     dm = _datamodule(make_token_dataset, n_rows=8, seq_len=16, batch_size=4, vocab_size=REAL_VOCAB)
     start = time.perf_counter()
-    _trainer(max_steps=2, limit_val_batches=0, num_sanity_val_steps=0).fit(module, dm)
+    cpu_trainer(max_steps=2, limit_val_batches=0, num_sanity_val_steps=0).fit(module, dm)
     assert module._compiled and module._compute_loss != module._loss_impl
     batch = _batch(REAL_VOCAB, rows=4, seq=16)  # the training shapes: the graph compiled in fit is reused
     module.zero_grad()  # the fit's last gradients are still there
@@ -216,7 +205,7 @@ def test_fused_cross_entropy_without_liger_is_a_one_line_error(tiny_model_config
     else:
         pytest.skip("liger-kernel is installed here")
     with pytest.raises(LitFlashError, match="model.fused_cross_entropy") as err:
-        _module(_small_config(tiny_model_config), fused_cross_entropy=True)
+        tiny_module(_small_config(tiny_model_config), fused_cross_entropy=True)
     assert "\n" not in str(err.value) and "liger" in str(err.value)
 
 
@@ -226,12 +215,12 @@ def test_fused_cross_entropy_without_liger_is_a_one_line_error(tiny_model_config
 def test_dropout_sets_all_three_and_null_keeps_the_config(tiny_model_config, tmp_path):
     config = {**tiny_model_config, "resid_pdrop": 0.3, "embd_pdrop": 0.2, "attn_pdrop": 0.1}
     for dropout in (0.25, 0.0):  # 0.0 (gpt2_fast.yaml's) is not "unset"
-        model = _module(config, dropout=dropout).model
+        model = tiny_module(config, dropout=dropout).model
         assert (model.config.resid_pdrop, model.config.embd_pdrop, model.config.attn_pdrop) == (dropout,) * 3
         block = model.transformer.h[0]
         assert model.transformer.drop.p == block.attn.resid_dropout.p == block.mlp.dropout.p == dropout
         assert block.attn.attn_dropout.p == dropout
-    kept = _module(config).model
+    kept = tiny_module(config).model
     assert (kept.config.resid_pdrop, kept.config.embd_pdrop, kept.config.attn_pdrop) == (0.3, 0.2, 0.1)
     assert kept.transformer.drop.p == 0.2 and kept.transformer.h[0].attn.attn_dropout.p == 0.1
     # A pretrained model: the same override of its saved config.
@@ -247,24 +236,24 @@ def test_dropout_sets_all_three_and_null_keeps_the_config(tiny_model_config, tmp
 
 
 def _optimizer_for(module: FlashGPT2LM, **trainer_kwargs) -> torch.optim.Optimizer:
-    module.trainer = _trainer(max_steps=4, max_epochs=-1, **trainer_kwargs)
+    module.trainer = cpu_trainer(max_steps=4, max_epochs=-1, **trainer_kwargs)
     return module.configure_optimizers()["optimizer"]
 
 
 def test_fused_adamw_choice(tiny_model_config, monkeypatch):
     config = _small_config(tiny_model_config)
-    assert not _optimizer_for(_module(config)).defaults["fused"]  # null on CPU: not fused
-    assert _optimizer_for(_module(config, fused_adamw=True), gradient_clip_val=0.5).defaults["fused"]
-    assert not _optimizer_for(_module(config, fused_adamw=False)).defaults["fused"]
+    assert not _optimizer_for(tiny_module(config)).defaults["fused"]  # null on CPU: not fused
+    assert _optimizer_for(tiny_module(config, fused_adamw=True), gradient_clip_val=0.5).defaults["fused"]
+    assert not _optimizer_for(tiny_module(config, fused_adamw=False)).defaults["fused"]
 
     # Null on CUDA: fused, except with clipping under 16-mixed. The device and precision are mocked (CPU here;
     # a CPU Trainer turns 16-mixed into bf16-mixed).
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     monkeypatch.setattr(SingleDeviceStrategy, "root_device", property(lambda self: torch.device("cuda")))
-    assert _optimizer_for(_module(config), gradient_clip_val=0.5, precision="bf16-mixed").defaults["fused"]
-    module = _module(config)
-    module.trainer = _trainer(max_steps=4, max_epochs=-1, gradient_clip_val=0.5)
+    assert _optimizer_for(tiny_module(config), gradient_clip_val=0.5, precision="bf16-mixed").defaults["fused"]
+    module = tiny_module(config)
+    module.trainer = cpu_trainer(max_steps=4, max_epochs=-1, gradient_clip_val=0.5)
     module.trainer.strategy.precision_plugin.precision = "16-mixed"
     assert not module.configure_optimizers()["optimizer"].defaults["fused"]
     module.trainer.gradient_clip_val = None
@@ -272,8 +261,8 @@ def test_fused_adamw_choice(tiny_model_config, monkeypatch):
 
 
 def test_fused_adamw_with_clipping_under_16_mixed_is_refused(tiny_model_config):
-    module = _module(_small_config(tiny_model_config), fused_adamw=True)
-    module.trainer = _trainer(max_steps=4, max_epochs=-1, gradient_clip_val=1.0)
+    module = tiny_module(_small_config(tiny_model_config), fused_adamw=True)
+    module.trainer = cpu_trainer(max_steps=4, max_epochs=-1, gradient_clip_val=1.0)
     module.trainer.strategy.precision_plugin.precision = "16-mixed"  # a CPU Trainer cannot have it: mocked
     with pytest.raises(LitFlashError, match="model.fused_adamw=true .*trainer.gradient_clip_val.*16-mixed") as err:
         module.configure_optimizers()
@@ -288,7 +277,7 @@ def _set_large_grads(module: FlashGPT2LM) -> None:
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_configure_gradient_clipping_norm_and_value(tiny_model_config, fused):
-    module = _module(_small_config(tiny_model_config), fused_adamw=fused)
+    module = tiny_module(_small_config(tiny_model_config), fused_adamw=fused)
     optimizer = _optimizer_for(module, precision="bf16-mixed")
     assert optimizer.defaults["fused"] is fused
     _set_large_grads(module)
@@ -327,11 +316,11 @@ class _GradNorms(L.Callback):
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
 def test_fused_adamw_clips_and_trains_in_a_cpu_fit(tiny_model_config, make_token_dataset, precision):
-    module = _module(_small_config(tiny_model_config), fused_adamw=True, learning_rate=1e-2)
+    module = tiny_module(_small_config(tiny_model_config), fused_adamw=True, learning_rate=1e-2)
     dm = _datamodule(make_token_dataset, vocab_size=REAL_VOCAB)
     start = {n: p.detach().clone() for n, p in module.named_parameters()}
     norms = _GradNorms()
-    trainer = _trainer(max_steps=4, limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=0.5,
+    trainer = cpu_trainer(max_steps=4, limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=0.5,
                        precision=precision, callbacks=[norms])
     trainer.fit(module, dm)
     assert trainer.optimizers[0].defaults["fused"]
@@ -377,10 +366,10 @@ def test_token_throughput_logs_rates_flops_and_mfu_on_log_steps(tiny_model_confi
 
     monkeypatch.setattr(Throughput, "update", spy)
     rows, seq, steps, every, peak_tflops = 4, 16, 8, 2, 0.5
-    module = _module(_small_config(tiny_model_config))
+    module = tiny_module(_small_config(tiny_model_config))
     dm = _datamodule(make_token_dataset, n_rows=32, seq_len=seq, batch_size=rows, vocab_size=REAL_VOCAB)
     logger = _ListLogger()
-    trainer = _trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=every,
+    trainer = cpu_trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=every,
                        logger=logger, callbacks=[TokenThroughput(window_size=2, peak_tflops=peak_tflops)])
     trainer.fit(module, dm)
 
@@ -426,11 +415,11 @@ def test_token_throughput_rate_across_a_validation(tiny_model_config, make_token
     clock = _Clock()
     monkeypatch.setattr(time, "perf_counter", clock)
     rows = 4
-    module = _module(_small_config(tiny_model_config))
+    module = tiny_module(_small_config(tiny_model_config))
     dm = _datamodule(make_token_dataset, n_rows=32, seq_len=16, batch_size=rows, vocab_size=REAL_VOCAB)
     logger = _ListLogger()
     # Logs at steps 4 and 8, validates (2 batches) after step 6.
-    trainer = _trainer(max_steps=8, log_every_n_steps=4, val_check_interval=6, check_val_every_n_epoch=None,
+    trainer = cpu_trainer(max_steps=8, log_every_n_steps=4, val_check_interval=6, check_val_every_n_epoch=None,
                        limit_val_batches=2, num_sanity_val_steps=0, logger=logger,
                        callbacks=[clock, TokenThroughput(window_size=2)])
     trainer.fit(module, dm)
@@ -444,12 +433,12 @@ def test_token_throughput_rate_across_a_validation(tiny_model_config, make_token
 
 def test_pad_last_batch_keeps_one_shape_and_the_same_loss(tiny_model_config, make_token_dataset):
     """10 rows in batches of 4: the short last batch is filled with ignored rows, its loss unchanged."""
-    module = _module(_small_config(tiny_model_config))
+    module = tiny_module(_small_config(tiny_model_config))
     shapes, losses = {}, {}
     for pad in (False, True):
         dm = _datamodule(make_token_dataset, n_rows=10, batch_size=4, vocab_size=REAL_VOCAB)
         dm.hparams.pad_last_batch, dm.hparams.eval_batch_size = pad, 4
-        dm.trainer = _trainer()
+        dm.trainer = cpu_trainer()
         dm.setup("fit")
         batches = list(dm.train_dataloader())
         val = list(dm.val_dataloader())
@@ -470,17 +459,17 @@ def test_pad_last_batch_keeps_one_shape_and_the_same_loss(tiny_model_config, mak
 def test_sdpa_backends_reach_scaled_dot_product_attention(tiny_model_config):
     config = _small_config(tiny_model_config)
     batch = _batch(REAL_VOCAB)
-    plain = _module(config)
-    math_only = _module(config, sdpa_backends=["math"])
+    plain = tiny_module(config)
+    math_only = tiny_module(config, sdpa_backends=["math"])
     math_only.load_state_dict(plain.state_dict())
     torch.testing.assert_close(math_only._loss(batch, True)[0], plain._loss(batch, True)[0], rtol=1e-5, atol=1e-5)
-    cudnn_only = _module(config, sdpa_backends=["cudnn"])  # no cuDNN attention on a CPU: proof the choice applies
+    cudnn_only = tiny_module(config, sdpa_backends=["cudnn"])  # no cuDNN attention on a CPU: proof the choice applies
     with pytest.raises(RuntimeError, match="No viable backend"):
         cudnn_only._loss(batch, True)
 
 
 def test_compiled_step_keeps_the_sdpa_choice(tiny_model_config):
-    module = _module(_small_config(tiny_model_config, n_layer=1), sdpa_backends=["cudnn"], compile=True)
+    module = tiny_module(_small_config(tiny_model_config, n_layer=1), sdpa_backends=["cudnn"], compile=True)
     module._compute_loss = torch.compile(module._loss_impl, dynamic=False)  # what setup does, minus its CPU check
     with pytest.raises(Exception, match="No viable backend"):
         module._loss(_batch(REAL_VOCAB), True)
@@ -489,12 +478,12 @@ def test_compiled_step_keeps_the_sdpa_choice(tiny_model_config):
 def test_speed_options_that_cannot_apply_are_one_line_errors(tiny_model_config, make_token_dataset):
     config = _small_config(tiny_model_config)
     with pytest.raises(LitFlashError, match=r"model.compile_mode=max-autotune needs model.compile=true"):
-        _module(config, compile_mode="max-autotune")
+        tiny_module(config, compile_mode="max-autotune")
     with pytest.raises(LitFlashError, match=r"model.sdpa_backends is for model.attn_implementation=sdpa, not eager"):
-        _module(config, sdpa_backends=["cudnn"], attn_implementation="eager")
+        tiny_module(config, sdpa_backends=["cudnn"], attn_implementation="eager")
     with pytest.raises(LitFlashError, match=r"model.sdpa_backends: unknown \['fast'\]"):
-        _module(config, sdpa_backends=["fast"])
-    module = _module(config, sdpa_backends=["cudnn", "efficient"])
+        tiny_module(config, sdpa_backends=["fast"])
+    module = tiny_module(config, sdpa_backends=["cudnn", "efficient"])
     dm = _datamodule(make_token_dataset, vocab_size=REAL_VOCAB)
     with pytest.raises(LitFlashError, match=r"model.sdpa_backends=\['cudnn', 'efficient'\]: none of these runs on cpu"):
-        _trainer(max_steps=1).fit(module, dm)
+        cpu_trainer(max_steps=1).fit(module, dm)

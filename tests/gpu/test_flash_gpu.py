@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from _helpers import RecordLosses
 
 from lit_flash import FlashGPT2LM, LitFlashError, WikitextDataModule
 from lit_flash.model import resolve_attn_implementation
@@ -163,21 +164,13 @@ def test_pretrained_fp16_weights_train_under_16_mixed(tmp_path: Path, data_dir: 
     assert t.global_step == 3
 
 
-class RecordLoss(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
 def test_loss_curves_agree_across_backends(tmp_path: Path, data_dir: Path) -> None:
     """100 steps of 16-mixed training from the same init on the same batches, one run per backend."""
     curves = {}
     for attn in BACKENDS:
         module = build(attn, learning_rate=6e-4, warmup_steps=10)
         dm = WikitextDataModule(tokenized_dataset_load_dir=str(data_dir), tokenizer_name=None, batch_size=8)
-        record = RecordLoss()
+        record = RecordLosses()
         L.seed_everything(0)
         trainer(tmp_path / attn, max_steps=100, limit_val_batches=0, callbacks=[record]).fit(module, datamodule=dm)
         curves[attn] = torch.tensor(record.losses)
