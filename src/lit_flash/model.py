@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchmetrics import MeanMetric
 
 from lit_flash.checkpointing import check_state_dict_fits
@@ -215,6 +216,7 @@ class FlashGPT2LM(L.LightningModule):
         if unknown:
             raise LitFlashError(f"model.sdpa_backends: unknown {sorted(unknown)}; choose from {list(SDPA_BACKENDS)}")
         self.save_hyperparameters()
+        self.sdpa_priority = [getattr(SDPBackend, SDPA_BACKENDS[name]) for name in sdpa_backends or ()]
         self.attn_implementation = resolve_attn_implementation(attn_implementation, attn_fallback)
         self.model = self._build_model()
         self.vocab_size = self.model.config.vocab_size  # the real vocabulary, before any padding
@@ -328,12 +330,9 @@ class FlashGPT2LM(L.LightningModule):
 
     def _sdpa_kernels(self) -> contextlib.AbstractContextManager:
         # The backward runs outside this block: eager autograd and torch.compile both keep the forward's kernel.
-        if not self.hparams.sdpa_backends:
+        if not self.sdpa_priority:
             return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backends = [getattr(SDPBackend, SDPA_BACKENDS[name]) for name in self.hparams.sdpa_backends]
-        return sdpa_kernel(backends, set_priority=True)
+        return sdpa_kernel(self.sdpa_priority, set_priority=True)
 
     def _flops(self, seq_len: int, training: bool) -> float:
         key = (seq_len, training)
