@@ -173,6 +173,8 @@ def run_lit(
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     rows, seq = cli.datamodule.hparams.batch_size, cli.datamodule.seq_len
     out = {"tokens_per_s": clock.rate(rows * seq), "peak_mem_gib": peak_mem_gib(), **clock.stalls()}
+    if torch.cuda.is_available():  # cudaFree on a retry synchronizes the device: a hidden per-step stall
+        out["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     losses = cli.trainer.callback_metrics
     out["final_train_loss"] = float(losses["train_loss"]) if "train_loss" in losses else None
     if not evaluate:
@@ -219,6 +221,8 @@ LEVERS: list[tuple[str, str, list[str]]] = [
     ("sdpa with cuDNN attention (for flash_attention_2)", "gpt2_fast.yaml",
      ["--model.attn_implementation", "sdpa", "--model.sdpa_backends", '["cudnn"]']),
     ("- pad_last_batch", "gpt2_fast.yaml", ["--data.pad_last_batch", "false"]),
+    ("+ compile mode reduce-overhead (CUDA graphs)", "gpt2_fast.yaml", ["--model.compile_mode", "reduce-overhead"]),
+    ("- 16-bit residual stream (fp32 under autocast)", "gpt2_fast.yaml", ["--model.low_precision_residual", "false"]),
 ]
 
 
@@ -275,7 +279,7 @@ def main() -> None:
     if "quality" in parts:  # same tokens, same seed: fast levers on vs off (bf16, batch 32, dropout 0 in both)
         n = 8 if smoke else 300
         off = ["--model.compile", "false", "--model.fused_cross_entropy", "false", "--model.pad_vocab_to_multiple_of",
-               "null", "--trainer.log_every_n_steps", "1"]
+               "null", "--model.low_precision_residual", "false", "--trainer.log_every_n_steps", "1"]
         on = ["--trainer.log_every_n_steps", "1"]
         q = {"steps": n}
         q["fast_val_loss"] = run_lit(data, "gpt2_fast.yaml", on + cpu, model_config, n, 2)["val_loss"]

@@ -487,3 +487,66 @@ def test_speed_options_that_cannot_apply_are_one_line_errors(tiny_model_config, 
     dm = _datamodule(make_token_dataset, vocab_size=REAL_VOCAB)
     with pytest.raises(LitFlashError, match=r"model.sdpa_backends=\['cudnn', 'efficient'\]: none of these runs on cpu"):
         cpu_trainer(max_steps=1).fit(module, dm)
+
+
+# --------------------------------------------------------------------------------- no per-step host sync
+
+
+def test_progress_bar_gets_host_copies_of_the_loss_on_log_steps_only(tiny_model_config, make_token_dataset,
+                                                                    monkeypatch):
+    # Lightning converts every progress-bar value to a Python number after each batch (on a GPU: a sync). The
+    # bar's values must be host tensors, new on the log steps only; `train_loss` itself stays off the bar.
+    from lightning.pytorch.trainer.connectors.logger_connector import result
+
+    converted: list[dict] = []
+    real = result.convert_tensors_to_scalars
+    monkeypatch.setattr(result, "convert_tensors_to_scalars", lambda v: converted.append(v) or real(v))
+    from _helpers import RecordLosses
+
+    losses = RecordLosses()
+    module = tiny_module(_small_config(tiny_model_config), learning_rate=1e-2)
+    dm = _datamodule(make_token_dataset, n_rows=32, seq_len=16, batch_size=4, vocab_size=REAL_VOCAB)
+    logger = _ListLogger()
+    trainer = cpu_trainer(max_steps=6, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=3,
+                          logger=logger, callbacks=[losses])
+    trainer.fit(module, dm)
+
+    assert converted, "Lightning no longer converts progress-bar values: revisit training_step's logging"
+    assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in converted)
+    # Lightning hands out a fresh detached view each batch: the stored value is told apart by its storage (alive,
+    # hence unique, while `converted` holds it).
+    storages = {v.untyped_storage().data_ptr(): v for v in converted}
+    distinct = list(storages.values())
+    assert [float(v) for v in distinct] == pytest.approx([losses.losses[2], losses.losses[5]])
+    assert float(trainer.progress_bar_metrics["loss"]) == pytest.approx(losses.losses[5])
+    assert "train_loss" not in trainer.progress_bar_metrics
+    # The logger and callbacks still get train_loss: the logger on its steps, callbacks every step.
+    assert [m["train_loss"] for _, m in logger.rows if "train_loss" in m] == pytest.approx(
+        [losses.losses[2], losses.losses[5]]
+    )
+    assert float(trainer.callback_metrics["train_loss"]) == pytest.approx(losses.losses[5])
+
+
+# ------------------------------------------------------------------------------------ 16-bit residual stream
+
+
+def test_low_precision_residual_carries_the_stream_in_the_autocast_dtype(tiny_model_config):
+    config = _small_config(tiny_model_config)
+    seen: dict[bool, list[torch.dtype]] = {}
+    batch = _batch(REAL_VOCAB)
+    losses = {}
+    for low in (False, True):
+        torch.manual_seed(0)
+        module = tiny_module(config, low_precision_residual=low)
+        seen[low] = []
+        for block in module.model.transformer.h:
+            block.register_forward_pre_hook(lambda m, args, s=seen[low]: s.append(args[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[low] = module._loss_impl(batch["input_ids"], batch["labels"], None)
+        losses[low].backward()
+        assert module.model.transformer.wte.weight.grad.dtype == torch.float32  # fp32 weights and gradients
+        with torch.no_grad():  # without autocast the hook changes nothing
+            assert module.model.transformer.wte(batch["input_ids"]).dtype == torch.float32
+    n_blocks = config["n_layer"]
+    assert seen == {False: [torch.float32] * n_blocks, True: [torch.bfloat16] * n_blocks}
+    torch.testing.assert_close(losses[True], losses[False], rtol=2e-2, atol=0)

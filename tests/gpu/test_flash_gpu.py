@@ -230,3 +230,36 @@ def test_cli_fit_gpt2_flash_yaml_and_export_reloads_with_flash(tmp_path: Path, d
     REPORT["cli_fit/export_vs_checkpoint_logits_rel"] = err
     assert err < 3e-2
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.98
+
+
+def test_gpt2_fast_steps_between_log_steps_never_sync_the_gpu(tmp_path: Path, data_dir: Path) -> None:
+    """A host-device sync stops the CPU from queueing the next step: under gpt2_fast.yaml, the steps between log
+    steps (and their progress bar, clipping, optimizer, scheduler, callbacks) must have none. torch raises on any."""
+    from lit_flash.cli import cli_main
+
+    every, steps, settle = 5, 14, 2  # the first steps compile: not checked
+
+    class NoSync(L.Callback):
+        # From the start of a non-log step to the start of the next step: Lightning's own per-batch work included.
+        def on_train_batch_start(self, trainer: L.Trainer, *_: object) -> None:
+            torch.cuda.set_sync_debug_mode("default")
+            step = trainer.global_step
+            if step >= settle and (step + 1) % every and step + 1 < steps:
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_end(self, *_: object) -> None:
+            torch.cuda.set_sync_debug_mode("default")
+
+    small = dict(GPT2_124M, n_layer=2, n_embd=128, n_head=2)
+    args = ["--config", str(ROOT / "configs" / "gpt2_fast.yaml"), "--model.model_name_or_path=null",
+            f"--model.model_config={json.dumps(small)}", f"--data.tokenized_dataset_load_dir={data_dir}",
+            "--data.tokenizer_name=null", "--data.batch_size=8", f"--trainer.max_steps={steps}",
+            f"--trainer.log_every_n_steps={every}", "--trainer.limit_val_batches=0",
+            f"--trainer.default_root_dir={tmp_path}", "--export.dirname=null"]
+    cli = cli_main(args, run=False)
+    cli.trainer.callbacks.append(NoSync())
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert cli.trainer.global_step == steps
