@@ -257,7 +257,8 @@ def test_gpt2_fast_steps_between_log_steps_never_sync_the_gpu(tmp_path: Path, da
             f"--trainer.log_every_n_steps={every}", "--trainer.limit_val_batches=0",
             f"--trainer.default_root_dir={tmp_path}", "--export.dirname=null"]
     cli = cli_main(args, run=False)
-    cli.trainer.callbacks.append(NoSync())
+    # First: it must switch the check off at a log step's start before any other callback's log-step work runs.
+    cli.trainer.callbacks.insert(0, NoSync())
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     finally:
