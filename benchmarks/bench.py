@@ -1,6 +1,7 @@
 """Throughput of lit_flash against the reference recipe, on one GPU, in one process.
 
-    python benchmarks/bench.py --out results/         # GPU machine: reference, lit_flash fast, matmul peak, levers
+    python benchmarks/bench.py --out results/         # GPU machine: reference, lit_flash fast (and + batch64.yaml:
+                                                      # "fastest"), matmul peak, quality, levers
     python benchmarks/bench.py --out /tmp/b --cpu-smoke  # a few tiny steps on CPU: checks the script itself
 
 Both sides train GPT-2 124M (random init from GPT2Config: the numbers do not depend on the weights) on the same

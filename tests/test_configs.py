@@ -76,3 +76,22 @@ def test_reference_recipe_writes_under_output(tiny_model_config, tokenizer_dir, 
     assert {type(lg).__name__: lg.save_dir for lg in trainer.loggers} == {
         "CSVLogger": "/output", "TensorBoardLogger": "/output"
     }
+
+
+def test_batch64_overlay_doubles_the_batch_and_keeps_the_spacing_in_rows(capsys):
+    def printed(*names: str) -> dict:
+        args = ["fit"] + [a for n in names for a in ("--config", str(config_path(n)))] + ["--print_config"]
+        with pytest.raises(SystemExit):
+            cli_main(args)
+        return yaml.safe_load(capsys.readouterr().out)
+
+    fast, b64 = printed("gpt2_fast.yaml"), printed("gpt2_fast.yaml", "batch64.yaml")
+    assert (b64["data"]["batch_size"], b64["data"]["eval_batch_size"]) == (64, 64)
+    assert b64["model"]["learning_rate"] == pytest.approx(fast["model"]["learning_rate"] * 2**0.5, rel=0.02)
+    rows = lambda c, key: c["data"]["batch_size"] * key(c)  # noqa: E731
+    for key in (lambda c: c["trainer"]["val_check_interval"], lambda c: c["checkpoint"]["every_n_train_steps"]):
+        assert rows(b64, key) == pytest.approx(rows(fast, key), rel=0.01)
+    # Everything else is gpt2_fast.yaml's: the overlay only changes the batch and what follows from it.
+    for section in ("model", "data", "trainer"):
+        changed = {k for k in fast[section] if fast[section][k] != b64[section][k]}
+        assert changed <= {"learning_rate", "batch_size", "eval_batch_size", "val_check_interval"}, changed
