@@ -487,6 +487,10 @@ def test_speed_options_that_cannot_apply_are_one_line_errors(tiny_model_config, 
     dm = _datamodule(make_token_dataset, vocab_size=REAL_VOCAB)
     with pytest.raises(LitFlashError, match=r"model.sdpa_backends=\['cudnn', 'efficient'\]: none of these runs on cpu"):
         cpu_trainer(max_steps=1).fit(module, dm)
+    module = tiny_module(config, low_precision_residual=True)
+    with pytest.raises(LitFlashError, match=r"model.low_precision_residual=true does nothing under .*=32-true"):
+        cpu_trainer(max_steps=1).fit(module, dm)
+    cpu_trainer(max_steps=1, precision="bf16-mixed", limit_val_batches=0).fit(module, dm)  # where it applies: runs
 
 
 # --------------------------------------------------------------------------------- no per-step host sync
