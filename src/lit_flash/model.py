@@ -371,8 +371,8 @@ class FlashGPT2LM(L.LightningModule):
         self.log("train_loss", loss, batch_size=rows)  # a device tensor: the logger reads it on its own steps
         if self.trainer._logger_connector.should_update_logs:
             # Lightning turns every progress-bar value into a Python number after each batch: a device tensor there
-            # syncs the GPU every step (the CPU cannot queue the next one; 4% of a GPT-2 step on an H100). The bar
-            # gets a host copy instead, refreshed on the logger's steps.
+            # syncs the GPU every step (the CPU cannot queue the next one: 3.3 ms idle in a 74 ms GPT-2 step on an
+            # H100). The bar gets a host copy instead, refreshed on the logger's steps.
             self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, batch_size=rows)
         return loss
 
