@@ -67,8 +67,12 @@ def main() -> None:
 
     syncs: collections.Counter[str] = collections.Counter()
 
+    show_warning = warnings.showwarning
+
     def record_sync(message: Any, *args: Any, **kwargs: Any) -> None:
         # torch's sync debug mode warns at each host-device synchronization: keep where it came from
+        if "synchroniz" not in str(message):
+            return show_warning(message, *args, **kwargs)
         frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
         syncs[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-8:]))] += 1
 
@@ -84,6 +88,8 @@ def main() -> None:
         def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
             if trainer.global_step == a.start + a.steps:
                 torch.cuda.set_sync_debug_mode("default")
+                warnings.showwarning = show_warning
+                warnings.resetwarnings()
                 torch.cuda.synchronize()
                 prof.stop()
 

@@ -89,9 +89,10 @@ def test_batch64_overlay_doubles_the_batch_and_keeps_the_spacing_in_rows(capsys)
     assert (b64["data"]["batch_size"], b64["data"]["eval_batch_size"]) == (64, 64)
     assert b64["model"]["learning_rate"] == pytest.approx(fast["model"]["learning_rate"] * 2**0.5, rel=0.02)
     rows = lambda c, key: c["data"]["batch_size"] * key(c)  # noqa: E731
-    for key in (lambda c: c["trainer"]["val_check_interval"], lambda c: c["checkpoint"]["every_n_train_steps"]):
+    for key in (lambda c: c["trainer"]["val_check_interval"], lambda c: c["checkpoint"]["every_n_train_steps"],
+                lambda c: c["trainer"]["log_every_n_steps"]):
         assert rows(b64, key) == pytest.approx(rows(fast, key), rel=0.01)
     # Everything else is gpt2_fast.yaml's: the overlay only changes the batch and what follows from it.
     for section in ("model", "data", "trainer"):
         changed = {k for k in fast[section] if fast[section][k] != b64[section][k]}
-        assert changed <= {"learning_rate", "batch_size", "eval_batch_size", "val_check_interval"}, changed
+        assert changed <= {"learning_rate", "batch_size", "eval_batch_size", "val_check_interval", "log_every_n_steps"}

@@ -370,7 +370,7 @@ def test_nonfinite_loss_on_gpu_stops_at_the_next_log_step_or_checkpoint(
 ) -> None:
     """The deferred check the GPU takes (simulated on CPU): the NaN at step 3 is named at the next logging step
     (step 4 with log_every_n_steps=5), or at the next checkpoint, which is then not written."""
-    monkeypatch.setattr(FlashGPT2LM, "_defer_nonfinite_check", staticmethod(lambda loss: True))
+    monkeypatch.setattr(FlashGPT2LM, "_host_reads_stall", staticmethod(lambda tensor: True))
     trainer, model, dm = _tiny_trainer(tmp_path, data_dir, "stop")
     trainer.log_every_n_steps = 5
     with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 3 .*model.on_nonfinite=skip"):
@@ -406,7 +406,7 @@ def test_deferred_nonfinite_check_runs_before_the_export(
     """A NaN after the last logging step (GPU's deferred check, simulated) stops the run before the HF export."""
     from lit_flash.callbacks import HFExport
 
-    monkeypatch.setattr(FlashGPT2LM, "_defer_nonfinite_check", staticmethod(lambda loss: True))
+    monkeypatch.setattr(FlashGPT2LM, "_host_reads_stall", staticmethod(lambda tensor: True))
     trainer, model, dm = _tiny_trainer(tmp_path, data_dir, "stop", [HFExport(dirname=str(tmp_path / "model"))])
     trainer.log_every_n_steps = 50  # no logging step in these 6 steps
     with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 3"):

@@ -182,10 +182,11 @@ class FlashGPT2LM(L.LightningModule):
             faster matmuls. The pad ids are masked out of the softmax; the export is sliced back to the real size.
         fused_adamw: AdamW's fused CUDA kernel; null: on when training on CUDA, except with gradient clipping under
             16-mixed (the GradScaler and a fused step cannot be combined): then multi-tensor (foreach) AdamW.
-        low_precision_residual: Under bf16-mixed/16-mixed, cast the embeddings' output to the autocast dtype so the
-            residual stream between blocks is carried in 16 bits (as in a model loaded in bf16) instead of fp32:
-            half the memory traffic of every residual add and LayerNorm (under 16-mixed the stream is fp16, as in
-            the reference recipe's fp16 model). Weights, gradients and AdamW stay fp32.
+        low_precision_residual: Under bf16-mixed, cast the embeddings' output to bf16 so the residual stream between
+            blocks is carried in bf16 (as in a model loaded in bf16, or Megatron-LM without
+            `fp32_residual_connection`) instead of fp32: half the memory traffic of every residual add and LayerNorm.
+            Weights, gradients and AdamW stay fp32. Quality checked from scratch only (RESULTS.md), not yet on
+            pretrained GPT-2, whose stream carries large values (bf16 keeps 8 significant bits).
             GPT-2 124M, bf16, batch 32, compiled: +4.6% tokens/s on an H100, +4.1% on an H200 (RESULTS.md).
         on_nonfinite: A NaN/inf training loss `stop`s the run with an error naming the step (before the update, so
             the weights and the last checkpoint stay finite), or `skip`s that batch (no update) with a warning. On
@@ -296,10 +297,11 @@ class FlashGPT2LM(L.LightningModule):
                 f"trainer.precision={precision}: flash_attention_2 runs in fp16/bf16 only; "
                 "use 16-mixed or bf16-mixed, or model.attn_implementation=sdpa"
             )
-        if self.hparams.low_precision_residual and precision not in ("bf16-mixed", "16-mixed"):
+        if self.hparams.low_precision_residual and precision != "bf16-mixed":
+            # fp16's range (65504) is too small for a stream that only grows; without autocast the flag does nothing.
             raise LitFlashError(
-                f"model.low_precision_residual=true does nothing under trainer.precision={precision}: use bf16-mixed "
-                "or 16-mixed, or set model.low_precision_residual=false"
+                f"model.low_precision_residual=true is for trainer.precision=bf16-mixed, not {precision}: "
+                "use bf16-mixed or set model.low_precision_residual=false"
             )
         dm = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(dm, "tokenizer", None)
@@ -369,15 +371,16 @@ class FlashGPT2LM(L.LightningModule):
             return None  # Lightning skips backward and the optimizer step
         rows = batch["input_ids"].shape[0]
         self.log("train_loss", loss, batch_size=rows)  # a device tensor: the logger reads it on its own steps
-        if self.trainer._logger_connector.should_update_logs:
-            # Lightning turns every progress-bar value into a Python number after each batch: a device tensor there
-            # syncs the GPU every step (the CPU cannot queue the next one: 3.3 ms idle in a 74 ms GPT-2 step on an
-            # H100). The bar gets a host copy instead, refreshed on the logger's steps.
+        if not self._host_reads_stall(loss) or self.trainer._logger_connector.should_update_logs:
+            # Lightning turns every progress-bar value into a Python number after each batch: a GPU tensor there
+            # syncs every step (the CPU cannot queue the next one: 3.3 ms idle in a 74 ms GPT-2 step on an H100).
+            # On GPU the bar gets a host copy on the logger's steps only (each micro-batch of such a step when
+            # accumulating gradients).
             self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, batch_size=rows)
         return loss
 
     def _finite_or_skip(self, loss: torch.Tensor, batch_idx: int) -> bool:
-        if self.hparams.on_nonfinite == "stop" and self._defer_nonfinite_check(loss):
+        if self.hparams.on_nonfinite == "stop" and self._host_reads_stall(loss):
             # A per-step check would sync the GPU every step (the CPU could not queue the next step ahead): note
             # the first bad step on the device, look at it on logging steps and before every checkpoint.
             if self.first_nonfinite_step is None:
@@ -402,8 +405,9 @@ class FlashGPT2LM(L.LightningModule):
         return False
 
     @staticmethod
-    def _defer_nonfinite_check(loss: torch.Tensor) -> bool:
-        return loss.device.type == "cuda"  # on the CPU a check costs nothing
+    def _host_reads_stall(tensor: torch.Tensor) -> bool:
+        """Whether reading `tensor` on the host waits for the device's queue; on the CPU it costs nothing."""
+        return tensor.device.type == "cuda"
 
     def _stop_if_nonfinite(self) -> None:
         step = -1 if self.first_nonfinite_step is None else int(self.first_nonfinite_step)
