@@ -7,6 +7,8 @@ Runs, each a plain `python -m lit_flash fit --config configs/gpt2_flash.yaml [--
   fsdp2_b8    2 GPUs FSDP, batch 8 each (global 16), with last.ckpt (full state dict) and the HF export
   fsdp1_resume  FSDP on 1 GPU resuming fsdp2_b8's last.ckpt for a few steps (another device count)
   ddp4_b8, 1gpu_b32   with 4 GPUs or more: 4-GPU DDP and its 1-GPU twin at the same global batch (32)
+  ddp2_b8_variant   with --ddp-variant JSON: ddp2_b8 with those DDPStrategy arguments (e.g. broadcast_buffers)
+--recipe gpt2_fast.yaml starts every run from that config instead (compiled, bf16, ...).
 tokens/s = Lightning ThroughputMonitor's `train/device/items_per_sec` x world size (median of the second half).
 Writes <out>/results.json and <out>/summary.md (the table for benchmarks/RESULTS.md) and prints the summary.
 
@@ -66,13 +68,17 @@ def mean_loss_last(curve: dict[int, float], fraction: float = 0.25) -> float | N
 
 
 def fit(name: str, out: Path, data: Path, *, gpus: int, batch: int, steps: int, overlay: str | None,
-        smoke: bool, extra: list[str] | None = None) -> dict[str, Any]:
-    """One `python -m lit_flash fit` run in its own process (Lightning starts the other ranks)."""
+        smoke: bool, extra: list[str] | None = None, recipe: str = "gpt2_flash.yaml",
+        strategy: str | None = None) -> dict[str, Any]:
+    """One `python -m lit_flash fit` run in its own process (Lightning starts the other ranks). `strategy`: a
+    `--trainer.strategy` value (JSON) that replaces the overlay's."""
     run_dir = out / name
     model = TINY if smoke else GPT2_124M
-    args = [sys.executable, "-m", "lit_flash", "fit", "--config", str(ROOT / "configs" / "gpt2_flash.yaml")]
+    args = [sys.executable, "-m", "lit_flash", "fit", "--config", str(ROOT / "configs" / recipe)]
     if overlay:
         args += ["--config", str(ROOT / "configs" / overlay)]
+    if strategy:
+        args += [f"--trainer.strategy={strategy}"]
     args += [
         f"--trainer.devices={gpus}", f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1",
         "--trainer.limit_val_batches=0", f"--trainer.log_every_n_steps={1 if smoke else 5}",
@@ -85,7 +91,8 @@ def fit(name: str, out: Path, data: Path, *, gpus: int, batch: int, steps: int, 
         "--checkpoint.every_n_train_steps=0",
     ]
     if smoke:
-        args += ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--model.attn_implementation=sdpa"]
+        args += ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--model.attn_implementation=sdpa",
+                 "--model.compile=false", "--model.low_precision_residual=false"]
     args += extra or ["--checkpoint.save_top_k=0", "--checkpoint.save_last=false", "--export.dirname=null"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
     if not smoke:
@@ -139,6 +146,7 @@ def summarize(results: dict[str, dict[str, Any]], card: str) -> str:
     lines.append("")
     for two, one, what in (("ddp2_b8", "1gpu_b8", "DDP, same batch per GPU"),
                            ("ddp2_b8", "1gpu_b16", "DDP, same global batch"),
+                           ("ddp2_b8_variant", "1gpu_b8", "DDP variant, same batch per GPU"),
                            ("fsdp2_b8", "1gpu_b8", "FSDP, same batch per GPU"),
                            ("ddp4_b8", "1gpu_b8", "DDP 4 GPUs, same batch per GPU"),
                            ("ddp4_b8", "1gpu_b32", "DDP 4 GPUs, same global batch")):
@@ -167,6 +175,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model, 2 steps, CPU + gloo, no FSDP")
     parser.add_argument("--skip-fsdp", action="store_true")
+    parser.add_argument("--recipe", default="gpt2_flash.yaml", help="the config every run starts from (configs/)")
+    parser.add_argument("--ddp-variant", default=None, metavar="JSON",
+                        help="one more 2-GPU DDP run with these DDPStrategy arguments, e.g. "
+                        "'{\"broadcast_buffers\": false}'")
     args = parser.parse_args(argv)
     smoke = args.cpu_smoke
     steps = 2 if smoke else args.steps
@@ -188,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(data, ignore_errors=True)
         save_synthetic_dataset(data, rows, 16, model["n_positions"], model["vocab_size"])
     results: dict[str, dict[str, Any]] = {}
-    common = {"out": out, "data": data, "steps": steps, "smoke": smoke}
+    common = {"out": out, "data": data, "steps": steps, "smoke": smoke, "recipe": args.recipe}
     results["1gpu_b8"] = fit("1gpu_b8", gpus=1, batch=8, overlay=None, **common)
     results["1gpu_b16"] = fit("1gpu_b16", gpus=1, batch=16, overlay=None, **common)
     keep = ["--checkpoint.save_top_k=0", "--checkpoint.save_last=true"]  # last.ckpt + HF export
@@ -196,6 +208,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["ddp2_b8"] = fit("ddp2_b8", gpus=2, batch=8, overlay="ddp.yaml", extra=keep if smoke else None, **common)
     if smoke:
         results["export"] = check_export(out / "ddp2_b8" / "model", data)
+    if args.ddp_variant:
+        variant = {"class_path": "lightning.pytorch.strategies.DDPStrategy", "init_args": json.loads(args.ddp_variant)}
+        results["ddp2_b8_variant"] = fit("ddp2_b8_variant", gpus=2, batch=8, overlay="ddp.yaml",
+                                         strategy=json.dumps(variant), **common)
     if four:
         results["ddp4_b8"] = fit("ddp4_b8", gpus=4, batch=8, overlay="ddp.yaml", **common)
         results["1gpu_b32"] = fit("1gpu_b32", gpus=1, batch=32, overlay=None, **common)
