@@ -67,7 +67,7 @@ def main() -> None:
 
     syncs: collections.Counter[str] = collections.Counter()
 
-    show_warning = warnings.showwarning
+    show_warning, filters = warnings.showwarning, warnings.filters[:]
 
     def record_sync(message: Any, *args: Any, **kwargs: Any) -> None:
         # torch's sync debug mode warns at each host-device synchronization: keep where it came from
@@ -89,7 +89,7 @@ def main() -> None:
             if trainer.global_step == a.start + a.steps:
                 torch.cuda.set_sync_debug_mode("default")
                 warnings.showwarning = show_warning
-                warnings.resetwarnings()
+                warnings.filters[:] = filters
                 torch.cuda.synchronize()
                 prof.stop()
 
