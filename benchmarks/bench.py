@@ -138,6 +138,17 @@ def run_reference(data: Path, model_config: dict, steps: int, warmup: int, batch
     return out
 
 
+def fit_args(data: Path, config: str, model_config: dict, steps: int, root_dir: str, overrides: list[str]) -> list[str]:
+    """`lit_flash fit` arguments for a timing run: the model built from `model_config` (no hub), the synthetic
+    blocks at `data`, `steps` steps, no validation, checkpoints or export."""
+    return ["--config", str(ROOT / "configs" / config),
+            "--model.model_name_or_path", "null", "--model.model_config", json.dumps(model_config),
+            "--data.tokenized_dataset_load_dir", str(data), "--data.tokenizer_name", "null",
+            "--trainer.max_steps", str(steps), "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0",
+            "--trainer.default_root_dir", root_dir, "--trainer.enable_checkpointing", "false",
+            "--checkpoint.save_last", "false", "--export.dirname", "null", *overrides]
+
+
 def run_lit(
     data: Path, config: str, overrides: list[str], model_config: dict, steps: int, warmup: int, evaluate: bool = True
 ) -> dict:
@@ -147,14 +158,8 @@ def run_lit(
     from lit_flash.cli import cli_main
 
     tmp = tempfile.mkdtemp()
-    args = ["--config", str(ROOT / "configs" / config),
-            "--model.model_name_or_path", "null", "--model.model_config", json.dumps(model_config),
-            "--data.tokenized_dataset_load_dir", str(data), "--data.tokenizer_name", "null",
-            "--trainer.max_steps", str(steps), "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0",
-            "--trainer.default_root_dir", tmp, "--trainer.enable_checkpointing", "false",
-            "--checkpoint.save_last", "false", "--export.dirname", "null", *overrides]
     reset()
-    cli = cli_main(args, run=False)
+    cli = cli_main(fit_args(data, config, model_config, steps, tmp, overrides), run=False)
     clock, eval_clock = StepClock(warmup), StepClock(3)
 
     class Clock(L.Callback):

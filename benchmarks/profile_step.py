@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import GPT2_124M, ROOT, reset  # noqa: E402
+from bench import GPT2_124M, fit_args, reset  # noqa: E402
 
 
 def family(name: str) -> str:
@@ -53,15 +53,9 @@ def main() -> None:
 
     data = Path(tempfile.mkdtemp()) / "blocks"
     save_synthetic_dataset(data, n_train=3000, n_test=64, block_size=1024)
-    args = ["--config", str(ROOT / "configs" / a.config),
-            "--model.model_name_or_path", "null", "--model.model_config", json.dumps(GPT2_124M),
-            "--data.tokenized_dataset_load_dir", str(data), "--data.tokenizer_name", "null",
-            "--trainer.max_steps", str(a.start + a.steps + 2), "--trainer.max_epochs", "-1",
-            "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", tempfile.mkdtemp(),
-            "--trainer.enable_checkpointing", "false", "--checkpoint.save_last", "false", "--export.dirname", "null",
-            *a.overrides]
     reset()
-    cli = cli_main(args, run=False)
+    steps = a.start + a.steps + 2
+    cli = cli_main(fit_args(data, a.config, GPT2_124M, steps, tempfile.mkdtemp(), a.overrides), run=False)
     activity = torch.profiler.ProfilerActivity
     prof = torch.profiler.profile(activities=[activity.CPU, activity.CUDA])
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
+import yaml
 
+from lit_flash.cli import cli_main, config_path
 from lit_flash.model import FlashGPT2LM
 
 
@@ -29,3 +32,11 @@ class RecordLosses(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
+
+
+def print_config(*configs: str, capsys: pytest.CaptureFixture) -> dict:
+    """The complete config `fit --config A --config B ... --print_config` prints, as a dict (no hub, no data)."""
+    args = ["fit"] + [a for name in configs for a in ("--config", str(config_path(name)))] + ["--print_config"]
+    with pytest.raises(SystemExit):
+        cli_main(args)
+    return yaml.safe_load(capsys.readouterr().out)

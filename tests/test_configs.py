@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _helpers import print_config
 
 from lit_flash.callbacks import HFExport
 from lit_flash.cli import cli_main, config_path
@@ -79,13 +80,8 @@ def test_reference_recipe_writes_under_output(tiny_model_config, tokenizer_dir, 
 
 
 def test_batch64_overlay_doubles_the_batch_and_keeps_the_spacing_in_rows(capsys):
-    def printed(*names: str) -> dict:
-        args = ["fit"] + [a for n in names for a in ("--config", str(config_path(n)))] + ["--print_config"]
-        with pytest.raises(SystemExit):
-            cli_main(args)
-        return yaml.safe_load(capsys.readouterr().out)
-
-    fast, b64 = printed("gpt2_fast.yaml"), printed("gpt2_fast.yaml", "batch64.yaml")
+    fast = print_config("gpt2_fast.yaml", capsys=capsys)
+    b64 = print_config("gpt2_fast.yaml", "batch64.yaml", capsys=capsys)
     assert (b64["data"]["batch_size"], b64["data"]["eval_batch_size"]) == (64, 64)
     assert b64["model"]["learning_rate"] == pytest.approx(fast["model"]["learning_rate"] * 2**0.5, rel=0.02)
     rows = lambda c, key: c["data"]["batch_size"] * key(c)  # noqa: E731

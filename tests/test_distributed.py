@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from _helpers import print_config
 
 from lit_flash.cli import cli_main, config_path
 from lit_flash.distributed import check_resume, shard_sampler
@@ -257,13 +258,6 @@ def test_cli_refuses_sharded_checkpoint_under_ddp(tmp_path: Path, capsys: pytest
                   f"--ckpt_path={folder}"])
     assert exc.value.code == 2
     assert "sharded FSDP checkpoint" in capsys.readouterr().err
-
-
-def print_config(*configs: str, capsys: pytest.CaptureFixture) -> dict:
-    args = ["fit"] + [a for name in configs for a in ("--config", str(config_path(name)))] + ["--print_config"]
-    with pytest.raises(SystemExit):
-        cli_main(args)
-    return yaml.safe_load(capsys.readouterr().out)
 
 
 def test_overlays_merge_onto_the_recipe(capsys: pytest.CaptureFixture) -> None:

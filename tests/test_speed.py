@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from _helpers import cpu_trainer, tiny_module
+from _helpers import RecordLosses, cpu_trainer, tiny_module
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.loggers import Logger
 from transformers import AutoModelForCausalLM
@@ -501,7 +501,6 @@ def test_speed_options_that_cannot_apply_are_one_line_errors(tiny_model_config, 
 def test_progress_bar_gets_host_copies_of_the_loss(tiny_model_config, make_token_dataset, monkeypatch, on_gpu):
     # Lightning converts every progress-bar value to a Python number after each batch: on a GPU a sync. There the
     # bar must get a host copy made on the log steps only; on the CPU (no sync) a new value every step.
-    from _helpers import RecordLosses
     from lightning.pytorch.trainer.connectors.logger_connector import result
 
     monkeypatch.setattr(FlashGPT2LM, "_host_reads_stall", staticmethod(lambda tensor: on_gpu))
