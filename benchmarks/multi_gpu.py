@@ -1,13 +1,14 @@
 """Multi-GPU benchmark (issue 7): GPT-2 124M (built from config, no hub) on synthetic reference-format data.
 
-Runs, each a plain `python -m lit_flash fit --config configs/gpt2_flash.yaml [--config configs/<overlay>.yaml]`:
-  1gpu_b8     1 GPU, batch 8            baseline for tokens/s at the same per-device batch
-  1gpu_b16    1 GPU, batch 16           the same global batch as the 2-GPU runs: loss curve to compare
-  ddp2_b8     2 GPUs DDP, batch 8 each  (global 16)
-  fsdp2_b8    2 GPUs FSDP, batch 8 each (global 16), with last.ckpt (full state dict) and the HF export
-  fsdp1_resume  FSDP on 1 GPU resuming fsdp2_b8's last.ckpt for a few steps (another device count)
-  ddp4_b8, 1gpu_b32   with 4 GPUs or more: 4-GPU DDP and its 1-GPU twin at the same global batch (32)
-  ddp2_b8_variant   with --ddp-variant JSON: ddp2_b8 with those DDPStrategy arguments (e.g. broadcast_buffers)
+Runs, each a plain `python -m lit_flash fit --config configs/gpt2_flash.yaml [--config configs/<overlay>.yaml]`,
+with B = --batch rows of 1024 tokens per GPU (default 8):
+  1gpu_bB     1 GPU, batch B            baseline for tokens/s at the same per-device batch
+  1gpu_b2B    1 GPU, batch 2B           the same global batch as the 2-GPU runs: loss curve to compare
+  ddp2_bB     2 GPUs DDP, batch B each  (global 2B)
+  fsdp2_bB    2 GPUs FSDP, batch B each (global 2B), with last.ckpt (full state dict) and the HF export
+  fsdp1_resume  FSDP on 1 GPU resuming fsdp2_bB's last.ckpt for a few steps (another device count)
+  ddp4_bB, 1gpu_b4B   with 4 GPUs or more: 4-GPU DDP and its 1-GPU twin at the same global batch (4B)
+  ddp2_bB_v1, _v2, ...  one per --ddp-variant JSON: ddp2_bB with those DDPStrategy arguments
 --recipe gpt2_fast.yaml starts every run from that config instead (compiled, bf16, ...).
 tokens/s = Lightning ThroughputMonitor's `train/device/items_per_sec` x world size (median of the second half).
 Writes <out>/results.json and <out>/summary.md (the table for benchmarks/RESULTS.md) and prints the summary.
@@ -73,6 +74,7 @@ def fit(name: str, out: Path, data: Path, *, gpus: int, batch: int, steps: int, 
     """One `python -m lit_flash fit` run in its own process (Lightning starts the other ranks). `strategy`: a
     `--trainer.strategy` value (JSON) that replaces the overlay's."""
     run_dir = out / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # this script's own run folder: a rerun starts afresh
     model = TINY if smoke else GPT2_124M
     args = [sys.executable, "-m", "lit_flash", "fit", "--config", str(ROOT / "configs" / recipe)]
     if overlay:
@@ -137,29 +139,32 @@ def summarize(results: dict[str, dict[str, Any]], card: str) -> str:
     lines = [f"Card: {card}. Model from config, synthetic reference-format blocks; see results.json for commands.", "",
              "| run | GPUs | batch/GPU | global batch | tokens/s | loss (last 25% steps) | rc |",
              "|---|---|---|---|---|---|---|"]
-    for r in results.values():
-        if "gpus" in r:
-            t = f"{r['tokens_per_sec']:,.0f}" if r["tokens_per_sec"] else "-"
-            loss = f"{r['final_loss']:.3f}" if r["final_loss"] is not None else "-"
-            lines.append(f"| {r['name']} | {r['gpus']} | {r['batch_per_device']} | {r['global_batch']} | {t} | {loss} "
-                         f"| {r['rc']} |")
+    runs = [r for r in results.values() if "gpus" in r]
+    for r in runs:
+        t = f"{r['tokens_per_sec']:,.0f}" if r["tokens_per_sec"] else "-"
+        loss = f"{r['final_loss']:.3f}" if r["final_loss"] is not None else "-"
+        lines.append(f"| {r['name']} | {r['gpus']} | {r['batch_per_device']} | {r['global_batch']} | {t} | {loss} "
+                     f"| {r['rc']} |")
     lines.append("")
-    for two, one, what in (("ddp2_b8", "1gpu_b8", "DDP, same batch per GPU"),
-                           ("ddp2_b8", "1gpu_b16", "DDP, same global batch"),
-                           ("ddp2_b8_variant", "1gpu_b8", "DDP variant, same batch per GPU"),
-                           ("fsdp2_b8", "1gpu_b8", "FSDP, same batch per GPU"),
-                           ("ddp4_b8", "1gpu_b8", "DDP 4 GPUs, same batch per GPU"),
-                           ("ddp4_b8", "1gpu_b32", "DDP 4 GPUs, same global batch")):
-        if tps(two) and tps(one):
-            lines.append(f"- {what}: {two} / {one} = {tps(two) / tps(one):.2f}x")
-    for many, one, gpus, batch in (("ddp2_b8", "1gpu_b16", 2, 16), ("ddp4_b8", "1gpu_b32", 4, 32)):
-        a, b = results.get(many, {}).get("final_loss"), results.get(one, {}).get("final_loss")
-        if a is not None and b is not None:
-            what = f"{gpus}-GPU DDP vs 1 GPU at global batch {batch}"
-            lines.append(f"- loss, {what}: {a:.3f} vs {b:.3f} ({(a - b) / b:+.1%})")
+    # Each multi-GPU run against the 1-GPU run at the same batch per GPU (scaling), and against the 1-GPU run at
+    # the same global batch (the loss curve).
+    single = {r["global_batch"]: r for r in runs if r["gpus"] == 1}
+    for r in runs:
+        if r["gpus"] == 1:
+            continue
+        same_device, same_global = single.get(r["batch_per_device"]), single.get(r["global_batch"])
+        if same_device and tps(r["name"]) and tps(same_device["name"]):
+            lines.append(f"- {r['name']} / {same_device['name']} (same batch per GPU) = "
+                         f"{tps(r['name']) / tps(same_device['name']):.2f}x")
+        if same_global and r["final_loss"] is not None and same_global["final_loss"] is not None:
+            a, b = r["final_loss"], same_global["final_loss"]
+            lines.append(f"- loss, {r['name']} vs {same_global['name']} (global batch {r['global_batch']}): "
+                         f"{a:.3f} vs {b:.3f} ({(a - b) / b:+.1%})")
     for key in ("fsdp1_resume", "export"):
         if key in results:
             lines.append(f"- {key}: {json.dumps({k: v for k, v in results[key].items() if k != 'loss_curve'})}")
+    if "variants" in results:
+        lines += [f"- {name}: DDPStrategy({args})" for name, args in results["variants"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -176,9 +181,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model, 2 steps, CPU + gloo, no FSDP")
     parser.add_argument("--skip-fsdp", action="store_true")
     parser.add_argument("--recipe", default="gpt2_flash.yaml", help="the config every run starts from (configs/)")
-    parser.add_argument("--ddp-variant", default=None, metavar="JSON",
+    parser.add_argument("--batch", type=int, default=8, help="rows of 1024 tokens per GPU in every run")
+    parser.add_argument("--ddp-variant", action="append", default=[], metavar="JSON",
                         help="one more 2-GPU DDP run with these DDPStrategy arguments, e.g. "
-                        "'{\"broadcast_buffers\": false}'")
+                        "'{\"gradient_as_bucket_view\": true}' (repeatable)")
     args = parser.parse_args(argv)
     smoke = args.cpu_smoke
     steps = 2 if smoke else args.steps
@@ -194,38 +200,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         four = torch.cuda.device_count() >= 4
     (out / "runs.jsonl").unlink(missing_ok=True)  # this invocation's runs only
     data = out / "data"
+    b = args.batch
     # Enough rows that no run repeats one: steps x the largest global batch (+ the resume's steps).
-    rows = (steps + 20) * (32 if four else 16)
+    rows = (steps + 20) * b * (4 if four else 2)
     if not (data / "dataset_dict.json").is_file() or _train_rows(data) < rows:
         shutil.rmtree(data, ignore_errors=True)
         save_synthetic_dataset(data, rows, 16, model["n_positions"], model["vocab_size"])
     results: dict[str, dict[str, Any]] = {}
     common = {"out": out, "data": data, "steps": steps, "smoke": smoke, "recipe": args.recipe}
-    results["1gpu_b8"] = fit("1gpu_b8", gpus=1, batch=8, overlay=None, **common)
-    results["1gpu_b16"] = fit("1gpu_b16", gpus=1, batch=16, overlay=None, **common)
+    for batch in (b, 2 * b):
+        results[f"1gpu_b{batch}"] = fit(f"1gpu_b{batch}", gpus=1, batch=batch, overlay=None, **common)
     keep = ["--checkpoint.save_top_k=0", "--checkpoint.save_last=true"]  # last.ckpt + HF export
     # On CPU the DDP run also writes last.ckpt and the export, to check that path without a GPU.
-    results["ddp2_b8"] = fit("ddp2_b8", gpus=2, batch=8, overlay="ddp.yaml", extra=keep if smoke else None, **common)
+    ddp2 = f"ddp2_b{b}"
+    results[ddp2] = fit(ddp2, gpus=2, batch=b, overlay="ddp.yaml", extra=keep if smoke else None, **common)
     if smoke:
-        results["export"] = check_export(out / "ddp2_b8" / "model", data)
-    if args.ddp_variant:
-        variant = {"class_path": "lightning.pytorch.strategies.DDPStrategy", "init_args": json.loads(args.ddp_variant)}
-        results["ddp2_b8_variant"] = fit("ddp2_b8_variant", gpus=2, batch=8, overlay="ddp.yaml",
-                                         strategy=json.dumps(variant), **common)
+        results["export"] = check_export(out / ddp2 / "model", data)
+    variants = {f"{ddp2}_v{i}": json.loads(v) for i, v in enumerate(args.ddp_variant, 1)}
+    for name, init_args in variants.items():
+        strategy = {"class_path": "lightning.pytorch.strategies.DDPStrategy", "init_args": init_args}
+        results[name] = fit(name, gpus=2, batch=b, overlay="ddp.yaml", strategy=json.dumps(strategy), **common)
+    if variants:
+        results["variants"] = variants
     if four:
-        results["ddp4_b8"] = fit("ddp4_b8", gpus=4, batch=8, overlay="ddp.yaml", **common)
-        results["1gpu_b32"] = fit("1gpu_b32", gpus=1, batch=32, overlay=None, **common)
+        results[f"ddp4_b{b}"] = fit(f"ddp4_b{b}", gpus=4, batch=b, overlay="ddp.yaml", **common)
+        results[f"1gpu_b{4 * b}"] = fit(f"1gpu_b{4 * b}", gpus=1, batch=4 * b, overlay=None, **common)
     if not (smoke or args.skip_fsdp):
-        results["fsdp2_b8"] = fit("fsdp2_b8", gpus=2, batch=8, overlay="fsdp.yaml", extra=keep, **common)
-        ckpt = out / "fsdp2_b8" / "checkpoints" / "last.ckpt"
+        fsdp2 = f"fsdp2_b{b}"
+        results[fsdp2] = fit(fsdp2, gpus=2, batch=b, overlay="fsdp.yaml", extra=keep, **common)
+        ckpt = out / fsdp2 / "checkpoints" / "last.ckpt"
         if ckpt.is_file():
             resume = {**common, "steps": steps + 10}
-            results["fsdp1_resume"] = fit("fsdp1_resume", gpus=1, batch=16, overlay="fsdp.yaml",
+            results["fsdp1_resume"] = fit("fsdp1_resume", gpus=1, batch=2 * b, overlay="fsdp.yaml",
                                           extra=[f"--ckpt_path={ckpt}", *keep[:1], "--export.dirname=null"], **resume)
             curve = results["fsdp1_resume"]["loss_curve"]
             results["fsdp1_resume"]["resumed_at_step"] = min(curve) if curve else None
-        if (out / "fsdp2_b8" / "model").is_dir():
-            results["export"] = check_export(out / "fsdp2_b8" / "model", data)
+        if (out / fsdp2 / "model").is_dir():
+            results["export"] = check_export(out / fsdp2 / "model", data)
     summary = summarize(results, card)
     (out / "results.json").write_text(json.dumps({"card": card, "results": results}, indent=1))
     (out / "summary.md").write_text(summary)

@@ -27,5 +27,11 @@ def test_metrics_to_tokens_per_sec_and_loss(tmp_path: Path) -> None:
     assert bench.mean_loss_last(curve) == pytest.approx((10 - 3.0 + 10 - 3.5) / 2)
     one = {"name": "1gpu_b8", "gpus": 1, "batch_per_device": 8, "global_batch": 8, "rc": 0,
            "tokens_per_sec": 1000.0, "final_loss": 5.0}
-    two = {**one, "name": "ddp2_b8", "gpus": 2, "global_batch": 16, "tokens_per_sec": 1950.0}
-    assert "ddp2_b8 / 1gpu_b8 = 1.95x" in bench.summarize({"1gpu_b8": one, "ddp2_b8": two}, "test card")
+    twin = {**one, "name": "1gpu_b16", "batch_per_device": 16, "global_batch": 16, "final_loss": 4.0}
+    two = {**one, "name": "ddp2_b8", "gpus": 2, "global_batch": 16, "tokens_per_sec": 1950.0, "final_loss": 4.2}
+    variant = {**two, "name": "ddp2_b8_v1", "tokens_per_sec": 1980.0}
+    summary = bench.summarize({r["name"]: r for r in (one, twin, two, variant)}, "test card")
+    assert "ddp2_b8 / 1gpu_b8 (same batch per GPU) = 1.95x" in summary
+    assert "ddp2_b8_v1 / 1gpu_b8 (same batch per GPU) = 1.98x" in summary
+    assert "loss, ddp2_b8 vs 1gpu_b16 (global batch 16): 4.200 vs 4.000 (+5.0%)" in summary
+    assert "1gpu_b16 /" not in summary  # 1-GPU runs are the baselines, not compared
