@@ -4,6 +4,7 @@ resume of its checkpoint in this process. Plus the pure helpers on their own."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 import yaml
 from _helpers import print_config
+from lightning.pytorch.strategies import DDPStrategy
 
 from lit_flash.cli import cli_main, config_path
 from lit_flash.distributed import check_resume, shard_sampler
@@ -271,3 +273,18 @@ def test_overlays_merge_onto_the_recipe(capsys: pytest.CaptureFixture) -> None:
     assert strategy["init_args"]["state_dict_type"] == "full"
     assert fsdp["trainer"]["num_nodes"] == 2 and fsdp["trainer"]["accelerator"] == "gpu"
     assert fsdp["model"]["model_name_or_path"] == "openai-community/gpt2"
+
+
+def test_ddp_bucket_setting_from_the_docs_reaches_ddp(tmp_path: Path) -> None:
+    # The --trainer.strategy line that configs/ddp.yaml and RESULTS.md give for compiled recipes.
+    strategy = ('{"class_path": "lightning.pytorch.strategies.DDPStrategy", '
+                '"init_args": {"bucket_cap_mb": 500, "gradient_as_bucket_view": true}}')
+    cli = cli_main(["--config", str(config_path("demo.yaml")), f"--trainer.default_root_dir={tmp_path}",
+                    "--trainer.accelerator=cpu", "--trainer.devices=1", f"--trainer.strategy={strategy}"], run=False)
+    assert isinstance(cli.trainer.strategy, DDPStrategy)
+    kwargs = cli.trainer.strategy._ddp_kwargs
+    assert kwargs["bucket_cap_mb"] == 500 and kwargs["gradient_as_bucket_view"] is True
+    # jsonargparse spells out DistributedDataParallel's other arguments: they must be its own defaults.
+    defaults = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    others = {k: v for k, v in kwargs.items() if k not in ("bucket_cap_mb", "gradient_as_bucket_view")}
+    assert others and all(v == defaults[k].default for k, v in others.items())
