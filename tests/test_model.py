@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import lightning as L
 import pytest
 import torch
 from _helpers import cpu_trainer, tiny_module
@@ -158,6 +159,40 @@ def test_adamw_groups_and_warmup_then_decay(tiny_model_config):
     warmup = [1e-3 * s / 4 for s in range(4)]
     decay = [1e-3 * (10 - s) / 6 for s in range(4, 10)]
     assert lrs == pytest.approx(warmup + decay)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tiny_model_config, make_token_dataset):
+    # The reference's --gradient_accumulation_steps is trainer.accumulate_grad_batches: 2 micro-batches of 4 full
+    # blocks must train exactly as one batch of 8 (same rows, same optimizer and schedule steps).
+    data = str(make_token_dataset(n_rows=32, seq_len=32))
+    def flat(module: FlashGPT2LM, grad: bool = False) -> torch.Tensor:
+        return torch.cat([(p.grad if grad else p).detach().flatten() for p in module.model.parameters()])
+
+    class RecordGrads(L.Callback):  # AdamW would hide a wrongly scaled gradient: compare the gradients themselves
+        def __init__(self) -> None:
+            self.grads: list[torch.Tensor] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self.grads.append(flat(pl_module, grad=True).clone())
+
+    weights, lrs, grads = [], [], []
+    for batch_size, accumulate in ((8, 1), (4, 2)):
+        L.seed_everything(0)
+        module = tiny_module(tiny_model_config, dropout=0.0, learning_rate=1e-2, warmup_steps=1, lr_scheduler="linear")
+        start = flat(module)
+        dm = WikitextDataModule(tokenized_dataset_load_dir=data, tokenizer_name=None, batch_size=batch_size)
+        record = RecordGrads()
+        trainer = cpu_trainer(max_steps=3, max_epochs=-1, limit_val_batches=0, accumulate_grad_batches=accumulate,
+                              callbacks=[record])
+        trainer.fit(module, dm)
+        grads.append(torch.stack(record.grads))
+        assert trainer.global_step == 3  # optimizer steps, not micro-batches
+        weights.append(flat(module))
+        assert not torch.allclose(weights[-1], start)  # it trained
+        lrs.append(trainer.lr_scheduler_configs[0].scheduler.get_last_lr())
+    assert lrs[0] == lrs[1]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"])
