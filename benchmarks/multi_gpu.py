@@ -9,7 +9,8 @@ with B = --batch rows of 1024 tokens per GPU (default 8):
   fsdp1_resume  FSDP on 1 GPU resuming fsdp2_bB's last.ckpt for a few steps (another device count)
   ddp4_bB, 1gpu_b4B   with 4 GPUs or more: 4-GPU DDP and its 1-GPU twin at the same global batch (4B)
   ddp2_bB_v1, _v2, ...  one per --ddp-variant JSON: ddp2_bB with those DDPStrategy arguments
---recipe gpt2_fast.yaml starts every run from that config instead (compiled, bf16, ...).
+--recipe gpt2_fast.yaml starts every run from that config instead (compiled, bf16, ...). --accumulate K adds
+trainer.accumulate_grad_batches=K to every run: DDP then all-reduces once per K micro-batches.
 tokens/s = Lightning ThroughputMonitor's `train/device/items_per_sec` x world size (median of the second half).
 Writes <out>/results.json and <out>/summary.md (the table for benchmarks/RESULTS.md) and prints the summary.
 
@@ -70,7 +71,7 @@ def mean_loss_last(curve: dict[int, float], fraction: float = 0.25) -> float | N
 
 def fit(name: str, out: Path, data: Path, *, gpus: int, batch: int, steps: int, overlay: str | None,
         smoke: bool, extra: list[str] | None = None, recipe: str = "gpt2_flash.yaml",
-        strategy: str | None = None) -> dict[str, Any]:
+        strategy: str | None = None, accumulate: int = 1) -> dict[str, Any]:
     """One `python -m lit_flash fit` run in its own process (Lightning starts the other ranks). `strategy`: a
     `--trainer.strategy` value (JSON) that replaces the overlay's."""
     run_dir = out / name
@@ -83,6 +84,7 @@ def fit(name: str, out: Path, data: Path, *, gpus: int, batch: int, steps: int, 
         args += [f"--trainer.strategy={strategy}"]
     args += [
         f"--trainer.devices={gpus}", f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1",
+        f"--trainer.accumulate_grad_batches={accumulate}",
         "--trainer.limit_val_batches=0", f"--trainer.log_every_n_steps={1 if smoke else 5}",
         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run_dir}",
         "--model.model_name_or_path=null", f"--model.model_config={json.dumps(model)}",
@@ -106,7 +108,8 @@ def fit(name: str, out: Path, data: Path, *, gpus: int, batch: int, steps: int, 
     rows = read_metrics(run_dir)
     curve = loss_curve(rows)
     result = {
-        "name": name, "gpus": gpus, "batch_per_device": batch, "global_batch": batch * gpus, "overlay": overlay,
+        "name": name, "gpus": gpus, "batch_per_device": batch, "accumulate": accumulate,
+        "global_batch": batch * gpus * accumulate, "overlay": overlay,
         "rc": proc.returncode, "wall_s": round(wall, 1), "tokens_per_sec": tokens_per_sec(rows, gpus),
         "final_loss": mean_loss_last(curve), "loss_curve": curve, "command": " ".join(args[1:]),
     }
@@ -148,11 +151,12 @@ def summarize(results: dict[str, dict[str, Any]], card: str) -> str:
     lines.append("")
     # Each multi-GPU run against the 1-GPU run at the same batch per GPU (scaling), and against the 1-GPU run at
     # the same global batch (the loss curve).
-    single = {r["global_batch"]: r for r in runs if r["gpus"] == 1}
+    ones = [r for r in runs if r["gpus"] == 1]
     for r in runs:
         if r["gpus"] == 1:
             continue
-        same_device, same_global = single.get(r["batch_per_device"]), single.get(r["global_batch"])
+        same_device = next((o for o in ones if o["batch_per_device"] == r["batch_per_device"]), None)
+        same_global = next((o for o in ones if o["global_batch"] == r["global_batch"]), None)
         if same_device and tps(r["name"]) and tps(same_device["name"]):
             lines.append(f"- {r['name']} / {same_device['name']} (same batch per GPU) = "
                          f"{tps(r['name']) / tps(same_device['name']):.2f}x")
@@ -181,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model, 2 steps, CPU + gloo, no FSDP")
     parser.add_argument("--skip-fsdp", action="store_true")
     parser.add_argument("--recipe", default="gpt2_flash.yaml", help="the config every run starts from (configs/)")
+    parser.add_argument("--accumulate", type=int, default=1, help="trainer.accumulate_grad_batches of every run")
     parser.add_argument("--batch", type=int, default=8, help="rows of 1024 tokens per GPU in every run")
     parser.add_argument("--ddp-variant", action="append", default=[], metavar="JSON",
                         help="one more 2-GPU DDP run with these DDPStrategy arguments, e.g. "
@@ -202,12 +207,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = out / "data"
     b = args.batch
     # Enough rows that no run repeats one: steps x the largest global batch (+ the resume's steps).
-    rows = (steps + 20) * b * (4 if four else 2)
+    rows = (steps + 20) * b * (4 if four else 2) * args.accumulate
     if not (data / "dataset_dict.json").is_file() or _train_rows(data) < rows:
         shutil.rmtree(data, ignore_errors=True)
         save_synthetic_dataset(data, rows, 16, model["n_positions"], model["vocab_size"])
     results: dict[str, dict[str, Any]] = {}
-    common = {"out": out, "data": data, "steps": steps, "smoke": smoke, "recipe": args.recipe}
+    common = {"out": out, "data": data, "steps": steps, "smoke": smoke, "recipe": args.recipe,
+              "accumulate": args.accumulate}
     for batch in (b, 2 * b):
         results[f"1gpu_b{batch}"] = fit(f"1gpu_b{batch}", gpus=1, batch=batch, overlay=None, **common)
     keep = ["--checkpoint.save_top_k=0", "--checkpoint.save_last=true"]  # last.ckpt + HF export

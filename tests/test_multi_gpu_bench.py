@@ -35,3 +35,15 @@ def test_metrics_to_tokens_per_sec_and_loss(tmp_path: Path) -> None:
     assert "ddp2_b8_v1 / 1gpu_b8 (same batch per GPU) = 1.98x" in summary
     assert "loss, ddp2_b8 vs 1gpu_b16 (global batch 16): 4.200 vs 4.000 (+5.0%)" in summary
     assert "1gpu_b16 /" not in summary  # 1-GPU runs are the baselines, not compared
+
+
+def test_summary_pairs_runs_by_micro_batch_for_speed_and_global_batch_for_loss_under_accumulation() -> None:
+    # With accumulate_grad_batches=2 the global batch is 2x the rows per step: speed pairs by micro-batch (8), the
+    # loss by global batch (32 = 16 rows x 2 on one GPU, 8 x 2 GPUs x 2).
+    one = {"name": "1gpu_b8", "gpus": 1, "batch_per_device": 8, "accumulate": 2, "global_batch": 16, "rc": 0,
+           "tokens_per_sec": 1000.0, "final_loss": 5.0}
+    twin = {**one, "name": "1gpu_b16", "batch_per_device": 16, "global_batch": 32, "final_loss": 4.0}
+    two = {**one, "name": "ddp2_b8", "gpus": 2, "global_batch": 32, "tokens_per_sec": 1900.0, "final_loss": 4.4}
+    summary = bench.summarize({r["name"]: r for r in (one, twin, two)}, "test card")
+    assert "ddp2_b8 / 1gpu_b8 (same batch per GPU) = 1.90x" in summary
+    assert "loss, ddp2_b8 vs 1gpu_b16 (global batch 32): 4.400 vs 4.000 (+10.0%)" in summary
