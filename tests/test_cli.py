@@ -9,12 +9,14 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lit_flash.cli import cli_main
 from lit_flash.model import FlashGPT2LM
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -252,3 +254,14 @@ def test_console_script_points_at_main():
 
     (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "lit-flash"]
     assert script.value == "lit_flash.cli:main" and script.load() is main
+
+
+def test_shell_arguments_do_not_warn_about_args_and_argv(monkeypatch, capsys):
+    # From the shell cli_main hands sys.argv to LightningCLI as `args`; Lightning's "args and command line arguments"
+    # warning would print on every run.
+    monkeypatch.setattr(sys, "argv", ["lit_flash", "fit", "--print_config"])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit):
+        warnings.simplefilter("always")
+        cli_main()
+    assert "model:" in capsys.readouterr().out  # it did parse and print the demo config
+    assert not [w for w in caught if "args parameter" in str(w.message)]

@@ -266,6 +266,7 @@ def test_overlays_merge_onto_the_recipe(capsys: pytest.CaptureFixture) -> None:
     ddp = print_config("gpt2_flash.yaml", "ddp.yaml", capsys=capsys)
     assert ddp["trainer"]["strategy"] == "ddp" and ddp["trainer"]["devices"] == -1
     assert ddp["data"]["batch_size"] == 8 and ddp["trainer"]["precision"] == "16-mixed"  # the recipe's, kept
+    assert "optimizer" not in ddp and "lr_scheduler" not in ddp  # no top-level keys: model.* configures both
     fsdp = print_config("gpt2_flash.yaml", "multinode.yaml", "fsdp.yaml", capsys=capsys)
     strategy = fsdp["trainer"]["strategy"]
     assert strategy["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,13 @@ class LitFlashCLI(LightningCLI):
         # No `predict`: text generation is the `generate` subcommand (sampling options, prompts in, text out).
         return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # cli_main always passes `args` (the shell's own, plus the demo config when none is given): Lightning's
+        # warning against giving both `args` and command-line arguments is about a mistake lit_flash cannot make.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1})
@@ -198,6 +206,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
             run=run,
             parser_class=OneLineErrorParser,
             save_config_kwargs={"overwrite": False},
+            auto_configure_optimizers=False,  # FlashGPT2LM owns AdamW and its schedule (model.* keys)
         )
     except LitFlashError as err:
         sys.stderr.write(f"error: {err}\n")

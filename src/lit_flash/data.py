@@ -236,8 +236,9 @@ def prepare_dataset(
     text_column: str = "text",
     num_proc: int | None = None,
 ) -> None:
-    """Tokenize raw text, group it into blocks and `save_to_disk` it: what the reference recipe's
-    `prepare_save_dataset.py --dataset_group_text true` does. The result loads with `data.tokenized_dataset_load_dir`.
+    """Tokenize raw text into blocks and `save_to_disk` them, as the reference's `prepare_save_dataset.py` does.
+
+    The same as its `--dataset_group_text true`; the result loads with `data.tokenized_dataset_load_dir`.
 
     Args:
         save_dir: Output folder (must not exist or be empty). The reference's `--tokenized_dataset_save_dir`.
