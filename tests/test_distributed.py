@@ -289,3 +289,38 @@ def test_ddp_bucket_setting_from_the_docs_reaches_ddp(tmp_path: Path) -> None:
     defaults = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
     others = {k: v for k, v in kwargs.items() if k not in ("bucket_cap_mb", "gradient_as_bucket_view")}
     assert others and all(v == defaults[k].default for k, v in others.items())
+
+
+def test_torchrun_two_nodes_with_the_multinode_overlay(tmp_path: Path) -> None:
+    """The README's several-node form on CPU: two `torchrun --nnodes 2` launches (one process each, as two nodes
+    would run), `configs/multinode.yaml` with CPU sizes; Lightning takes ranks from torchrun's environment."""
+    import socket
+
+    build_blocks(tmp_path / "blocks")
+    (tmp_path / "seen_samples.py").write_text(RECORDER)
+    config = tiny_config(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(tmp_path)]), OMP_NUM_THREADS="1")
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
+             "--master_addr=127.0.0.1", f"--master_port={port}",
+             "-m", "lit_flash", "fit", "--config", str(config), "--config", str(config_path("multinode.yaml")),
+             "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.max_epochs=1"],
+            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    root = tmp_path / "run"
+    ranks = [json.loads((root / f"seen_rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    shards = [r["seen"]["0"] for r in ranks]
+    assert not set(shards[0]) & set(shards[1]) and len(shards[0]) == len(shards[1]) == N_TRAIN // 2
+    assert ranks[0]["val_ppl"] == ranks[1]["val_ppl"]
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == [f"epoch=0-step={STEPS_PER_EPOCH_2}.ckpt",
+                                                                       "last.ckpt"]
+    assert sum(out.count("Exported the Hugging Face model") for out in outputs) == 1
