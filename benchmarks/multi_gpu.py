@@ -136,9 +136,6 @@ def check_export(path: Path, data: Path) -> dict[str, Any]:
 
 
 def summarize(results: dict[str, dict[str, Any]], card: str) -> str:
-    def tps(name: str) -> float | None:
-        return results.get(name, {}).get("tokens_per_sec")
-
     lines = [f"Card: {card}. Model from config, synthetic reference-format blocks; see results.json for commands.", "",
              "| run | GPUs | batch/GPU | global batch | tokens/s | loss (last 25% steps) | rc |",
              "|---|---|---|---|---|---|---|"]
@@ -157,9 +154,9 @@ def summarize(results: dict[str, dict[str, Any]], card: str) -> str:
             continue
         same_device = next((o for o in ones if o["batch_per_device"] == r["batch_per_device"]), None)
         same_global = next((o for o in ones if o["global_batch"] == r["global_batch"]), None)
-        if same_device and tps(r["name"]) and tps(same_device["name"]):
+        if same_device and r["tokens_per_sec"] and same_device["tokens_per_sec"]:
             lines.append(f"- {r['name']} / {same_device['name']} (same batch per GPU) = "
-                         f"{tps(r['name']) / tps(same_device['name']):.2f}x")
+                         f"{r['tokens_per_sec'] / same_device['tokens_per_sec']:.2f}x")
         if same_global and r["final_loss"] is not None and same_global["final_loss"] is not None:
             a, b = r["final_loss"], same_global["final_loss"]
             lines.append(f"- loss, {r['name']} vs {same_global['name']} (global batch {r['global_batch']}): "

@@ -110,14 +110,19 @@ def tiny_config(tmp: Path) -> Path:
     return path
 
 
+def run_folder(tmp: Path) -> tuple[Path, dict[str, str]]:
+    """The blocks, the recorder and the tiny config in `tmp`; the environment a subprocess run needs."""
+    build_blocks(tmp / "blocks")
+    (tmp / "seen_samples.py").write_text(RECORDER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(tmp)]), OMP_NUM_THREADS="1")
+    return tiny_config(tmp), env
+
+
 @pytest.fixture(scope="module")
 def ddp_fit(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """One 2-rank DDP fit (2 epochs) in a subprocess, as a user runs it."""
     tmp = tmp_path_factory.mktemp("ddp")
-    build_blocks(tmp / "blocks")
-    (tmp / "seen_samples.py").write_text(RECORDER)
-    config = tiny_config(tmp)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(tmp)]), OMP_NUM_THREADS="1")
+    config, env = run_folder(tmp)
     env.pop("MASTER_PORT", None)  # Lightning picks a free one
     proc = subprocess.run(
         [sys.executable, "-m", "lit_flash", "fit", "--config", str(config)],
@@ -296,13 +301,10 @@ def test_torchrun_two_nodes_with_the_multinode_overlay(tmp_path: Path) -> None:
     would run), `configs/multinode.yaml` with CPU sizes; Lightning takes ranks from torchrun's environment."""
     import socket
 
-    build_blocks(tmp_path / "blocks")
-    (tmp_path / "seen_samples.py").write_text(RECORDER)
-    config = tiny_config(tmp_path)
+    config, env = run_folder(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(tmp_path)]), OMP_NUM_THREADS="1")
     nodes = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
