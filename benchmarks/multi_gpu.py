@@ -8,7 +8,10 @@ with B = --batch rows of 1024 tokens per GPU (default 8):
   fsdp2_bB    2 GPUs FSDP, batch B each (global 2B), with last.ckpt (full state dict) and the HF export
   fsdp1_resume  FSDP on 1 GPU resuming fsdp2_bB's last.ckpt for a few steps (another device count)
   ddp4_bB, 1gpu_b4B   with 4 GPUs or more: 4-GPU DDP and its 1-GPU twin at the same global batch (4B)
-  ddp2_bB_v1, _v2, ...  one per --ddp-variant JSON: ddp2_bB with those DDPStrategy arguments
+  ddp2_bB_v1, _v2, ...  one per --ddp-variant JSON (DDPStrategy arguments), then one per --ddp-flags (CLI flags)
+  1gpu_bB_at_once0/1    with --concurrent: two independent 1-GPU runs at the same time on GPUs 0 and 1. Their sum
+                        over 1gpu_bB is what two busy GPUs on this host give without DDP (power, CPU, PCIe): the
+                        ceiling for ddp2_bB
 --recipe gpt2_fast.yaml starts every run from that config instead (compiled, bf16, ...). --accumulate K adds
 trainer.accumulate_grad_batches=K to every run: DDP then all-reduces once per K micro-batches.
 tokens/s = Lightning ThroughputMonitor's `train/device/items_per_sec` x world size (median of the second half).
@@ -29,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +75,11 @@ def mean_loss_last(curve: dict[int, float], fraction: float = 0.25) -> float | N
 
 def fit(name: str, out: Path, data: Path, *, gpus: int, batch: int, steps: int, overlay: str | None,
         smoke: bool, extra: list[str] | None = None, recipe: str = "gpt2_flash.yaml",
-        strategy: str | None = None, accumulate: int = 1) -> dict[str, Any]:
+        strategy: str | None = None, accumulate: int = 1, first_gpu: int = 0,
+        flags: list[str] | None = None) -> dict[str, Any]:
     """One `python -m lit_flash fit` run in its own process (Lightning starts the other ranks). `strategy`: a
-    `--trainer.strategy` value (JSON) that replaces the overlay's."""
+    `--trainer.strategy` value (JSON) that replaces the overlay's. `first_gpu`: where its GPUs start. `flags`: more
+    command-line flags, last."""
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # this script's own run folder: a rerun starts afresh
     model = TINY if smoke else GPT2_124M
@@ -98,9 +104,10 @@ def fit(name: str, out: Path, data: Path, *, gpus: int, batch: int, steps: int, 
         args += ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--model.attn_implementation=sdpa",
                  "--model.compile=false", "--model.low_precision_residual=false"]
     args += extra or ["--checkpoint.save_top_k=0", "--checkpoint.save_last=false", "--export.dirname=null"]
+    args += flags or []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
     if not smoke:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(first_gpu, first_gpu + gpus))
     start = time.perf_counter()
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -161,11 +168,18 @@ def summarize(results: dict[str, dict[str, Any]], card: str) -> str:
             a, b = r["final_loss"], same_global["final_loss"]
             lines.append(f"- loss, {r['name']} vs {same_global['name']} (global batch {r['global_batch']}): "
                          f"{a:.3f} vs {b:.3f} ({(a - b) / b:+.1%})")
+    pair = [r for r in runs if "_at_once" in r["name"] and r["tokens_per_sec"]]
+    solo = next((o for o in ones if pair and o["name"] == f"1gpu_b{pair[0]['batch_per_device']}"), None)
+    if len(pair) == 2 and solo and solo["tokens_per_sec"]:
+        both = sum(r["tokens_per_sec"] for r in pair)
+        lines.append(f"- two 1-GPU runs at once, no DDP: {both:,.0f} tokens/s together = "
+                     f"{both / solo['tokens_per_sec']:.2f}x {solo['name']} (the host's ceiling for 2 GPUs)")
     for key in ("fsdp1_resume", "export"):
         if key in results:
             lines.append(f"- {key}: {json.dumps({k: v for k, v in results[key].items() if k != 'loss_curve'})}")
     if "variants" in results:
-        lines += [f"- {name}: DDPStrategy({args})" for name, args in results["variants"].items()]
+        lines += [f"- {name}: " + (f"DDPStrategy({v['init_args']})" if isinstance(v, dict) else v)
+                  for name, v in results["variants"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +201,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ddp-variant", action="append", default=[], metavar="JSON",
                         help="one more 2-GPU DDP run with these DDPStrategy arguments, e.g. "
                         "'{\"gradient_as_bucket_view\": true}' (repeatable)")
+    parser.add_argument("--ddp-flags", action="append", default=[], metavar="FLAGS",
+                        help="one more 2-GPU DDP run with these extra lit_flash flags (space-separated), e.g. "
+                        "'--data.num_workers=8' (repeatable)")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="also two independent 1-GPU runs at once (GPUs 0 and 1, no communication): "
+                        "what two busy GPUs on this host give without DDP, the ceiling for ddp2")
     args = parser.parse_args(argv)
     smoke = args.cpu_smoke
     steps = 2 if smoke else args.steps
@@ -219,12 +239,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results[ddp2] = fit(ddp2, gpus=2, batch=b, overlay="ddp.yaml", extra=keep if smoke else None, **common)
     if smoke:
         results["export"] = check_export(out / ddp2 / "model", data)
-    variants = {f"{ddp2}_v{i}": json.loads(v) for i, v in enumerate(args.ddp_variant, 1)}
-    for name, init_args in variants.items():
-        strategy = {"class_path": "lightning.pytorch.strategies.DDPStrategy", "init_args": init_args}
-        results[name] = fit(name, gpus=2, batch=b, overlay="ddp.yaml", strategy=json.dumps(strategy), **common)
+    strategies = [{"class_path": "lightning.pytorch.strategies.DDPStrategy", "init_args": json.loads(v)}
+                  for v in args.ddp_variant]
+    variants = {f"{ddp2}_v{i}": v for i, v in enumerate([*strategies, *args.ddp_flags], 1)}
+    for name, variant in variants.items():
+        if isinstance(variant, dict):
+            results[name] = fit(name, gpus=2, batch=b, overlay="ddp.yaml", strategy=json.dumps(variant), **common)
+        else:
+            results[name] = fit(name, gpus=2, batch=b, overlay="ddp.yaml", flags=variant.split(), **common)
     if variants:
         results["variants"] = variants
+    if args.concurrent:
+        # Same host load as ddp2 (two GPUs, two processes) without any gradient traffic.
+        with ThreadPoolExecutor(2) as pool:
+            pair = list(pool.map(lambda i: fit(f"1gpu_b{b}_at_once{i}", gpus=1, batch=b, overlay=None,
+                                               first_gpu=i, **common), (0, 1)))
+        results.update({r["name"]: r for r in pair})
     if four:
         results[f"ddp4_b{b}"] = fit(f"ddp4_b{b}", gpus=4, batch=b, overlay="ddp.yaml", **common)
         results[f"1gpu_b{4 * b}"] = fit(f"1gpu_b{4 * b}", gpus=1, batch=4 * b, overlay=None, **common)

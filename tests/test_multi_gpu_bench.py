@@ -47,3 +47,40 @@ def test_summary_pairs_runs_by_micro_batch_for_speed_and_global_batch_for_loss_u
     summary = bench.summarize({r["name"]: r for r in (one, twin, two)}, "test card")
     assert "ddp2_b8 / 1gpu_b8 (same batch per GPU) = 1.90x" in summary
     assert "loss, ddp2_b8 vs 1gpu_b16 (global batch 32): 4.400 vs 4.000 (+10.0%)" in summary
+
+
+def test_two_runs_at_once_give_the_hosts_ceiling() -> None:
+    one = {"name": "1gpu_b8", "gpus": 1, "batch_per_device": 8, "global_batch": 8, "rc": 0,
+           "tokens_per_sec": 1000.0, "final_loss": 5.0}
+    pair = [{**one, "name": f"1gpu_b8_at_once{i}", "tokens_per_sec": t} for i, t in ((0, 990.0), (1, 1010.0))]
+    two = {**one, "name": "ddp2_b8", "gpus": 2, "global_batch": 16, "tokens_per_sec": 1800.0}
+    summary = bench.summarize({r["name"]: r for r in (one, two, *pair)}, "test card")
+    assert "two 1-GPU runs at once, no DDP: 2,000 tokens/s together = 2.00x 1gpu_b8" in summary
+    assert "ddp2_b8 / 1gpu_b8 (same batch per GPU) = 1.80x" in summary  # not against an at-once run
+
+
+def test_main_starts_each_variant_and_the_runs_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict] = []
+
+    def fake_fit(name: str, **kwargs) -> dict:
+        calls.append({"name": name, **kwargs})
+        return {"name": name, "gpus": kwargs["gpus"], "batch_per_device": kwargs["batch"], "rc": 0,
+                "global_batch": kwargs["batch"] * kwargs["gpus"], "tokens_per_sec": 1.0, "final_loss": 1.0}
+
+    monkeypatch.setattr(bench, "fit", fake_fit)
+    monkeypatch.setattr(bench, "check_export", lambda path, data: {})  # no run wrote an export
+    bench.main(["--out", str(tmp_path), "--cpu-smoke", "--concurrent", "--ddp-variant", '{"bucket_cap_mb": 500}',
+                "--ddp-flags", "--trainer.accumulate_grad_batches=2 --data.num_workers=8"])
+    by_name = {c["name"]: c for c in calls}
+    assert json_strategy(by_name["ddp2_b8_v1"]["strategy"]) == {"bucket_cap_mb": 500}
+    assert by_name["ddp2_b8_v2"]["flags"] == ["--trainer.accumulate_grad_batches=2", "--data.num_workers=8"]
+    assert {by_name[f"1gpu_b8_at_once{i}"]["first_gpu"] for i in (0, 1)} == {0, 1}
+    assert "- ddp2_b8_v2: --trainer.accumulate_grad_batches=2" in (tmp_path / "summary.md").read_text()
+
+
+def json_strategy(value: str) -> dict:
+    import json
+
+    strategy = json.loads(value)
+    assert strategy["class_path"] == "lightning.pytorch.strategies.DDPStrategy"
+    return strategy["init_args"]
