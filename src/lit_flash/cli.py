@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lit_flash.callbacks import HFExport, TokenThroughput
 from lit_flash.checkpointing import LOAD_ERRORS, AtomicCheckpointIO, load_error, resolve_ckpt_path
 from lit_flash.data import WikitextDataModule
-from lit_flash.distributed import SigtermCheck, check_resume
+from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
 from lit_flash.model import FlashGPT2LM
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
@@ -119,7 +119,6 @@ class LitFlashCLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
-        parser.add_lightning_class_args(SigtermCheck, "sigterm_check")
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}

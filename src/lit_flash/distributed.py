@@ -9,7 +9,6 @@ Lightning launches the ranks, wraps the model and reduces the gradients. Three t
   under DDP; under FSDP, whose forward is a collective, evaluation pads as Lightning does).
 - The Hugging Face export under FSDP: each rank holds only a shard, so the full weights are gathered first.
 - Resuming a sharded FSDP checkpoint (a folder) under another strategy, which Lightning cannot load.
-And one thing it does that costs too much for a fast step: a host-device sync before every batch (`SigtermCheck`).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DistributedSampler
@@ -97,36 +95,3 @@ def check_resume(ckpt_path: str | None, strategy: Any) -> None:
         "resume it with an FSDP strategy (any number of GPUs), or first convert it to one file with "
         f"`python -m lightning.pytorch.utilities.consolidate_checkpoint {ckpt_path}`"
     )
-
-
-class SigtermCheck(L.Callback):
-    """How often the ranks agree on a SIGTERM. Lightning broadcasts rank 0's SIGTERM flag before every batch when
-    several processes train (lightning#20825): an NCCL broadcast read back with `.item()`, a host-device sync that
-    empties the GPU's queue each step, about 8% of a compiled GPT-2 step on 2 GPUs. With `every_n_steps: N` the
-    broadcast runs before batches 0, N, 2N, ... (the same batches on every rank), as upstream's proposed
-    `Trainer(broadcast_sigterm_every_n_steps=N)` would (lightning#21640). A SIGTERM still saves `last.ckpt`:
-    each rank stops at the end of the batch in which it sees the signal, as before; what waits up to N batches is
-    only the news reaching a rank that did not get the signal itself (launchers signal every rank)."""
-
-    def __init__(self, every_n_steps: int = 1) -> None:
-        """
-        Args:
-            every_n_steps: broadcast the SIGTERM flag before every N-th batch; 1 is Lightning's own behaviour.
-        """
-        if every_n_steps < 1:
-            raise LitFlashError(f"sigterm_check.every_n_steps must be 1 or more, got {every_n_steps}")
-        self.every_n_steps = every_n_steps
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        loop = trainer.fit_loop.epoch_loop
-        broadcast = getattr(loop, "_broadcast_sigterm_tensor", None)  # absent from Lightning before 2.5.2
-        if self.every_n_steps == 1 or broadcast is None or "_broadcast_sigterm_tensor" in vars(loop):
-            return
-
-        def every_n_steps() -> None:
-            # Counted in batches fetched so far, restored on resume: the same on every rank.
-            if loop.batch_progress.total.ready % self.every_n_steps == 0:
-                broadcast()
-
-        # On this loop only (an instance attribute), not on Lightning's class.
-        loop._broadcast_sigterm_tensor = every_n_steps  # type: ignore[method-assign]
