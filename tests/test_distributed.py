@@ -326,3 +326,20 @@ def test_torchrun_two_nodes_with_the_multinode_overlay(tmp_path: Path) -> None:
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == [f"epoch=0-step={STEPS_PER_EPOCH_2}.ckpt",
                                                                        "last.ckpt"]
     assert sum(out.count("Exported the Hugging Face model") for out in outputs) == 1
+
+
+def test_ddp_broadcasts_no_buffer_before_each_forward(tmp_path: Path) -> None:
+    # vocab_bias is a constant: were DDP to sync it, every forward would start with a broadcast from rank 0.
+    from _helpers import tiny_module
+    from torch.nn.parallel import DistributedDataParallel
+
+    module = tiny_module({"model_type": "gpt2", "vocab_size": VOCAB, "n_positions": BLOCK, "n_embd": 16, "n_layer": 1,
+                          "n_head": 2}, pad_vocab_to_multiple_of=64)
+    assert [name for name, _ in module.named_buffers()] == ["vocab_bias"]
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(module)
+        assert ddp.modules_buffers == [] and not ddp.will_sync_module_buffers()
+        assert len(list(ddp.parameters())) == len(list(module.parameters()))  # every weight is still reduced
+    finally:
+        torch.distributed.destroy_process_group()
