@@ -1,9 +1,12 @@
 """Where a training step's GPU time goes: `lit_flash fit` with a config, profiled for a few steps after warm-up.
 
     python benchmarks/profile_step.py --out results/ [--config gpt2_fast.yaml] [-- extra CLI overrides]
+    python benchmarks/profile_step.py --out results/ -- --config configs/ddp.yaml --trainer.devices=2   # DDP
 
 Prints the GPU's busy share of the profiled wall time (idle time is host overhead or syncs), the time by kernel
-family (matmul, attention, Triton-fused ops, the rest) and the top kernels, and writes them to profile.json.
+family (matmul, attention, Triton-fused ops, NCCL communication, the rest) and the top kernels, and writes them to
+profile.json. Under DDP every rank profiles its own GPU and writes profile_rank<N>.json; compare a rank's compute
+time and gaps with the one-GPU profile of the same config.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import argparse
 import collections
 import itertools
 import json
+import os
+import shutil
 import sys
-import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -27,6 +31,8 @@ from bench import GPT2_124M, fit_args, reset  # noqa: E402
 
 def family(name: str) -> str:
     low = name.lower()
+    if "nccl" in low:
+        return "communication (NCCL)"
     if "flash" in low or "fmha" in low:
         return "attention"
     if any(k in low for k in ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "sm80_xmma")):
@@ -34,6 +40,33 @@ def family(name: str) -> str:
     if low.startswith("triton"):
         return "triton (fused elementwise/reductions)"
     return "other"
+
+
+def kernel_summary(kernels: list[tuple[str, float, float]], steps: int) -> dict[str, Any]:
+    """Per-step figures from GPU kernels as (name, start us, end us). NCCL kernels run on their own stream beside
+    the compute: they are counted apart, and busy time and idle gaps are those of the other kernels."""
+    compute = sorted((k for k in kernels if family(k[0]) != "communication (NCCL)"), key=lambda k: k[1])
+    gaps = sorted(((b[1] - a[2], a[0][:60], b[0][:60]) for a, b in itertools.pairwise(compute)), reverse=True)
+    start, end = min(k[1] for k in kernels), max(k[2] for k in kernels)
+    by_family: collections.Counter[str] = collections.Counter()
+    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for name, t0, t1 in kernels:
+        by_family[family(name)] += t1 - t0
+        by_name[name][0] += t1 - t0
+        by_name[name][1] += 1
+    busy = sum(t1 - t0 for _, t0, t1 in compute)
+    per_step = lambda us: us / steps / 1000  # noqa: E731  (ms per step)
+    return {
+        "kernel_span_ms_per_step": per_step(end - start), "busy_ms_per_step": per_step(busy),
+        "busy_share": busy / (end - start), "kernels_per_step": len(kernels) / steps,
+        "ms_per_step_by_family": {k: round(per_step(v), 3) for k, v in by_family.most_common()},
+        "idle_ms_per_step_in_gaps_over_20us": per_step(sum(g for g, *_ in gaps if g > 20)),
+        "largest_gaps": [{"us": round(g), "after": x, "before": y} for g, x, y in gaps[:15]],
+        "top_kernels": [
+            {"ms_per_step": round(per_step(us), 3), "calls_per_step": n / steps, "name": name[:140]}
+            for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
+        ],
+    }
 
 
 def main() -> None:
@@ -51,11 +84,15 @@ def main() -> None:
     from lit_flash.cli import cli_main
     from lit_flash.synthetic import save_synthetic_dataset
 
-    data = Path(tempfile.mkdtemp()) / "blocks"
-    save_synthetic_dataset(data, n_train=3000, n_test=64, block_size=1024)
+    # One folder for every rank: under DDP Lightning starts the other ranks by running this script again (with
+    # LOCAL_RANK set) once rank 0 is in `fit`, so only rank 0 writes the data.
+    data, root = a.out / "profile_data", a.out / "profile_run"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        shutil.rmtree(data, ignore_errors=True)
+        save_synthetic_dataset(data, n_train=3000, n_test=64, block_size=1024)
     reset()
     steps = a.start + a.steps + 2
-    cli = cli_main(fit_args(data, a.config, GPT2_124M, steps, tempfile.mkdtemp(), a.overrides), run=False)
+    cli = cli_main(fit_args(data, a.config, GPT2_124M, steps, str(root), a.overrides), run=False)
     activity = torch.profiler.ProfilerActivity
     prof = torch.profiler.profile(activities=[activity.CPU, activity.CUDA])
 
@@ -92,42 +129,21 @@ def main() -> None:
 
     # GPU-side events are kernels and copies, plus annotations that span CPU ranges (Lightning runs the whole
     # step inside `optimizer.step(closure)`): those overlap the kernels and are left out.
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.name
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.name
                and not e.name.startswith(("Optimizer.", "ProfilerStep", "## "))]
-    kernels.sort(key=lambda e: e.time_range.start)
-    gaps = sorted(
-        ((b.time_range.start - a.time_range.end, a.name[:60], b.name[:60]) for a, b in itertools.pairwise(kernels)),
-        reverse=True,
-    )
-    start = min(e.time_range.start for e in kernels)
-    end = max(e.time_range.end for e in kernels)
-    busy = sum(e.time_range.elapsed_us() for e in kernels)
-    by_family: collections.Counter[str] = collections.Counter()
-    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for e in kernels:
-        us = e.time_range.elapsed_us()
-        by_family[family(e.name)] += us
-        by_name[e.name][0] += us
-        by_name[e.name][1] += 1
-    per_step = lambda us: us / a.steps / 1000  # noqa: E731  (ms per step)
+    world_size = cli.trainer.world_size
     result = {
         "device": torch.cuda.get_device_name(), "config": a.config, "overrides": a.overrides, "steps": a.steps,
-        "kernel_span_ms_per_step": per_step(end - start), "busy_ms_per_step": per_step(busy),
-        "busy_share": busy / (end - start), "kernels_per_step": len(kernels) / a.steps,
-        "ms_per_step_by_family": {k: round(per_step(v), 3) for k, v in by_family.most_common()},
+        "world_size": world_size, "rank": cli.trainer.global_rank, **kernel_summary(kernels, a.steps),
         "graph_breaks": dict(torch._dynamo.utils.counters["graph_break"]),
         "unique_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
-        "idle_ms_per_step_in_gaps_over_20us": per_step(sum(g for g, *_ in gaps if g > 20)),
-        "largest_gaps": [{"us": round(g), "after": x, "before": y} for g, x, y in gaps[:15]],
         "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries"),
         "host_syncs_in_profiled_steps": [{"count": n, "stack": k} for k, n in syncs.most_common(10)],
-        "top_kernels": [
-            {"ms_per_step": round(per_step(us), 3), "calls_per_step": n / a.steps, "name": name[:140]}
-            for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
-        ],
     }
+    name = "profile.json" if world_size == 1 else f"profile_rank{cli.trainer.global_rank}.json"
+    (a.out / name).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1), flush=True)
-    (a.out / "profile.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
