@@ -27,10 +27,12 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,6 +75,9 @@ def mean_loss_last(curve: dict[int, float], fraction: float = 0.25) -> float | N
     return statistics.fmean(curve[s] for s in tail) if tail else None
 
 
+_REPORT = threading.Lock()
+
+
 def fit(name: str, out: Path, data: Path, *, gpus: int, batch: int, steps: int, overlay: str | None,
         smoke: bool, extra: list[str] | None = None, recipe: str = "gpt2_flash.yaml",
         strategy: str | None = None, accumulate: int = 1, first_gpu: int = 0,
@@ -108,24 +113,27 @@ def fit(name: str, out: Path, data: Path, *, gpus: int, batch: int, steps: int, 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
     if not smoke:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(first_gpu, first_gpu + gpus))
-    start = time.perf_counter()
+    started = time.time()
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    ended = time.time()
+    wall = ended - started
     (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
     rows = read_metrics(run_dir)
     curve = loss_curve(rows)
     result = {
         "name": name, "gpus": gpus, "batch_per_device": batch, "accumulate": accumulate,
         "global_batch": batch * gpus * accumulate, "overlay": overlay,
-        "rc": proc.returncode, "wall_s": round(wall, 1), "tokens_per_sec": tokens_per_sec(rows, gpus),
+        "rc": proc.returncode, "wall_s": round(wall, 1), "started": started, "ended": ended,
+        "tokens_per_sec": tokens_per_sec(rows, gpus),
         "final_loss": mean_loss_last(curve), "loss_curve": curve, "command": " ".join(args[1:]),
     }
-    print(f"[{name}] rc={proc.returncode} wall={wall:.0f}s tokens/s={result['tokens_per_sec']} "
-          f"loss(last 25%)={result['final_loss']}", flush=True)
-    if proc.returncode != 0:
-        print((proc.stdout + proc.stderr)[-4000:], flush=True)
-    with (out / "runs.jsonl").open("a") as f:  # each run as it ends: a time limit keeps the finished ones
-        f.write(json.dumps(result) + "\n")
+    with _REPORT:  # --concurrent runs finish side by side
+        print(f"[{name}] rc={proc.returncode} wall={wall:.0f}s tokens/s={result['tokens_per_sec']} "
+              f"loss(last 25%)={result['final_loss']}", flush=True)
+        if proc.returncode != 0:
+            print((proc.stdout + proc.stderr)[-4000:], flush=True)
+        with (out / "runs.jsonl").open("a") as f:  # each run as it ends: a time limit keeps the finished ones
+            f.write(json.dumps(result) + "\n")
     return result
 
 
@@ -172,8 +180,12 @@ def summarize(results: dict[str, dict[str, Any]], card: str) -> str:
     solo = next((o for o in ones if pair and o["name"] == f"1gpu_b{pair[0]['batch_per_device']}"), None)
     if len(pair) == 2 and solo and solo["tokens_per_sec"]:
         both = sum(r["tokens_per_sec"] for r in pair)
+        # The ceiling holds only if the two ran side by side: the share of the shorter run spent with both running.
+        shared = min(r["ended"] for r in pair) - max(r["started"] for r in pair)
+        overlap = max(0.0, shared) / min(r["ended"] - r["started"] for r in pair)
         lines.append(f"- two 1-GPU runs at once, no DDP: {both:,.0f} tokens/s together = "
-                     f"{both / solo['tokens_per_sec']:.2f}x {solo['name']} (the host's ceiling for 2 GPUs)")
+                     f"{both / solo['tokens_per_sec']:.2f}x {solo['name']} (the host's ceiling for 2 GPUs; "
+                     f"they ran side by side for {overlap:.0%} of the shorter)")
     for key in ("fsdp1_resume", "export"):
         if key in results:
             lines.append(f"- {key}: {json.dumps({k: v for k, v in results[key].items() if k != 'loss_curve'})}")
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "'{\"gradient_as_bucket_view\": true}' (repeatable)")
     parser.add_argument("--ddp-flags", action="append", default=[], metavar="FLAGS",
                         help="one more 2-GPU DDP run with these extra lit_flash flags (space-separated), e.g. "
-                        "'--data.num_workers=8' (repeatable)")
+                        "--ddp-flags='--data.num_workers=8' (repeatable)")
     parser.add_argument("--concurrent", action="store_true",
                         help="also two independent 1-GPU runs at once (GPUs 0 and 1, no communication): "
                         "what two busy GPUs on this host give without DDP, the ceiling for ddp2")
@@ -220,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         card = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
         four = torch.cuda.device_count() >= 4
+        if torch.cuda.device_count() < 2:
+            parser.error(f"needs 2 GPUs or more, this machine has {torch.cuda.device_count()} (or use --cpu-smoke)")
     (out / "runs.jsonl").unlink(missing_ok=True)  # this invocation's runs only
     data = out / "data"
     b = args.batch
@@ -246,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if isinstance(variant, dict):
             results[name] = fit(name, gpus=2, batch=b, overlay="ddp.yaml", strategy=json.dumps(variant), **common)
         else:
-            results[name] = fit(name, gpus=2, batch=b, overlay="ddp.yaml", flags=variant.split(), **common)
+            results[name] = fit(name, gpus=2, batch=b, overlay="ddp.yaml", flags=shlex.split(variant), **common)
     if variants:
         results["variants"] = variants
     if args.concurrent:

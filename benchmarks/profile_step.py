@@ -3,10 +3,12 @@
     python benchmarks/profile_step.py --out results/ [--config gpt2_fast.yaml] [-- extra CLI overrides]
     python benchmarks/profile_step.py --out results/ -- --config configs/ddp.yaml --trainer.devices=2   # DDP
 
-Prints the GPU's busy share of the profiled wall time (idle time is host overhead or syncs), the time by kernel
+Prints the GPU's busy share of the profiled wall time (idle time is host overhead, syncs or waiting for another
+rank), the time by kernel
 family (matmul, attention, Triton-fused ops, NCCL communication, the rest) and the top kernels, and writes them to
-profile.json. Under DDP every rank profiles its own GPU and writes profile_rank<N>.json; compare a rank's compute
-time and gaps with the one-GPU profile of the same config.
+profile.json. Under DDP (Lightning's own launcher, as above; not torchrun) every rank profiles its own GPU and writes
+profile_rank<N>.json; compare a rank's compute time and gaps with the one-GPU profile of the same config. Not yet run
+on GPUs under DDP.
 """
 
 from __future__ import annotations
@@ -84,8 +86,9 @@ def main() -> None:
     from lit_flash.cli import cli_main
     from lit_flash.synthetic import save_synthetic_dataset
 
-    # One folder for every rank: under DDP Lightning starts the other ranks by running this script again (with
-    # LOCAL_RANK set) once rank 0 is in `fit`, so only rank 0 writes the data.
+    # One folder for every rank: under DDP Lightning's launcher starts the other ranks by running this script again
+    # (with LOCAL_RANK set) once rank 0 is in `fit`, so only rank 0 writes the data. (torchrun sets LOCAL_RANK on
+    # every rank from the start: not supported.)
     data, root = a.out / "profile_data", a.out / "profile_run"
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         shutil.rmtree(data, ignore_errors=True)
@@ -108,8 +111,11 @@ def main() -> None:
         syncs[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-8:]))] += 1
 
     class Profile(L.Callback):
+        started = stopped = False
+
         def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
-            if trainer.global_step == a.start:
+            if trainer.global_step == a.start and not self.started:  # once, also when accumulating gradients
+                self.started = True
                 torch.cuda.synchronize()
                 prof.start()
                 warnings.showwarning = record_sync
@@ -117,7 +123,8 @@ def main() -> None:
                 torch.cuda.set_sync_debug_mode("warn")
 
         def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
-            if trainer.global_step == a.start + a.steps:
+            if trainer.global_step == a.start + a.steps and self.started and not self.stopped:
+                self.stopped = True
                 torch.cuda.set_sync_debug_mode("default")
                 warnings.showwarning = show_warning
                 warnings.filters[:] = filters
@@ -143,7 +150,12 @@ def main() -> None:
     }
     name = "profile.json" if world_size == 1 else f"profile_rank{cli.trainer.global_rank}.json"
     (a.out / name).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1), flush=True)
+    if cli.trainer.global_rank == 0:
+        print(json.dumps(result, indent=1), flush=True)
+        # Lightning's launcher does not wait for the ranks it started: wait here, so that every rank's file is
+        # written when this script exits.
+        for child in getattr(cli.trainer.strategy.launcher, "procs", []):
+            child.wait()
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from _helpers import print_config
+from _helpers import print_config, tiny_module
 from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 
 from lit_flash.cli import cli_main, config_path
 from lit_flash.distributed import check_resume, shard_sampler
@@ -329,10 +330,7 @@ def test_torchrun_two_nodes_with_the_multinode_overlay(tmp_path: Path) -> None:
 
 
 def test_ddp_broadcasts_no_buffer_before_each_forward(tmp_path: Path) -> None:
-    # vocab_bias is a constant: were DDP to sync it, every forward would start with a broadcast from rank 0.
-    from _helpers import tiny_module
-    from torch.nn.parallel import DistributedDataParallel
-
+    # vocab_bias is a constant: were DDP to sync it, each gradient-syncing forward would start with a broadcast.
     module = tiny_module({"model_type": "gpt2", "vocab_size": VOCAB, "n_positions": BLOCK, "n_embd": 16, "n_layer": 1,
                           "n_head": 2}, pad_vocab_to_multiple_of=64)
     assert [name for name, _ in module.named_buffers()] == ["vocab_bias"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -52,10 +54,12 @@ def test_summary_pairs_runs_by_micro_batch_for_speed_and_global_batch_for_loss_u
 def test_two_runs_at_once_give_the_hosts_ceiling() -> None:
     one = {"name": "1gpu_b8", "gpus": 1, "batch_per_device": 8, "global_batch": 8, "rc": 0,
            "tokens_per_sec": 1000.0, "final_loss": 5.0}
-    pair = [{**one, "name": f"1gpu_b8_at_once{i}", "tokens_per_sec": t} for i, t in ((0, 990.0), (1, 1010.0))]
+    pair = [{**one, "name": f"1gpu_b8_at_once{i}", "tokens_per_sec": t, "started": t0, "ended": t0 + 100}
+            for i, t, t0 in ((0, 990.0, 0.0), (1, 1010.0, 10.0))]
     two = {**one, "name": "ddp2_b8", "gpus": 2, "global_batch": 16, "tokens_per_sec": 1800.0}
     summary = bench.summarize({r["name"]: r for r in (one, two, *pair)}, "test card")
     assert "two 1-GPU runs at once, no DDP: 2,000 tokens/s together = 2.00x 1gpu_b8" in summary
+    assert "side by side for 90% of the shorter" in summary
     assert "ddp2_b8 / 1gpu_b8 (same batch per GPU) = 1.80x" in summary  # not against an at-once run
 
 
@@ -65,22 +69,40 @@ def test_main_starts_each_variant_and_the_runs_at_once(tmp_path: Path, monkeypat
     def fake_fit(name: str, **kwargs) -> dict:
         calls.append({"name": name, **kwargs})
         return {"name": name, "gpus": kwargs["gpus"], "batch_per_device": kwargs["batch"], "rc": 0,
-                "global_batch": kwargs["batch"] * kwargs["gpus"], "tokens_per_sec": 1.0, "final_loss": 1.0}
+                "global_batch": kwargs["batch"] * kwargs["gpus"], "tokens_per_sec": 1.0, "final_loss": 1.0,
+                "started": 0.0, "ended": 1.0}
 
     monkeypatch.setattr(bench, "fit", fake_fit)
     monkeypatch.setattr(bench, "check_export", lambda path, data: {})  # no run wrote an export
     bench.main(["--out", str(tmp_path), "--cpu-smoke", "--concurrent", "--ddp-variant", '{"bucket_cap_mb": 500}',
-                "--ddp-flags", "--trainer.accumulate_grad_batches=2 --data.num_workers=8"])
+                "--ddp-flags=--trainer.accumulate_grad_batches=2 --model.model_config='{\"n_layer\": 1}'"])
     by_name = {c["name"]: c for c in calls}
     assert json_strategy(by_name["ddp2_b8_v1"]["strategy"]) == {"bucket_cap_mb": 500}
-    assert by_name["ddp2_b8_v2"]["flags"] == ["--trainer.accumulate_grad_batches=2", "--data.num_workers=8"]
+    # Split as a shell would: the quoted JSON stays one argument.
+    flags = ["--trainer.accumulate_grad_batches=2", '--model.model_config={"n_layer": 1}']
+    assert by_name["ddp2_b8_v2"]["flags"] == flags
     assert {by_name[f"1gpu_b8_at_once{i}"]["first_gpu"] for i in (0, 1)} == {0, 1}
     assert "- ddp2_b8_v2: --trainer.accumulate_grad_batches=2" in (tmp_path / "summary.md").read_text()
 
 
 def json_strategy(value: str) -> dict:
-    import json
-
     strategy = json.loads(value)
     assert strategy["class_path"] == "lightning.pytorch.strategies.DDPStrategy"
     return strategy["init_args"]
+
+
+def test_fit_runs_on_the_gpus_it_is_given_with_the_extra_flags_last(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def fake_run(args: list[str], env: dict, **kwargs) -> subprocess.CompletedProcess:
+        seen.update(args=args, env=env)
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    result = bench.fit("1gpu_b8_at_once1", out=tmp_path, data=tmp_path / "data", gpus=1, batch=8, steps=3,
+                       overlay=None, smoke=False, first_gpu=1, flags=["--data.num_workers=8"])
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "1"
+    assert seen["args"][-1] == "--data.num_workers=8" and "--trainer.devices=1" in seen["args"]
+    assert result["ended"] >= result["started"] and result["tokens_per_sec"] is None  # no metrics were written
+    assert json.loads((tmp_path / "runs.jsonl").read_text())["name"] == "1gpu_b8_at_once1"

@@ -15,7 +15,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from lit_flash.checkpointing import check_state_dict_fits
@@ -245,9 +244,10 @@ class FlashGPT2LM(L.LightningModule):
         bias = torch.zeros(padded)
         bias[self.vocab_size :] = -1e4
         self.register_buffer("vocab_bias", bias, persistent=False)
-        # The same constant on every rank: without this DDP would broadcast it from rank 0 before every forward, a
-        # collective per micro-batch that holds every rank to rank 0's pace (it is this module's only buffer).
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ["vocab_bias"])
+        # The same constant on every rank: DDP need not broadcast it from rank 0 before each forward that syncs
+        # gradients (once per optimizer step), a collective that holds the ranks to rank 0's pace. DDP reads this
+        # attribute by name (torch's interim API, pytorch#43690); GPT-2's own modules have no buffers left to sync.
+        self._ddp_params_and_buffers_to_ignore = [*getattr(self, "_ddp_params_and_buffers_to_ignore", []), "vocab_bias"]
         # First step whose loss was NaN/inf (-1: none), kept on the device: see _finite_or_skip. Not a buffer: DDP
         # broadcasts buffers from rank 0 before each forward, which would erase another rank's record.
         self.first_nonfinite_step: torch.Tensor | None = None
