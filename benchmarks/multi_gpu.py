@@ -177,7 +177,7 @@ def summarize(results: dict[str, dict[str, Any]], card: str) -> str:
             lines.append(f"- loss, {r['name']} vs {same_global['name']} (global batch {r['global_batch']}): "
                          f"{a:.3f} vs {b:.3f} ({(a - b) / b:+.1%})")
     pair = [r for r in runs if "_at_once" in r["name"] and r["tokens_per_sec"]]
-    solo = next((o for o in ones if pair and o["name"] == f"1gpu_b{pair[0]['batch_per_device']}"), None)
+    solo = results.get(f"1gpu_b{pair[0]['batch_per_device']}") if pair else None
     if len(pair) == 2 and solo and solo["tokens_per_sec"]:
         both = sum(r["tokens_per_sec"] for r in pair)
         # The ceiling holds only if the two ran side by side: the share of the shorter run spent with both running.

@@ -4,11 +4,10 @@
     python benchmarks/profile_step.py --out results/ -- --config configs/ddp.yaml --trainer.devices=2   # DDP
 
 Prints the GPU's busy share of the profiled wall time (idle time is host overhead, syncs or waiting for another
-rank), the time by kernel
-family (matmul, attention, Triton-fused ops, NCCL communication, the rest) and the top kernels, and writes them to
-profile.json. Under DDP (Lightning's own launcher, as above; not torchrun) every rank profiles its own GPU and writes
-profile_rank<N>.json; compare a rank's compute time and gaps with the one-GPU profile of the same config. Not yet run
-on GPUs under DDP.
+rank), the time by kernel family (matmul, attention, Triton-fused ops, NCCL communication, the rest) and the top
+kernels, and writes them to profile.json. Under DDP (Lightning's own launcher, as above; not torchrun) every rank
+profiles its own GPU and writes profile_rank<N>.json; compare a rank's compute time and gaps with the one-GPU
+profile of the same config. Not yet run on GPUs under DDP.
 """
 
 from __future__ import annotations
@@ -30,11 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import GPT2_124M, fit_args, reset  # noqa: E402
 
+NCCL = "communication (NCCL)"
+
 
 def family(name: str) -> str:
     low = name.lower()
     if "nccl" in low:
-        return "communication (NCCL)"
+        return NCCL
     if "flash" in low or "fmha" in low:
         return "attention"
     if any(k in low for k in ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "sm80_xmma")):
@@ -47,7 +48,7 @@ def family(name: str) -> str:
 def kernel_summary(kernels: list[tuple[str, float, float]], steps: int) -> dict[str, Any]:
     """Per-step figures from GPU kernels as (name, start us, end us). NCCL kernels run on their own stream beside
     the compute: they are counted apart, and busy time and idle gaps are those of the other kernels."""
-    compute = sorted((k for k in kernels if family(k[0]) != "communication (NCCL)"), key=lambda k: k[1])
+    compute = sorted((k for k in kernels if family(k[0]) != NCCL), key=lambda k: k[1])
     gaps = sorted(((b[1] - a[2], a[0][:60], b[0][:60]) for a, b in itertools.pairwise(compute)), reverse=True)
     start, end = min(k[1] for k in kernels), max(k[2] for k in kernels)
     by_family: collections.Counter[str] = collections.Counter()

@@ -247,7 +247,7 @@ class FlashGPT2LM(L.LightningModule):
         # The same constant on every rank: DDP need not broadcast it from rank 0 before each forward that syncs
         # gradients (once per optimizer step), a collective that holds the ranks to rank 0's pace. DDP reads this
         # attribute by name (torch's interim API, pytorch#43690); GPT-2's own modules have no buffers left to sync.
-        self._ddp_params_and_buffers_to_ignore = [*getattr(self, "_ddp_params_and_buffers_to_ignore", []), "vocab_bias"]
+        self._ddp_params_and_buffers_to_ignore = ["vocab_bias"]
         # First step whose loss was NaN/inf (-1: none), kept on the device: see _finite_or_skip. Not a buffer: DDP
         # broadcasts buffers from rank 0 before each forward, which would erase another rank's record.
         self.first_nonfinite_step: torch.Tensor | None = None
