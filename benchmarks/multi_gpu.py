@@ -4,7 +4,7 @@ Runs, each a plain `python -m lit_flash fit --config configs/gpt2_flash.yaml [--
 with B = --batch rows of 1024 tokens per GPU (default 8):
   1gpu_bB     1 GPU, batch B            baseline for tokens/s at the same per-device batch
   1gpu_b2B    1 GPU, batch 2B           the same global batch as the 2-GPU runs: loss curve to compare
-  ddp2_bB     2 GPUs DDP, batch B each  (global 2B)
+  ddp2_bB     2 GPUs DDP, batch B each  (global 2B), configs/ddp.yaml's DDP settings (one gradient bucket)
   fsdp2_bB    2 GPUs FSDP, batch B each (global 2B), with last.ckpt (full state dict) and the HF export
   fsdp1_resume  FSDP on 1 GPU resuming fsdp2_bB's last.ckpt for a few steps (another device count)
   ddp4_bB, 1gpu_b4B   with 4 GPUs or more: 4-GPU DDP and its 1-GPU twin at the same global batch (4B)
@@ -83,8 +83,8 @@ def fit(name: str, out: Path, data: Path, *, gpus: int, batch: int, steps: int, 
         strategy: str | None = None, accumulate: int = 1, first_gpu: int = 0,
         flags: list[str] | None = None) -> dict[str, Any]:
     """One `python -m lit_flash fit` run in its own process (Lightning starts the other ranks). `strategy`: a
-    `--trainer.strategy` value (JSON) that replaces the overlay's. `first_gpu`: where its GPUs start. `flags`: more
-    command-line flags, last."""
+    `--trainer.strategy` value (JSON); with the overlay's class, its arguments are merged onto the overlay's.
+    `first_gpu`: where its GPUs start. `flags`: more command-line flags, last."""
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # this script's own run folder: a rerun starts afresh
     model = TINY if smoke else GPT2_124M
@@ -212,10 +212,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=8, help="rows of 1024 tokens per GPU in every run")
     parser.add_argument("--ddp-variant", action="append", default=[], metavar="JSON",
                         help="one more 2-GPU DDP run with these DDPStrategy arguments, e.g. "
-                        "'{\"gradient_as_bucket_view\": true}' (repeatable)")
+                        "'{\"bucket_cap_mb\": 100}', on top of configs/ddp.yaml's (repeatable). DDP's own "
+                        "defaults: --ddp-flags=--trainer.strategy=ddp")
     parser.add_argument("--ddp-flags", action="append", default=[], metavar="FLAGS",
                         help="one more 2-GPU DDP run with these extra lit_flash flags (space-separated), e.g. "
-                        "--ddp-flags='--data.num_workers=8' (repeatable)")
+                        "--ddp-flags='--data.num_workers=8' (repeatable). Split as a shell would, which drops "
+                        "JSON's double quotes: give DDPStrategy arguments with --ddp-variant")
     parser.add_argument("--concurrent", action="store_true",
                         help="also two independent 1-GPU runs at once (GPUs 0 and 1, no communication): "
                         "what two busy GPUs on this host give without DDP, the ceiling for ddp2")

@@ -28,6 +28,7 @@ N_TRAIN, N_VAL, BLOCK, VOCAB, BATCH = 37, 11, 32, 300, 4  # odd sizes: a remaind
 WORLD = 2
 STEPS_PER_EPOCH_2 = -(-(N_TRAIN // WORLD) // BATCH)  # 18 rows per rank -> 5 batches
 STEPS_PER_EPOCH_1 = -(-N_TRAIN // BATCH)  # 10 batches
+DDP_YAML = yaml.safe_load(config_path("ddp.yaml").read_text())
 
 # A test-only callback, written beside the data and put on PYTHONPATH: every rank writes which training rows
 # (their first token is the row number + 1) it saw in each epoch, and the val_ppl it ends with.
@@ -81,7 +82,7 @@ def tiny_config(tmp: Path) -> Path:
         "trainer": {
             "accelerator": "cpu",
             "devices": WORLD,
-            "strategy": "ddp",
+            "strategy": DDP_YAML["trainer"]["strategy"],  # what users run: ddp.yaml's DDP settings
             "precision": "32-true",
             "max_epochs": 2,
             "log_every_n_steps": 1,
@@ -270,7 +271,8 @@ def test_cli_refuses_sharded_checkpoint_under_ddp(tmp_path: Path, capsys: pytest
 
 def test_overlays_merge_onto_the_recipe(capsys: pytest.CaptureFixture) -> None:
     ddp = print_config("gpt2_flash.yaml", "ddp.yaml", capsys=capsys)
-    assert ddp["trainer"]["strategy"] == "ddp" and ddp["trainer"]["devices"] == -1
+    assert ddp["trainer"]["strategy"]["class_path"] == "lightning.pytorch.strategies.DDPStrategy"
+    assert ddp["trainer"]["devices"] == -1
     assert ddp["data"]["batch_size"] == 8 and ddp["trainer"]["precision"] == "16-mixed"  # the recipe's, kept
     assert "optimizer" not in ddp and "lr_scheduler" not in ddp  # no top-level keys: model.* configures both
     fsdp = print_config("gpt2_flash.yaml", "multinode.yaml", "fsdp.yaml", capsys=capsys)
@@ -282,12 +284,10 @@ def test_overlays_merge_onto_the_recipe(capsys: pytest.CaptureFixture) -> None:
     assert fsdp["model"]["model_name_or_path"] == "openai-community/gpt2"
 
 
-def test_ddp_bucket_setting_from_the_docs_reaches_ddp(tmp_path: Path) -> None:
-    # The --trainer.strategy line that configs/ddp.yaml and RESULTS.md give for compiled recipes.
-    strategy = ('{"class_path": "lightning.pytorch.strategies.DDPStrategy", '
-                '"init_args": {"bucket_cap_mb": 500, "gradient_as_bucket_view": true}}')
-    cli = cli_main(["--config", str(config_path("demo.yaml")), f"--trainer.default_root_dir={tmp_path}",
-                    "--trainer.accelerator=cpu", "--trainer.devices=1", f"--trainer.strategy={strategy}"], run=False)
+def test_ddp_overlay_settings_reach_ddp(tmp_path: Path) -> None:
+    cli = cli_main(["--config", str(config_path("demo.yaml")), "--config", str(config_path("ddp.yaml")),
+                    f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu", "--trainer.devices=1"],
+                   run=False)
     assert isinstance(cli.trainer.strategy, DDPStrategy)
     kwargs = cli.trainer.strategy._ddp_kwargs
     assert kwargs["bucket_cap_mb"] == 500 and kwargs["gradient_as_bucket_view"] is True
@@ -295,6 +295,11 @@ def test_ddp_bucket_setting_from_the_docs_reaches_ddp(tmp_path: Path) -> None:
     defaults = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
     others = {k: v for k, v in kwargs.items() if k not in ("bucket_cap_mb", "gradient_as_bucket_view")}
     assert others and all(v == defaults[k].default for k, v in others.items())
+    # What README gives for DDP's own buckets: the strategy's name replaces the overlay's arguments.
+    cli = cli_main(["--config", str(config_path("demo.yaml")), "--config", str(config_path("ddp.yaml")),
+                    f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu", "--trainer.devices=1",
+                    "--trainer.strategy=ddp"], run=False)
+    assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.strategy._ddp_kwargs == {}
 
 
 def test_torchrun_two_nodes_with_the_multinode_overlay(tmp_path: Path) -> None:

@@ -33,3 +33,21 @@ def test_nccl_is_counted_apart_from_compute_busy_time_and_gaps() -> None:
     assert summary["idle_ms_per_step_in_gaps_over_20us"] == pytest.approx(0.3 / 2)
     assert summary["largest_gaps"][0]["us"] == 100
     assert summary["kernels_per_step"] == 4
+
+
+def test_user_annotations_on_the_gpu_side_are_not_kernels() -> None:
+    # What a DDP profile holds besides kernels: annotations spanning CPU ranges that overlap the kernels.
+    from types import SimpleNamespace
+
+    import torch
+
+    def event(name: str, annotation: bool = False, device: str = "CUDA") -> SimpleNamespace:
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=0, end=10), is_user_annotation=annotation,
+                               device_type=getattr(torch.autograd.DeviceType, device))
+
+    events = [event("DistributedDataParallel.forward", annotation=True), event("nccl:all_reduce", annotation=True),
+              event("ncclDevKernel_AllReduce_Sum_f32_RING_LL"), event("sm90_xmma_gemm_bf16"),
+              event("Memcpy HtoD (Pinned -> Device)"), event("sm90_xmma_gemm_bf16", device="CPU"),
+              event("Optimizer.step#AdamW.step"), event("ProfilerStep#3")]
+    names = [name for name, *_ in profile_step.gpu_kernels(events)]
+    assert names == ["ncclDevKernel_AllReduce_Sum_f32_RING_LL", "sm90_xmma_gemm_bf16", "Memcpy HtoD (Pinned -> Device)"]
