@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ import yaml
 # Tests never reach the hub: a test that tries fails fast instead of hanging on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# A fresh datasets cache for each session, as on a new CI machine: a warm one skips `map`s whose fingerprint it
+# knows, which once hid a tokenizer that failed on first use.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="lit_flash_test_hf_datasets_")
 # No tqdm monitor thread: it takes tqdm's lock every few seconds, and a test that forks (fork_cli) while it holds
 # that lock leaves the child waiting on it forever (seen once in test_soak_...: the child hung in load_from_disk).
 import tqdm  # noqa: E402

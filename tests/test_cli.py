@@ -99,6 +99,14 @@ def test_fit_ends_with_a_validation_and_last_ckpt_of_the_final_weights(tiny_conf
     assert max(_by_step(rows, "val_ppl")) == 7  # logged at the final global step
 
 
+def test_fit_without_a_logger(tiny_config, run_cli, tmp_path):
+    # No logger, so no learning-rate monitor either (Lightning refuses one without a logger).
+    code, _, err = run_cli(["fit", "--config", str(tiny_config), "--trainer.logger=false", "--trainer.max_steps=2"])
+    assert code == 0, err
+    root = tmp_path / "run"
+    assert not (root / "logs").exists() and (root / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_prepare_output_feeds_tokenized_dataset_load_dir(tiny_config, text_files, tokenizer_dir, run_cli, tmp_path):
     prepared = tmp_path / "prepared"
     files = json.dumps({"train": text_files["train"], "test": text_files["test"]})

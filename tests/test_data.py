@@ -9,6 +9,7 @@ import math
 import datasets
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 import lit_flash.data as data_mod
 from lit_flash.data import (
@@ -20,15 +21,17 @@ from lit_flash.data import (
     prepare_dataset,
     resolve_text_files,
     tokenize_texts,
+    train_bpe_tokenizer,
 )
 from lit_flash.errors import LitFlashError
 
 BLOCK = 16
 
 
-def _joined(lines: list[str]) -> str:
-    # Grouping concatenates the non-empty lines with no separator, as the reference recipe does.
-    return "".join(line for line in lines if line.strip())
+def _joined(lines: list[str], linebreaks: bool = False) -> str:
+    # Grouping concatenates the non-empty lines with no separator, as the reference recipe does; lines read from
+    # text files keep their "\n" (as wikitext's rows on the hub carry theirs).
+    return "".join(line + "\n" * linebreaks for line in lines if line.strip())
 
 
 def _ids(dataset) -> list[list[int]]:
@@ -54,6 +57,16 @@ def test_tokenize_texts_round_trips_each_line(tokenizer, corpus):
     assert len(ids) == len(lines)
     assert [tokenizer.decode(row) for row in ids] == lines
     assert ids[3] == []  # an empty line has no tokens (and no special token: GPT-2 adds none)
+
+
+def test_trained_bpe_tokenizer_tokenizes_as_returned(corpus, tokenizer, tmp_path):
+    # The returned object is used at once (the demo tokenizes with it): truncation must work on it, and it must
+    # match what loads from the folder.
+    trained = train_bpe_tokenizer({"train": {"text": corpus["train"]}}, vocab_size=300, save_dir=tmp_path)
+    lines = corpus["train"][:6]
+    ids = tokenize_texts(lines, trained)["input_ids"]
+    assert [trained.decode(row) for row in ids] == lines
+    assert ids == tokenize_texts(lines, AutoTokenizer.from_pretrained(str(tmp_path)))["input_ids"]
 
 
 def test_group_texts_cuts_blocks_and_drops_the_tail():
@@ -91,6 +104,8 @@ def test_collate_blocks_derives_labels_and_drops_an_all_ones_mask():
     assert torch.equal(batch["labels"], batch["input_ids"]) and batch["labels"] is not batch["input_ids"]
     assert "attention_mask" not in batch  # dense attention: the kernels' fast path
     rows[1]["attention_mask"] = torch.tensor([1, 1, 0])
+    # Derived labels ignore the padding (there is nothing to predict there); given labels are kept as they are.
+    assert collate_blocks(rows)["labels"].tolist() == [[1, 2, 3], [1, 2, -100]]
     rows[0]["labels"] = rows[1]["labels"] = torch.tensor([-100, 5, 6])
     batch = collate_blocks(rows)
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
@@ -115,14 +130,19 @@ def test_datamodule_on_text_files(text_files, tokenizer_dir, tokenizer, corpus, 
     # Blocks are the non-empty lines' tokens, in order, cut into BLOCK-token rows (the tail dropped).
     for split, dataset in (("train", dm.train_dataset), ("validation", dm.val_dataset)):
         text = _decode_all(dataset, tokenizer)
-        assert len(text) > 100 and _joined(corpus[split]).startswith(text)
+        assert len(text) > 100 and _joined(corpus[split], linebreaks=True).startswith(text)
     assert dm.seq_len == BLOCK and dm.max_token_id < len(tokenizer)
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (3, BLOCK) and batch["input_ids"].dtype == torch.long
     assert torch.equal(batch["labels"], batch["input_ids"])
     assert next(iter(dm.val_dataloader()))["input_ids"].shape == (5, BLOCK)
     dm.setup("test")
-    assert _joined(corpus["test"]).startswith(_decode_all(dm.test_dataset, tokenizer))
+    assert _joined(corpus["test"], linebreaks=True).startswith(_decode_all(dm.test_dataset, tokenizer))
+
+
+def test_a_missing_text_column_is_named(text_files):
+    with pytest.raises(LitFlashError, match=r"data.text_column='content' is not a column of the data \(\['text'\]\)"):
+        data_mod.load_raw_text(None, None, text_files, text_column="content")
 
 
 def test_datamodule_sample_limits(text_files, tokenizer_dir, tmp_path):
@@ -231,7 +251,8 @@ def test_prepare_then_load_round_trip(text_files, tokenizer_dir, tokenizer, corp
 
     dm = _datamodule(tokenized_dataset_load_dir=str(out), tokenizer_name=str(tokenizer_dir))
     dm.setup("fit")
-    assert _joined(corpus["test"]).startswith(_decode_all(dm.val_dataset, tokenizer))  # test stands in for val
+    # test stands in for val
+    assert _joined(corpus["test"], linebreaks=True).startswith(_decode_all(dm.val_dataset, tokenizer))
     # The same blocks as the DataModule's own tokenization of the same files.
     own = _datamodule(text_files=text_files, tokenizer_name=str(tokenizer_dir), cache_dir=str(tmp_path / "cache"))
     own.setup("fit")

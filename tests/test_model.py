@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 from _helpers import cpu_trainer, tiny_module
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from lit_flash.data import WikitextDataModule
 from lit_flash.errors import LitFlashError
@@ -18,6 +18,7 @@ from lit_flash.model import (
     FlashGPT2LM,
     check_data_fits_model,
     flash_attention_unavailable_reason,
+    flops_per_token,
     resolve_attn_implementation,
 )
 
@@ -49,6 +50,32 @@ def test_model_errors_name_the_key(tmp_path):
         FlashGPT2LM(model_name_or_path=str(tmp_path / "missing"), attn_implementation="sdpa")
     with pytest.raises(LitFlashError, match="model.attn_implementation='flash3' is unknown"):
         resolve_attn_implementation("flash3")
+    with pytest.raises(LitFlashError, match=r"model.model_config: \['n_layers'\] is not a setting of gpt2"):
+        FlashGPT2LM(model_name_or_path=None, model_config={"n_layers": 2}, attn_implementation="sdpa")
+    with pytest.raises(LitFlashError, match="model.lr_scheduler=constant has no warm-up.*constant_with_warmup"):
+        FlashGPT2LM(model_name_or_path=None, model_config={"n_layer": 1}, lr_scheduler="constant", warmup_steps=5)
+
+
+def test_a_typo_in_model_config_of_a_saved_model_names_the_key(tiny_model_config, tmp_path):
+    AutoModelForCausalLM.from_config(GPT2Config(**tiny_model_config)).save_pretrained(tmp_path)
+    with pytest.raises(LitFlashError, match="model.model_config or model.dropout.*resid_pdrp"):
+        FlashGPT2LM(model_name_or_path=str(tmp_path), model_config={"resid_pdrp": 0.0}, attn_implementation="sdpa")
+
+
+def test_flops_per_token_reads_any_models_config():
+    # Llama names its sizes num_hidden_layers/hidden_size; GPT-2 maps these names onto n_layer/n_embd.
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=100, max_position_embeddings=16)
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    assert flops_per_token(config, 16) == 6 * n_params + 12 * 2 * 32 * 16
+    assert flops_per_token(config, 16, training=False) == flops_per_token(config, 16) / 3
+
+
+def test_a_nan_batch_makes_the_validation_loss_nan(tiny_model_config):
+    module = tiny_module(tiny_model_config)
+    module.val_loss.update(torch.tensor(2.0), weight=10)
+    module.val_loss.update(torch.tensor(float("nan")), weight=10)
+    assert module.val_loss.compute().isnan()  # not 2.0, as if the bad batch had not happened
 
 
 # -------------------------------------------------------------------------------------------- fallback
@@ -197,7 +224,8 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_model_config, make_t
 
 @pytest.mark.parametrize("schedule", ["cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"])
 def test_every_schedule_builds(tiny_model_config, schedule):
-    module = tiny_module(tiny_model_config, learning_rate=1e-3, warmup_steps=2, lr_scheduler=schedule)
+    warmup = 0 if schedule == "constant" else 2  # constant has no warm-up (refused: test_model_errors_name_the_key)
+    module = tiny_module(tiny_model_config, learning_rate=1e-3, warmup_steps=warmup, lr_scheduler=schedule)
     module.trainer = cpu_trainer(max_steps=10, max_epochs=-1)
     config = module.configure_optimizers()
     for _ in range(9):

@@ -135,6 +135,8 @@ class LitFlashCLI(LightningCLI):
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         if config.get("enable_checkpointing") is False:  # the user turned our always-on checkpointing off
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        if config["logger"] is False:  # nothing to log the learning rate to: Lightning would refuse to start
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         return self._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:

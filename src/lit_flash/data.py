@@ -52,8 +52,9 @@ def tokenize_texts(texts: list[str], tokenizer: Any) -> dict[str, list[list[int]
 def group_texts(examples: dict[str, list[list[int]]], block_size: int) -> dict[str, list[list[int]]]:
     """Concatenate token lists and cut them into `block_size` blocks; the tail shorter than a block is dropped.
 
-    No separator is inserted between lines, as in the reference recipe (and HF's run_clm). `labels` is a copy of
-    `input_ids`: the model shifts them itself.
+    No separator is inserted between lines, as in the reference recipe and HF's run_clm: the lines carry their own
+    "\n" (wikitext's rows do; `load_raw_text` keeps it for text files). `labels` is a copy of `input_ids`: the model
+    shifts them itself.
     """
     if block_size < 1:
         raise LitFlashError(f"block_size must be >= 1, got {block_size}")
@@ -103,6 +104,8 @@ def collate_blocks(rows: list[dict[str, torch.Tensor]], pad_rows_to: int | None 
         mask = torch.stack([r["attention_mask"] for r in rows])
         if not bool(mask.all()):
             batch["attention_mask"] = mask
+            if "labels" not in rows[0]:  # derived labels: padding is not something to predict
+                batch["labels"] = batch["labels"].masked_fill(mask == 0, IGNORE_INDEX)
     if missing:
         for key, tensor in batch.items():
             filler = torch.full_like(tensor[:1], IGNORE_INDEX) if key == "labels" else tensor[:1]
@@ -124,11 +127,17 @@ def load_raw_text(
     import datasets
 
     if text_files:
-        raw = datasets.load_dataset("text", data_files=resolve_text_files(text_files), streaming=streaming)
+        # Each row keeps its "\n", as wikitext's rows on the hub do and as HF's run_clm reads text files: without it
+        # the lines of a file run together ("return 1x = f()").
+        files = resolve_text_files(text_files)
+        raw = datasets.load_dataset("text", data_files=files, streaming=streaming, keep_linebreaks=True)
     elif dataset_name:
         raw = datasets.load_dataset(dataset_name, dataset_config_name, streaming=streaming)
     else:
         raise LitFlashError("no data source: set data.dataset_name, data.text_files or data.tokenized_dataset_load_dir")
+    columns = next(iter(raw.values())).column_names  # None for a stream that does not list its columns
+    if columns is not None and text_column not in columns:
+        raise LitFlashError(f"data.text_column={text_column!r} is not a column of the data ({columns}): set it to one")
     if text_column != "text":
         raw = raw.rename_column(text_column, "text")
     return raw
@@ -151,18 +160,19 @@ def tokenize_and_group(raw: Any, tokenizer: Any, block_size: int, num_proc: int 
 def train_bpe_tokenizer(raw: Any, vocab_size: int, save_dir: str | Path) -> Any:
     """Train a byte-level BPE tokenizer (GPT-2's kind) on the `train` split and save it in HF format."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     lines = (t for t in raw["train"]["text"] if t.strip())
     bpe.train_from_iterator(
         lines, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN], show_progress=False
     )
-    tokenizer = PreTrainedTokenizerFast(
+    PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN, model_max_length=1024
-    )
-    tokenizer.save_pretrained(str(save_dir))
-    return tokenizer
+    ).save_pretrained(str(save_dir))
+    # Reloaded, not the object above: that one wraps `bpe`, whose truncation setter transformers 5 cannot call
+    # (`truncation=True` raised a TypeError), and training then uses exactly what `setup` and the export load.
+    return AutoTokenizer.from_pretrained(str(save_dir))
 
 
 def save_dataset_dict(dataset: Any, save_dir: str | Path, overwrite: bool = False) -> None:

@@ -100,7 +100,7 @@ def flops_per_token(config: Any, seq_len: int, training: bool = True) -> float:
     """FLOPs per token: 6N + 12·L·d·T for a training step (N parameters, L layers, width d, T tokens of context;
     PaLM's appendix B), a third of that for a forward pass alone."""
     n_params = sum(p.numel() for p in _params_of_config(config))
-    layers, width = config.n_layer, config.n_embd
+    layers, width = config.num_hidden_layers, config.hidden_size  # GPT-2's n_layer/n_embd, by any model's names
     train_flops = 6 * n_params + 12 * layers * width * seq_len
     return train_flops if training else train_flops / 3
 
@@ -169,6 +169,7 @@ class FlashGPT2LM(L.LightningModule):
         eps: AdamW epsilon (`--adam_epsilon`).
         warmup_steps: Linear warm-up steps from 0 to `learning_rate` (`--warmup_steps`).
         lr_scheduler: Decay after warm-up, as transformers' `get_scheduler` names it (`--lr_scheduler_type`).
+            `constant` has no warm-up (use `constant_with_warmup`); `cosine_with_min_lr` ends at 10% of the peak.
         dropout: Sets GPT-2's residual, embedding and attention dropout together; null keeps the model's.
         trust_remote_code: Allow hub models that ship their own code. Off unless you trust the repository.
         compile: `torch.compile` the forward and the loss (only the body when liger's cross-entropy is on). The
@@ -225,6 +226,11 @@ class FlashGPT2LM(L.LightningModule):
                 f"model.sdpa_backends is for model.attn_implementation=sdpa, not {attn_implementation}: "
                 "set model.attn_implementation=sdpa or model.sdpa_backends=null"
             )
+        if lr_scheduler == "constant" and warmup_steps:  # transformers' get_scheduler would drop the warm-up silently
+            raise LitFlashError(
+                f"model.lr_scheduler=constant has no warm-up (model.warmup_steps={warmup_steps}): "
+                "use model.lr_scheduler=constant_with_warmup, or model.warmup_steps=0"
+            )
         unknown = set(sdpa_backends or ()) - set(SDPA_BACKENDS)
         if unknown:
             raise LitFlashError(f"model.sdpa_backends: unknown {sorted(unknown)}; choose from {list(SDPA_BACKENDS)}")
@@ -254,8 +260,10 @@ class FlashGPT2LM(L.LightningModule):
         self.fused_ce = _liger_fused_ce() if fused_cross_entropy else None
         self._compute_loss = self._loss_impl
         self._compiled = False
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
+        # A NaN batch must make the mean NaN: torchmetrics' default drops it, for a finite, too-good val_ppl. NaN is
+        # put back as the value (its "disable" would also drop the token weights).
+        self.val_loss = MeanMetric(nan_strategy=float("nan"))
+        self.test_loss = MeanMetric(nan_strategy=float("nan"))
         self.flops_per_batch: float | None = None  # read by Lightning's ThroughputMonitor
         self.last_validated_step: int | None = None
         self._flops_per_token: dict[tuple[int, bool], float] = {}
@@ -271,7 +279,12 @@ class FlashGPT2LM(L.LightningModule):
         if h.model_name_or_path is None:
             if not h.model_config:
                 raise LitFlashError("model.model_name_or_path is null: give model.model_config to build a model")
-            config = AutoConfig.for_model(overrides.pop("model_type", "gpt2"), **overrides)
+            model_type = overrides.pop("model_type", "gpt2")
+            config = AutoConfig.for_model(model_type, **overrides)
+            defaults = AutoConfig.for_model(model_type)
+            unknown = sorted(k for k in h.model_config if k != "model_type" and not hasattr(defaults, k))
+            if unknown:  # a config keeps unknown keys as plain attributes: a typo would be ignored
+                raise LitFlashError(f"model.model_config: {unknown} is not a setting of {model_type} models")
             return AutoModelForCausalLM.from_config(config, **common)
         try:
             # fp32 master weights: Lightning's 16-mixed autocasts; fp16 weights would break its GradScaler.
@@ -281,6 +294,8 @@ class FlashGPT2LM(L.LightningModule):
         except (OSError, ValueError) as err:  # ValueError: e.g. custom code without trust_remote_code
             first = str(err).splitlines()[0]
             raise LitFlashError(f"model.model_name_or_path={h.model_name_or_path}: cannot load it ({first})") from err
+        except TypeError as err:  # a key the model's config does not know reaches the model's __init__
+            raise LitFlashError(f"model.model_config or model.dropout: not a setting of this model ({err})") from err
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def setup(self, stage: str) -> None:
