@@ -25,7 +25,7 @@ from _reliability_helpers import (
 )
 
 from lit_flash import cli as cli_module
-from lit_flash.cli import cli_main
+from lit_flash.cli import cli_main, config_path
 from lit_flash.model import FlashGPT2LM
 from lit_flash.preflight import check_precision_supported
 
@@ -155,6 +155,10 @@ CASES = [
     ("tokenizer larger than the model", _big_tokenizer, "data.tokenizer_name"),
     ("fresh fit over an earlier run", _earlier_run, "--ckpt_path last"),
 ]
+if not torch.cuda.is_available():  # a GPU overlay on a machine without a GPU
+    CASES.append(("ddp.yaml without a GPU",
+                  lambda tmp: ["--config", str(tmp / "config.yaml"), "--config", str(config_path("ddp.yaml"))],
+                  "trainer.accelerator=gpu: this machine has no CUDA GPU"))
 
 
 

@@ -25,8 +25,14 @@ def check_precision_supported(precision: str | int | None, device_type: str, bf1
 
 
 def trainer_device_type(accelerator: str | None) -> str:
-    """The device type a `Trainer(accelerator=...)` string will use on this machine."""
+    """The device type a `Trainer(accelerator=...)` string will use on this machine; a GPU asked for on a machine
+    without one is an error here (Lightning's own is a 30-line traceback)."""
     name = str(accelerator or "auto").lower()
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise LitFlashError(
+            f"trainer.accelerator={name}: this machine has no CUDA GPU; use trainer.accelerator=auto or cpu "
+            "(configs/ddp.yaml, fsdp.yaml and multinode.yaml ask for GPUs)"
+        )
     if name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available()):
         return "cuda"
     if name == "auto":
