@@ -96,6 +96,19 @@ def test_read_metrics_and_plot_errors(tmp_path, monkeypatch):
         plot_metrics(csv)
 
 
+def test_read_metrics_joins_a_resumed_runs_logs(tmp_path):
+    # A run stopped after step 3 (logged up to 3) and resumed from its step-2 checkpoint: version_1 redoes step 3.
+    import os
+
+    for version, text, mtime in (("version_0", "epoch,step,train_loss\n0,0,5.0\n0,1,4.0\n0,2,3.5\n0,3,3.4\n", 1000),
+                                 ("version_1", "epoch,step,train_loss\n0,3,3.3\n0,4,3.0\n", 2000)):
+        folder = tmp_path / "logs" / version
+        folder.mkdir(parents=True)
+        (folder / "metrics.csv").write_text(text)
+        os.utime(folder / "metrics.csv", (mtime, mtime))
+    assert read_metrics(tmp_path) == {"train_loss": ([0, 1, 2, 3, 4], [5.0, 4.0, 3.5, 3.3, 3.0])}
+
+
 def test_wandb_is_added_to_csv_and_tensorboard_and_offline_without_key(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger

@@ -16,6 +16,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -543,3 +544,25 @@ def test_grad_scaler_state_is_restored_on_resume(tmp_path: Path, data_dir: Path)
     assert straight.get_scale() > 2.0**10  # it grew: there is state to restore
     assert resumed.state_dict() == straight.state_dict()
     assert resumed_losses == pytest.approx(straight_losses[5:], abs=1e-6)
+
+
+@pytest.mark.parametrize(("world_size", "saved"), [(2, "state"), (2, "old_list"), (1, "old_list")])
+def test_each_rank_restores_rank_0s_gpu_rng_state_on_its_own_gpu(monkeypatch, world_size, saved) -> None:
+    """Rank 0 saves its own GPU's RNG state; every rank restores it on its current GPU (the ranks are seeded
+    alike and draw alike). Checkpoints that held every device's state restore rank 0's own device's entry. The
+    CUDA calls are stand-ins here (no GPU on CI): what is checked is which state goes to which call."""
+    rank0_gpu, stale_gpu1 = torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: rank0_gpu)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(state))
+    states = ExactResume().state_dict()
+    assert states["cuda"] is rank0_gpu
+    if saved == "old_list":
+        states["cuda"] = [rank0_gpu, stale_gpu1]
+    resumed = ExactResume()
+    resumed.load_state_dict(states)
+    resumed.on_train_batch_start(SimpleNamespace(world_size=world_size), None, None, 0)
+    assert restored == [rank0_gpu]

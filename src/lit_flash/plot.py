@@ -20,21 +20,26 @@ def _require_matplotlib() -> Any:
     return matplotlib
 
 
-def find_metrics_csv(path: str | Path) -> Path:
-    """`metrics.csv` itself, or the newest one under a run folder (`<root>/logs/version_N/metrics.csv`)."""
+def metrics_csvs(path: str | Path) -> list[Path]:
+    """`metrics.csv` itself, or every one under a run folder (`<root>/logs/version_N/metrics.csv`: one per start
+    of the run, resumes included), oldest first."""
     path = Path(path)
     if path.is_file():
-        return path
+        return [path]
     found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
     if not found:
         raise LitFlashError(f"{path}: no metrics.csv there (give a run folder, log folder or csv)")
-    return found[-1]
+    return found
 
 
-def read_metrics(path: str | Path) -> dict[str, tuple[list[int], list[float]]]:
-    """Each metric of a Lightning `CSVLogger` file as (steps, values); empty cells (other metrics) skipped."""
+def find_metrics_csv(path: str | Path) -> Path:
+    """The newest `metrics.csv` of `metrics_csvs`."""
+    return metrics_csvs(path)[-1]
+
+
+def _read_csv(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     series: dict[str, tuple[list[int], list[float]]] = {}
-    with open(find_metrics_csv(path), newline="") as f:
+    with open(path, newline="") as f:
         for row in csv.DictReader(f):
             step = row.get("step")
             for name, value in row.items():
@@ -43,6 +48,18 @@ def read_metrics(path: str | Path) -> dict[str, tuple[list[int], list[float]]]:
                 steps, values = series.setdefault(name, ([], []))
                 steps.append(int(float(step)))
                 values.append(float(value))
+    return series
+
+
+def read_metrics(path: str | Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Each metric of Lightning `CSVLogger` files as (steps, values), empty cells (other metrics) skipped. A run
+    folder's logs are joined oldest first: a resumed run's log replaces the earlier one from its first step on."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for csv_path in metrics_csvs(path):
+        for name, (steps, values) in _read_csv(csv_path).items():
+            old_steps, old_values = series.get(name, ([], []))
+            kept = [i for i, s in enumerate(old_steps) if s < steps[0]]
+            series[name] = ([old_steps[i] for i in kept] + steps, [old_values[i] for i in kept] + values)
     return series
 
 
@@ -69,7 +86,7 @@ def plot_main(path: str, output: str | None = None, metrics: list[str] | None = 
     """Draw training loss and validation perplexity of a run into a PNG.
 
     Args:
-        path: A run's `default_root_dir` (its newest `metrics.csv` is used), a log folder, or a `metrics.csv`.
+        path: A run's `default_root_dir` (its logs joined across resumes), a log folder, or a `metrics.csv`.
         output: Image file to write (must not exist); default `plot.png` beside the csv, rewritten each time.
         metrics: Logged metrics to draw, default `[train_loss, val_ppl]`.
     """

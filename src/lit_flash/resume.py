@@ -87,7 +87,8 @@ class ExactResume(L.Callback):
 
     - the torch (CPU, CUDA) and Python RNG states go into each checkpoint and are restored just before the first
       training batch after a resume, so dropout draws the same masks as in an uninterrupted run (on several GPUs
-      rank 0's states are saved; the other ranks resume with fresh ones);
+      rank 0 saves its own GPU's state and every rank restores it on its own GPU: the ranks are seeded alike and
+      draw alike, so their states are equal in an uninterrupted run);
     - the loggers are flushed with every checkpoint, so the metrics up to it survive a SIGKILL (a CSVLogger
       writes only every 100 steps by default; the CLI's writes every logged step);
     - a SIGTERM (a preemption, `docker stop`, a stopped FlexAI job) saves `last.ckpt` before the process exits:
@@ -101,7 +102,7 @@ class ExactResume(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            states["cuda"] = torch.cuda.get_rng_state_all()
+            states["cuda"] = torch.cuda.get_rng_state()  # this rank's device only: see the class docstring
         return states
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -114,8 +115,12 @@ class ExactResume(L.Callback):
             return
         torch.set_rng_state(states["torch"])
         random.setstate(states["python"])
-        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states["cuda"])
+        cuda = states.get("cuda")
+        if isinstance(cuda, list):  # older checkpoints: every device's state as rank 0 saw it; its own is current
+            own = torch.cuda.current_device() if trainer.world_size == 1 else 0
+            cuda = cuda[own] if own < len(cuda) else None
+        if cuda is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda)  # on the current device: each rank's own GPU
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         for logger in trainer.loggers:
