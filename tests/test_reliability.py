@@ -205,6 +205,8 @@ def test_auto_without_a_checkpoint_starts_from_scratch(tmp_path: Path, data_dir:
     (tmp_path / "step=20.ckpt").write_bytes(b"x")  # written after last.ckpt: a kill fell between the two
     assert resolve_ckpt_path("auto", tmp_path, "fit") == str(tmp_path / "step=20.ckpt")
     assert resolve_ckpt_path("last", tmp_path, "fit") == "last"  # Lightning resolves this one
+    with pytest.raises(LitFlashError, match="--ckpt_path last: no checkpoint in .*none yet; use --ckpt_path auto"):
+        resolve_ckpt_path("last", tmp_path / "none", "fit")  # unlike auto, last means: resume
 
 
 # ------------------------------------------------------------------------------------- data position

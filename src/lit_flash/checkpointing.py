@@ -130,8 +130,8 @@ def check_state_dict_fits(expected: dict[str, torch.Tensor], found: dict[str, An
 
 def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcommand: str) -> str | None:
     """Turn `ckpt_path=auto` into the newest checkpoint in `ckpt_dir` (normally `last.ckpt`; a step checkpoint
-    when a kill landed between writing it and last.ckpt), or None (start fresh) when there is none; and refuse a
-    fresh `fit` that would overwrite the checkpoints of an earlier run in the same folder."""
+    when a kill landed between writing it and last.ckpt), or None (start fresh) when there is none; refuse `last`
+    when there is none, and a fresh `fit` that would overwrite the checkpoints of an earlier run in the same folder."""
     ckpt_dir = Path(ckpt_dir)
     existing = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if ckpt_dir.is_dir() else []
     if ckpt_path == "auto":
@@ -141,6 +141,10 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcom
         then = "starting from scratch" if subcommand == "fit" else "using the model as configured"
         print(f"lit_flash: no checkpoint in {ckpt_dir} yet, {then} (ckpt_path=auto)", flush=True)
         return None
+    if ckpt_path == "last" and not existing:  # Lightning would warn and go on without one
+        raise LitFlashError(
+            f"--ckpt_path last: no checkpoint in {ckpt_dir} yet; use --ckpt_path auto to start fresh when there is none"
+        )
     if ckpt_path is None and subcommand == "fit" and existing:
         names = ", ".join(p.name for p in existing[-3:])
         raise LitFlashError(
