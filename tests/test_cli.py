@@ -252,7 +252,12 @@ def test_main_runs_as_a_plain_script(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert all(sub in result.stdout for sub in ("fit", "validate", "test"))
+    assert all(f"  {sub} " in result.stdout for sub in ("fit", "validate", "test", "prepare", "generate", "plot"))
+
+
+def test_no_subcommand_lists_them_all(run_cli):
+    code, _, err = run_cli([])
+    assert code == 2 and "  generate " in err and "<subcommand> --help" in err
 
 
 def test_console_script_points_at_main():

@@ -174,12 +174,29 @@ def _as_list(value: Any) -> list[Any]:
     return [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
 
 
+OVERVIEW = """usage: python -m lit_flash <subcommand> [options]   (or: lit-flash <subcommand> ...)
+
+  fit       train; without --config, the offline CPU demo (configs/demo.yaml)
+  validate  validation loss and perplexity of a model or checkpoint (--ckpt_path)
+  test      the same on the test split
+  prepare   tokenize text into the reference recipe's DatasetDict (save_to_disk), for data.tokenized_dataset_load_dir
+  generate  sample text from an exported model (<run>/model) or a checkpoint
+  plot      draw a run's training loss and validation perplexity into a PNG
+
+`python -m lit_flash <subcommand> --help` lists a subcommand's options; `fit --config configs/gpt2_flash.yaml
+--print_config` shows a complete config.
+"""
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | None:
     """Run the CLI in-process (tests, notebooks) or from the shell; `args` as on the command line.
 
     Without `--config`, the trainer subcommands run the offline demo (`configs/demo.yaml`).
     """
     args = list(sys.argv[1:] if args is None else args)
+    if not args or args[0] in ("-h", "--help"):  # LightningCLI's own list names the Trainer subcommands only
+        (sys.stdout if args else sys.stderr).write(OVERVIEW)
+        raise SystemExit(0 if args else 2)
     try:
         if args and args[0] in FUNCTION_SUBCOMMANDS:
             import importlib
