@@ -178,6 +178,7 @@ def test_checkpoints_export_and_logs_written_once(ddp_fit: SimpleNamespace) -> N
     expected = [f"epoch=0-step={STEPS_PER_EPOCH_2}.ckpt", f"epoch=1-step={2 * STEPS_PER_EPOCH_2}.ckpt", "last.ckpt"]
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == expected
     assert ddp_fit.output.count("Exported the Hugging Face model") == 1
+    assert "sync_dist=True" not in ddp_fit.output  # val_loss/val_ppl are synced before they are logged
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("metrics.csv")) == ["logs/version_0/metrics.csv"]
     assert [p.name for p in (root / "logs").iterdir()] == ["version_0"]
     rows = (root / "logs" / "version_0" / "metrics.csv").read_text().splitlines()

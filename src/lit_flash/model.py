@@ -482,8 +482,10 @@ class FlashGPT2LM(L.LightningModule):
         metric.reset()
         if prefix == "val" and not self.trainer.sanity_checking:
             self.last_validated_step = self.global_step  # the CLI validates once more after fit unless it is this
-        self.log(f"{prefix}_loss", mean, prog_bar=True)
-        self.log(f"{prefix}_ppl", perplexity(mean), prog_bar=True)
+        # Already the same on every rank (compute() synced the sums): sync_dist costs a tiny all-reduce and spares
+        # Lightning's warning that epoch-level values should be synced.
+        self.log(f"{prefix}_loss", mean, prog_bar=True, sync_dist=True)
+        self.log(f"{prefix}_ppl", perplexity(mean), prog_bar=True, sync_dist=True)
 
     # ------------------------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> Any:
