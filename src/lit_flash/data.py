@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import pyarrow.compute as pc
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_flash.distributed import shard_sampler
@@ -380,6 +381,18 @@ class WikitextDataModule(L.LightningDataModule):
     @property
     def blocks_path(self) -> Path:
         return Path(self.hparams.tokenized_dataset_load_dir or self.cache_path / "blocks")
+
+    def state_dict(self) -> dict[str, Any]:
+        # A stream's position is not saved (Lightning's own warning is off for a loader without a length): the
+        # mark lets a resume say so.
+        return {"streaming": True} if self.hparams.streaming else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("streaming") and self.hparams.streaming:
+            rank_zero_warn(
+                "data.streaming=true: the stream restarts from its first block on resume, so the blocks trained on "
+                "before the checkpoint are read again (a pre-tokenized dataset or the cache resumes exactly)"
+            )
 
     def prepare_data(self) -> None:
         """Download and tokenize once (rank 0 only), into the cache; a second run finds it there."""
