@@ -52,6 +52,9 @@ def test_model_errors_name_the_key(tmp_path):
         resolve_attn_implementation("flash3")
     with pytest.raises(LitFlashError, match=r"model.model_config: \['n_layers'\] is not a setting of gpt2"):
         FlashGPT2LM(model_name_or_path=None, model_config={"n_layers": 2}, attn_implementation="sdpa")
+    with pytest.raises(LitFlashError, match=r"model.dropout \(GPT-2's keys\): \['attn_pdrop'.* of llama models"):
+        FlashGPT2LM(model_name_or_path=None, model_config={"model_type": "llama", "num_hidden_layers": 1},
+                    dropout=0.0, attn_implementation="sdpa")
     with pytest.raises(LitFlashError, match="model.lr_scheduler=constant has no warm-up.*constant_with_warmup"):
         FlashGPT2LM(model_name_or_path=None, model_config={"n_layer": 1}, lr_scheduler="constant", warmup_steps=5)
 

@@ -282,9 +282,10 @@ class FlashGPT2LM(L.LightningModule):
             model_type = overrides.pop("model_type", "gpt2")
             config = AutoConfig.for_model(model_type, **overrides)
             defaults = AutoConfig.for_model(model_type)
-            unknown = sorted(k for k in h.model_config if k != "model_type" and not hasattr(defaults, k))
+            unknown = sorted(k for k in overrides if not hasattr(defaults, k))
             if unknown:  # a config keeps unknown keys as plain attributes: a typo would be ignored
-                raise LitFlashError(f"model.model_config: {unknown} is not a setting of {model_type} models")
+                flag = "model.model_config" if set(unknown) & set(h.model_config) else "model.dropout (GPT-2's keys)"
+                raise LitFlashError(f"{flag}: {unknown} is not a setting of {model_type} models")
             return AutoModelForCausalLM.from_config(config, **common)
         try:
             # fp32 master weights: Lightning's 16-mixed autocasts; fp16 weights would break its GradScaler.
