@@ -17,6 +17,7 @@ from lit_flash.errors import LitFlashError
 from lit_flash.model import (
     FlashGPT2LM,
     check_data_fits_model,
+    check_skip_supported,
     flash_attention_unavailable_reason,
     flops_per_token,
     resolve_attn_implementation,
@@ -57,6 +58,16 @@ def test_model_errors_name_the_key(tmp_path):
                     dropout=0.0, attn_implementation="sdpa")
     with pytest.raises(LitFlashError, match="model.lr_scheduler=constant has no warm-up.*constant_with_warmup"):
         FlashGPT2LM(model_name_or_path=None, model_config={"n_layer": 1}, lr_scheduler="constant", warmup_steps=5)
+
+
+def test_skipping_a_step_under_fsdp_fp16_is_refused():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    with pytest.raises(LitFlashError, match="model.on_nonfinite=skip cannot skip a step under FSDP"):
+        check_skip_supported("skip", "16-mixed", FSDPStrategy())
+    check_skip_supported("skip", "bf16-mixed", FSDPStrategy())  # no GradScaler
+    check_skip_supported("skip", "16-mixed", DDPStrategy())  # its plugin skips the unscale too
+    check_skip_supported("stop", "16-mixed", FSDPStrategy())
 
 
 def test_a_typo_in_model_config_of_a_saved_model_names_the_key(tiny_model_config, tmp_path):

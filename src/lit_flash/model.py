@@ -96,6 +96,18 @@ def check_data_fits_model(
         )
 
 
+def check_skip_supported(on_nonfinite: str, precision: str, strategy: Any) -> None:
+    """Lightning's FSDP precision plugin unscales the fp16 gradients of a skipped step without updating its
+    GradScaler, so the next step would fail; the other strategies' plugin skips both."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if on_nonfinite == "skip" and precision in ("16-mixed", "16") and isinstance(strategy, FSDPStrategy):
+        raise LitFlashError(
+            "model.on_nonfinite=skip cannot skip a step under FSDP with trainer.precision=16-mixed: "
+            "use bf16-mixed, or model.on_nonfinite=stop"
+        )
+
+
 def flops_per_token(config: Any, seq_len: int, training: bool = True) -> float:
     """FLOPs per token: 6N + 12·L·d·T for a training step (N parameters, L layers, width d, T tokens of context;
     PaLM's appendix B), a third of that for a forward pass alone."""
@@ -312,6 +324,7 @@ class FlashGPT2LM(L.LightningModule):
                 "model.sdpa_backends=null"
             )
         precision = str(self.trainer.precision)
+        check_skip_supported(self.hparams.on_nonfinite, precision, self.trainer.strategy)
         if self.attn_implementation == "flash_attention_2" and precision in ("32-true", "32", "64-true", "64"):
             raise LitFlashError(
                 f"trainer.precision={precision}: flash_attention_2 runs in fp16/bf16 only; "
