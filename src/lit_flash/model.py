@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchmetrics import MeanMetric
@@ -99,8 +100,6 @@ def check_data_fits_model(
 def check_skip_supported(on_nonfinite: str, precision: str, strategy: Any) -> None:
     """Lightning's FSDP precision plugin unscales the fp16 gradients of a skipped step without updating its
     GradScaler, so the next step would fail; the other strategies' plugin skips both."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     if on_nonfinite == "skip" and precision in ("16-mixed", "16") and isinstance(strategy, FSDPStrategy):
         raise LitFlashError(
             "model.on_nonfinite=skip cannot skip a step under FSDP with trainer.precision=16-mixed: "
@@ -292,12 +291,12 @@ class FlashGPT2LM(L.LightningModule):
             if not h.model_config:
                 raise LitFlashError("model.model_name_or_path is null: give model.model_config to build a model")
             model_type = overrides.pop("model_type", "gpt2")
-            config = AutoConfig.for_model(model_type, **overrides)
-            defaults = AutoConfig.for_model(model_type)
+            defaults = AutoConfig.for_model(model_type)  # a config keeps unknown keys as attributes: typos pass
             unknown = sorted(k for k in overrides if not hasattr(defaults, k))
-            if unknown:  # a config keeps unknown keys as plain attributes: a typo would be ignored
+            if unknown:
                 flag = "model.model_config" if set(unknown) & set(h.model_config) else "model.dropout (GPT-2's keys)"
                 raise LitFlashError(f"{flag}: {unknown} is not a setting of {model_type} models")
+            config = AutoConfig.for_model(model_type, **overrides)
             return AutoModelForCausalLM.from_config(config, **common)
         try:
             # fp32 master weights: Lightning's 16-mixed autocasts; fp16 weights would break its GradScaler.
