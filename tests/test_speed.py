@@ -246,8 +246,8 @@ def test_fused_adamw_choice(tiny_model_config, monkeypatch):
     assert _optimizer_for(tiny_module(config, fused_adamw=True), gradient_clip_val=0.5).defaults["fused"]
     assert not _optimizer_for(tiny_module(config, fused_adamw=False)).defaults["fused"]
 
-    # Null on CUDA: fused, except with clipping under 16-mixed. The device and precision are mocked (CPU here;
-    # a CPU Trainer turns 16-mixed into bf16-mixed).
+    # Null on CUDA: fused, with or without clipping, under any precision. The device and precision are mocked (CPU
+    # here; a CPU Trainer turns 16-mixed into bf16-mixed).
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     monkeypatch.setattr(SingleDeviceStrategy, "root_device", property(lambda self: torch.device("cuda")))
@@ -255,18 +255,7 @@ def test_fused_adamw_choice(tiny_model_config, monkeypatch):
     module = tiny_module(config)
     module.trainer = cpu_trainer(max_steps=4, max_epochs=-1, gradient_clip_val=0.5)
     module.trainer.strategy.precision_plugin.precision = "16-mixed"
-    assert not module.configure_optimizers()["optimizer"].defaults["fused"]
-    module.trainer.gradient_clip_val = None
     assert module.configure_optimizers()["optimizer"].defaults["fused"]
-
-
-def test_fused_adamw_with_clipping_under_16_mixed_is_refused(tiny_model_config):
-    module = tiny_module(_small_config(tiny_model_config), fused_adamw=True)
-    module.trainer = cpu_trainer(max_steps=4, max_epochs=-1, gradient_clip_val=1.0)
-    module.trainer.strategy.precision_plugin.precision = "16-mixed"  # a CPU Trainer cannot have it: mocked
-    with pytest.raises(LitFlashError, match="model.fused_adamw=true .*trainer.gradient_clip_val.*16-mixed") as err:
-        module.configure_optimizers()
-    assert "\n" not in str(err.value)
 
 
 def _set_large_grads(module: FlashGPT2LM) -> None:
@@ -329,6 +318,67 @@ def test_fused_adamw_clips_and_trains_in_a_cpu_fit(tiny_model_config, make_token
     assert max(norms.at_step) == pytest.approx(0.5, rel=1e-3)
     moved = [n for n, p in module.named_parameters() if not torch.equal(p.detach(), start[n])]
     assert len(moved) == len(start)
+
+
+def _fp16_scaler_plugin() -> Any:
+    """16-mixed with its GradScaler on the CPU (a CPU Trainer given `precision="16-mixed"` makes it bf16)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return MixedPrecision("16-mixed", "cpu")
+
+
+def test_fused_adamw_clips_true_scale_gradients_under_16_mixed_grad_scaler(tiny_model_config, make_token_dataset):
+    """The recipe's step (16-mixed, GradScaler, clipping 1.0) with fused AdamW: the clip sees unscaled gradients,
+    and the optimizer steps with them (not with gradients scaled by 2**16 or unscaled twice)."""
+    module = tiny_module(_small_config(tiny_model_config), fused_adamw=True, learning_rate=1e-2)
+    dm = _datamodule(make_token_dataset, vocab_size=REAL_VOCAB)
+    start = {n: p.detach().clone() for n, p in module.named_parameters()}
+    norms = _GradNorms()
+    plugin = _fp16_scaler_plugin()
+    trainer = cpu_trainer(max_steps=4, limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=0.5,
+                          plugins=[plugin], callbacks=[norms])
+    trainer.fit(module, dm)
+    assert trainer.optimizers[0].defaults["fused"]
+    assert plugin.scaler.get_scale() > 1  # a real GradScaler scaled the loss
+    assert len(norms.at_step) == 4
+    assert min(norms.before) > 0.5  # clipping had work to do
+    assert max(norms.at_step) == pytest.approx(0.5, rel=1e-3)  # the step saw unscaled, clipped gradients
+    moved = [n for n, p in module.named_parameters() if not torch.equal(p.detach(), start[n])]
+    assert len(moved) == len(start)
+
+
+class _InfGradAt(L.Callback):
+    """Turns one parameter's gradient to inf on step `at`, right after the backward (as an fp16 overflow would)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == self.at:
+            next(pl_module.parameters()).grad.fill_(float("inf"))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_overflowed_step_is_skipped_and_the_scale_halves_under_16_mixed(
+    tiny_model_config, make_token_dataset, fused
+):
+    module = tiny_module(_small_config(tiny_model_config), fused_adamw=fused, learning_rate=1e-2)
+    dm = _datamodule(make_token_dataset, vocab_size=REAL_VOCAB)
+    plugin = _fp16_scaler_plugin()
+    weights: list[torch.Tensor] = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            weights.append(torch.cat([p.detach().flatten() for p in module.parameters()]))
+
+    trainer = cpu_trainer(max_steps=3, limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0,
+                          plugins=[plugin], callbacks=[_InfGradAt(1), Snapshot()])
+    start_scale = plugin.scaler.get_scale()
+    trainer.fit(module, dm)
+    assert torch.equal(weights[0], weights[1])  # step 1 had an inf gradient: no update
+    assert not torch.equal(weights[1], weights[2])  # step 2 updates again
+    assert torch.isfinite(weights[2]).all()
+    assert plugin.scaler.get_scale() < start_scale
 
 
 # ------------------------------------------------------------------------------------------ TokenThroughput

@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from lit_flash.checkpointing import check_state_dict_fits
 from lit_flash.data import IGNORE_INDEX, perplexity
 from lit_flash.errors import LitFlashError, NonFiniteLossError
+from lit_flash.optim import planned_optimizer_steps, weight_decay_groups
 
 AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
 SDPABackend = Literal["cudnn", "flash", "efficient", "math"]
@@ -125,24 +126,6 @@ def _params_of_config(config: Any) -> list[torch.Tensor]:
     return list(model.parameters())
 
 
-def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups as the HF Trainer makes them: no decay on biases and norm weights, decay on the rest.
-
-    Decided by parameter name and module type, not by `ndim`: under FSDP (`use_orig_params`) each parameter is
-    a flat 1-d shard, and an `ndim < 2` rule would silently drop weight decay everywhere.
-    """
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    seen: set[int] = set()  # tied weights (GPT-2's wte and lm_head) are one parameter: one group
-    for module in model.modules():
-        is_norm = "norm" in type(module).__name__.lower()
-        for name, param in module.named_parameters(recurse=False):
-            if param.requires_grad and id(param) not in seen:
-                seen.add(id(param))
-                (no_decay if is_norm or name == "bias" else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _to_autocast_dtype(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
     # Embeddings are not autocast ops: their fp32 output would make every later residual add fp32 too.
     device = output.device.type
@@ -192,8 +175,8 @@ class FlashGPT2LM(L.LightningModule):
             full fp32 logits (batch x seq x vocab) are never materialized. Needs `pip install 'lit-flash[fast]'`.
         pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
             faster matmuls. The pad ids are masked out of the softmax; the export is sliced back to the real size.
-        fused_adamw: AdamW's fused CUDA kernel; null: on when training on CUDA, except with gradient clipping under
-            16-mixed (the GradScaler and a fused step cannot be combined): then multi-tensor (foreach) AdamW.
+        fused_adamw: AdamW's fused kernel (one launch a step; under 16-mixed it skips an overflowed step on the GPU
+            without a host sync, clipping included); null: on when training on CUDA, else multi-tensor AdamW.
         low_precision_residual: Under bf16-mixed, cast the embeddings' output to bf16 so the residual stream between
             blocks is carried in bf16 (as in a model loaded in bf16, or Megatron-LM without
             `fp32_residual_connection`) instead of fp32: half the memory traffic of every residual add and LayerNorm.
@@ -300,7 +283,7 @@ class FlashGPT2LM(L.LightningModule):
             return AutoModelForCausalLM.from_config(config, **common)
         try:
             # fp32 master weights: Lightning's 16-mixed autocasts; fp16 weights would break its GradScaler.
-            return AutoModelForCausalLM.from_pretrained(
+            model = AutoModelForCausalLM.from_pretrained(
                 h.model_name_or_path, dtype=torch.float32, **overrides, **common
             )
         except (OSError, ValueError) as err:  # ValueError: e.g. custom code without trust_remote_code
@@ -308,6 +291,9 @@ class FlashGPT2LM(L.LightningModule):
             raise LitFlashError(f"model.model_name_or_path={h.model_name_or_path}: cannot load it ({first})") from err
         except TypeError as err:  # a key the model's config does not know reaches the model's __init__
             raise LitFlashError(f"model.model_config or model.dropout: not a setting of this model ({err})") from err
+        # from_pretrained returns eval mode (dropout off), and Lightning >= 2.6 keeps each submodule's mode when fit
+        # starts: a fine-tune would silently run without the model's dropout (on_fit_start sets train mode too).
+        return model.train()
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def setup(self, stage: str) -> None:
@@ -450,6 +436,11 @@ class FlashGPT2LM(L.LightningModule):
                 "model.on_nonfinite=skip"
             )
 
+    def on_fit_start(self) -> None:
+        # Train mode whatever the model's source or what was done with it before (a hub model loads in eval mode; a
+        # notebook may have generated with it). Lightning's loops switch to eval for validation and back to this.
+        self.train()
+
     def on_train_start(self) -> None:
         self.first_nonfinite_step = None  # a new fit (e.g. again in a notebook, on another device) starts clean
 
@@ -507,18 +498,12 @@ class FlashGPT2LM(L.LightningModule):
         h = self.hparams
         groups = weight_decay_groups(self.model, h.weight_decay)
         on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
-        # Under 16-mixed the GradScaler's gradients are still scaled when Lightning clips, and a fused AdamW
-        # unscales inside its own step: the two cannot be combined. bf16 has no scaler: we clip directly.
-        scaled = self._trainer is not None and str(self.trainer.precision) in ("16-mixed", "16")
-        if h.fused_adamw and clipping and scaled:
-            raise LitFlashError(
-                "model.fused_adamw=true cannot be combined with trainer.gradient_clip_val under 16-mixed: "
-                "use bf16-mixed, model.fused_adamw=null (multi-tensor AdamW) or trainer.gradient_clip_val=null"
-            )
-        fused = (on_cuda and not (clipping and scaled)) if h.fused_adamw is None else h.fused_adamw
+        # Fused AdamW: one kernel launch for the whole step, and under 16-mixed it takes the GradScaler's inf flag
+        # on the device (no host sync to decide whether to skip). Clipping first unscales it explicitly: see
+        # configure_gradient_clipping.
+        fused = on_cuda if h.fused_adamw is None else h.fused_adamw
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
-        total = self.trainer.estimated_stepping_batches
+        total = planned_optimizer_steps(self.trainer)
         if h.warmup_steps >= total and h.lr_scheduler != "constant":
             rank_zero_warn(f"model.warmup_steps={h.warmup_steps} is not below the {total} training steps")
         extra = {"scheduler_specific_kwargs": {"min_lr_rate": 0.1}} if h.lr_scheduler == "cosine_with_min_lr" else {}
@@ -532,14 +517,19 @@ class FlashGPT2LM(L.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         norm = bool(gradient_clip_val) and gradient_clip_algorithm != "value"
+        fused = bool(optimizer.defaults.get("fused"))
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed's GradScaler, else None
+        if gradient_clip_val and fused and scaler is not None:
+            # Lightning's AMP plugin leaves the unscaling to a fused optimizer's step and so refuses to clip. Unscale
+            # here instead (one foreach kernel, no host sync): GradScaler.step then hands the fused kernel only the
+            # inf flag, and the kernel skips an overflowed step on the device.
+            scaler.unscale_(optimizer)
         if norm and hasattr(self.trainer.model, "clip_grad_norm_"):
             # FSDP: the norm spans every rank's shard; only the wrapped module can compute it (Lightning's FSDP
             # precision refuses 'norm'). The GradScaler, if any, has unscaled the gradients already.
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
             return
-        if gradient_clip_val and optimizer.defaults.get("fused"):
-            # No GradScaler here (see configure_optimizers): the gradients are true-scale, clip them directly;
-            # Lightning's AMP plugin refuses any fused optimizer.
+        if gradient_clip_val and fused:  # true-scale gradients (bf16, fp32, or unscaled above): clip directly
             if norm:
                 torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
             else:

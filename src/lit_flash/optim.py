@@ -1,0 +1,58 @@
+"""AdamW's parameter groups and the length of the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups as the HF Trainer makes them: no decay on biases and norm weights, decay on the rest.
+
+    Decided by parameter name and module type, not by `ndim`: under FSDP (`use_orig_params`) each parameter is
+    a flat 1-d shard, and an `ndim < 2` rule would silently drop weight decay everywhere.
+    """
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    seen: set[int] = set()  # tied weights (GPT-2's wte and lm_head) are one parameter: one group
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                (no_decay if is_norm or name == "bias" else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def limited_batches(length: int, limit: int | float) -> int:
+    """Batches an epoch runs under `trainer.limit_train_batches` (an int caps the count, a float is a fraction)."""
+    if isinstance(limit, int):
+        return min(length, limit)
+    return int(length * limit)
+
+
+def planned_optimizer_steps(trainer: L.Trainer) -> int | float:
+    """The optimizer steps this fit will take: the length of the learning-rate schedule.
+
+    Lightning's `trainer.estimated_stepping_batches` builds the fit loop's train loader when the run is bounded by
+    epochs; called from `configure_optimizers`, that happens before a checkpoint's loader position is restored,
+    and Lightning then never restores it (Lightning#20550): a resumed run would replay its epoch from the start.
+    Here the epoch's length comes from a loader of the DataModule's own, which the fit loop never sees. Without a
+    DataModule (loaders passed to `fit`), Lightning's estimate is used.
+    """
+    if trainer.max_epochs in (None, -1):  # bounded by steps alone
+        return trainer.max_steps if trainer.max_steps != -1 else math.inf
+    datamodule = trainer.datamodule
+    if datamodule is None:
+        return trainer.estimated_stepping_batches
+    loader = datamodule.train_dataloader()
+    try:
+        length = len(loader)
+    except TypeError:  # an iterable dataset: only max_steps bounds it
+        return trainer.max_steps if trainer.max_steps != -1 else math.inf
+    per_epoch = math.ceil(limited_batches(length, trainer.limit_train_batches) / trainer.accumulate_grad_batches)
+    total = per_epoch * max(trainer.max_epochs, 1)
+    return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
