@@ -159,7 +159,8 @@ def test_resume_from_a_mid_epoch_checkpoint_logs_bit_identical_losses(
         expected, got = logged(whole, key), logged(resumed, key)
         after = {step: value for step, value in expected.items() if step >= 8}
         assert after and got == after, key  # bit-identical: compared as floats written by the same code
-    assert (whole / "model" / "model.safetensors").read_bytes() == (resumed / "model" / "model.safetensors").read_bytes()
+    weights = "model/model.safetensors"
+    assert (whole / weights).read_bytes() == (resumed / weights).read_bytes()
 
 
 @pytest.mark.parametrize("accumulate", [1, 2, 3])
