@@ -1,11 +1,13 @@
 """Throughput of lit_flash against the reference recipe, on one GPU, in one process.
 
-    python benchmarks/bench.py --out results/         # GPU machine: reference, lit_flash fast (and + batch64.yaml:
-                                                      # "fastest"), matmul peak, quality, levers
+    python benchmarks/bench.py --out results/         # GPU machine: the reference as shipped, HF Trainer with
+                                                      # torch_compile at each config's batch and precision, the
+                                                      # recipe (16-mixed, + bf16), fast, fastest, quality
     python benchmarks/bench.py --out /tmp/b --cpu-smoke  # a few tiny steps on CPU: checks the script itself
 
-Both sides train GPT-2 124M (random init from GPT2Config: the numbers do not depend on the weights) on the same
-synthetic reference-format token blocks (lit_flash.synthetic), 1024 tokens a row. Tokens/s are timed between the
+Every run trains GPT-2 124M from one random init saved with `save_pretrained` (loaded as hub weights are; the
+speed does not depend on the weights) on the same synthetic reference-format token blocks (lit_flash.synthetic),
+1024 tokens a row. Tokens/s are timed between the
 end of the warm-up steps and the last step, with the GPU synchronized at both ends. MFU = tokens/s x FLOPs per token
 / peak, FLOPs per token = 6N + 12*L*d*T (N parameters, L layers, d width, T=1024 context), against both 790 TFLOP/s
 (the H100/H200 bf16 dense rate the issue names) and the matmul rate measured here.
@@ -87,23 +89,30 @@ def matmul_tflops(n: int = 8192, iters: int = 50) -> float:
     return 2 * n**3 * iters / (time.perf_counter() - t) / 1e12
 
 
-def run_reference(data: Path, model_config: dict, steps: int, warmup: int, batch: int, smoke: bool) -> dict:
-    """The reference recipe: HF Trainer, fp16 weights (--torch_dtype float16), flash_attention_2, batch 8."""
-    import datasets
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-        default_data_collator,
-    )
+def save_initial_weights(model_config: dict, path: Path) -> Path:
+    """One random-init GPT-2 saved with `save_pretrained`: every run starts from these weights, loaded the way hub
+    weights are (lit_flash through `model.model_name_or_path`, HF Trainer through `from_pretrained`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = dict(model_config)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).save_pretrained(str(path))
+    return path
+
+
+def run_reference(
+    data: Path, weights: Path, steps: int, warmup: int, batch: int, smoke: bool, dtype: str = "float16",
+    compile: bool = False, amp: bool = False, evaluate: bool = True,
+) -> dict:
+    """The reference recipe on HF Trainer: `--torch_dtype <dtype>` weights, flash_attention_2, its defaults
+    (lr 5e-5, linear schedule, clipping 1.0, GPT-2's dropout). `compile`: its one `--torch_compile` flag, the honest
+    peer. `amp`: fp32 weights with fp16 autocast (`--fp16`), the quality baseline."""
+    import datasets
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
     attn = "sdpa" if smoke else "flash_attention_2"
-    dtype = torch.float32 if smoke else torch.float16
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    torch_dtype = torch.float32 if smoke or amp else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(weights), attn_implementation=attn, dtype=torch_dtype)
     ds = datasets.load_from_disk(str(data))
     clock, eval_clock = StepClock(warmup), StepClock(2)
 
@@ -124,25 +133,44 @@ def run_reference(data: Path, model_config: dict, steps: int, warmup: int, batch
     args = TrainingArguments(
         output_dir=tmp, per_device_train_batch_size=batch, per_device_eval_batch_size=batch, max_steps=steps,
         logging_steps=50, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=smoke,
-        disable_tqdm=True,
+        disable_tqdm=True, torch_compile=compile and not smoke, fp16=amp and not smoke, seed=42,
     )
     trainer = Trainer(model=model, args=args, train_dataset=ds["train"], eval_dataset=ds["test"],
                       data_collator=default_data_collator, callbacks=[Clock()])
     reset()
     trainer.train()
     seq = len(ds["train"][0]["input_ids"])
-    out = {"tokens_per_s": clock.rate(batch * seq), "peak_mem_gib": peak_mem_gib()}
-    trainer.evaluate()
-    out["eval_tokens_per_s"] = eval_clock.rate(batch * seq)
+    out = {"tokens_per_s": clock.rate(batch * seq), "peak_mem_gib": peak_mem_gib(), "batch": batch,
+           "dtype": "fp32+fp16 autocast" if amp else dtype, "torch_compile": compile}
+    if evaluate:
+        metrics = trainer.evaluate()
+        out["eval_tokens_per_s"] = eval_clock.rate(batch * seq)
+        out["val_loss"] = float(metrics["eval_loss"])
+        out["plain_val_loss"] = plain_val_loss(model, ds["test"], batch)
     shutil.rmtree(tmp, ignore_errors=True)
+    del trainer, model
     return out
 
 
-def fit_args(data: Path, config: str, model_config: dict, steps: int, root_dir: str, overrides: list[str]) -> list[str]:
-    """`lit_flash fit` arguments for a timing run: the model built from `model_config` (no hub), the synthetic
-    blocks at `data`, `steps` steps, no validation, checkpoints or export."""
-    return ["--config", str(ROOT / "configs" / config),
-            "--model.model_name_or_path", "null", "--model.model_config", json.dumps(model_config),
+@torch.no_grad()
+def plain_val_loss(model: Any, dataset: Any, batch: int) -> float:
+    """Mean loss over the predicted tokens, as lit_flash's val_loss is (rows are equal length: the mean of batch
+    means). HF Trainer's own eval_loss divides by all label tokens, the unpredicted last one of each row included,
+    so it reads 1/1024 low at 1024 tokens a row."""
+    model.eval()
+    device = next(model.parameters()).device
+    losses = []
+    for i in range(0, len(dataset), batch):
+        ids = torch.tensor(dataset[i : i + batch]["input_ids"], device=device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            losses.append(model(input_ids=ids, labels=ids).loss.float())
+    return float(torch.stack(losses).mean())
+
+
+def fit_args(data: Path, config: str, weights: Path, steps: int, root_dir: str, overrides: list[str]) -> list[str]:
+    """`lit_flash fit` arguments for a timing run: the weights saved at `weights` (as hub weights arrive), the
+    synthetic blocks at `data`, `steps` steps, no validation, checkpoints or export."""
+    return ["--config", str(ROOT / "configs" / config), "--model.model_name_or_path", str(weights),
             "--data.tokenized_dataset_load_dir", str(data), "--data.tokenizer_name", "null",
             "--trainer.max_steps", str(steps), "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0",
             "--trainer.default_root_dir", root_dir, "--trainer.enable_checkpointing", "false",
@@ -150,16 +178,16 @@ def fit_args(data: Path, config: str, model_config: dict, steps: int, root_dir: 
 
 
 def run_lit(
-    data: Path, config: str, overrides: list[str], model_config: dict, steps: int, warmup: int, evaluate: bool = True
+    data: Path, config: str, overrides: list[str], weights: Path, steps: int, warmup: int, evaluate: bool = True
 ) -> dict:
-    """`lit_flash fit --config <config>` in-process, the model built from `model_config` (no hub), no checkpoints."""
+    """`lit_flash fit --config <config>` in-process, from the weights at `weights`, no checkpoints."""
     import lightning as L
 
     from lit_flash.cli import cli_main
 
     tmp = tempfile.mkdtemp()
     reset()
-    cli = cli_main(fit_args(data, config, model_config, steps, tmp, overrides), run=False)
+    cli = cli_main(fit_args(data, config, weights, steps, tmp, overrides), run=False)
     clock, eval_clock = StepClock(warmup), StepClock(3)
 
     class Clock(L.Callback):
@@ -178,7 +206,8 @@ def run_lit(
     cli.trainer.callbacks.append(Clock())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     rows, seq = cli.datamodule.hparams.batch_size, cli.datamodule.seq_len
-    out = {"tokens_per_s": clock.rate(rows * seq), "peak_mem_gib": peak_mem_gib(), **clock.stalls()}
+    out = {"tokens_per_s": clock.rate(rows * seq), "peak_mem_gib": peak_mem_gib(), "batch": rows,
+           "precision": str(cli.trainer.precision), **clock.stalls()}
     if torch.cuda.is_available():  # cudaFree on a retry synchronizes the device: a hidden per-step stall
         out["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     losses = cli.trainer.callback_metrics
@@ -191,6 +220,7 @@ def run_lit(
     out["eval_tokens_per_s"] = eval_clock.rate(cli.datamodule.hparams.eval_batch_size * seq)
     out["val_loss"] = float(cli.trainer.callback_metrics["val_loss"])
     shutil.rmtree(tmp, ignore_errors=True)
+    del cli
     return out
 
 
@@ -233,12 +263,28 @@ LEVERS: list[tuple[str, str, list[str]]] = [
 ]
 
 
+# The honest peer of each lit_flash run: HF Trainer with its one `--torch_compile` flag, same batch and precision.
+PEERS = {
+    "recipe": (8, "float16"), "recipe_bf16": (8, "bfloat16"), "fast": (32, "bfloat16"), "fastest": (64, "bfloat16")
+}
+LIT_RUNS = {  # part: (config, overlay)
+    "recipe": ("gpt2_flash.yaml", []),
+    "recipe_bf16": ("gpt2_flash.yaml", ["--trainer.precision", "bf16-mixed"]),
+    "fast": ("gpt2_fast.yaml", []),
+    "fastest": ("gpt2_fast.yaml", ["--config", str(ROOT / "configs" / "batch64.yaml")]),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--parts", default="matmul,reference,fast,fastest,quality,levers", help="comma-separated subset")
+    p.add_argument("--parts", default="matmul,reference,peers,recipe,recipe_bf16,fast,fastest,quality",
+                   help="comma-separated subset of: matmul, reference, peers, recipe, recipe_bf16, fast, fastest, "
+                        "quality (recipe vs HF Trainer from the same weights), quality_fast, levers")
+    p.add_argument("--peers", default="recipe,recipe_bf16,fast,fastest", help="whose HF+torch_compile peer to run")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--warmup", type=int, default=25)
+    p.add_argument("--quality-steps", type=int, default=300)
     p.add_argument("--levers", default="", help="comma-separated lever indices (default all)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, 4 steps, CPU: tests the script only")
     a = p.parse_args()
@@ -246,16 +292,20 @@ def main() -> None:
     smoke = a.cpu_smoke
     model_config, steps, warmup = (TINY, 4, 2) if smoke else (GPT2_124M, a.steps, a.warmup)
     cpu = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.attn_implementation", "sdpa",
-           "--model.compile", "false", "--model.fused_cross_entropy", "false", "--model.low_precision_residual",
-           "false", "--data.batch_size", "2", "--data.eval_batch_size", "2", "--data.num_workers", "0"] if smoke else []
+           "--model.compile", "false", "--model.compile_mode", "default", "--model.fused_cross_entropy", "false",
+           "--model.low_precision_residual", "false", "--data.batch_size", "2", "--data.eval_batch_size", "2",
+           "--data.num_workers", "0"] if smoke else []
     from lit_flash.synthetic import save_synthetic_dataset
 
-    data = Path(tempfile.mkdtemp()) / "blocks"
+    work = Path(tempfile.mkdtemp())
+    data = work / "blocks"
     block = model_config["n_positions"]
     save_synthetic_dataset(data, n_train=64 if smoke else 3000, n_test=8 if smoke else 256, block_size=block)
+    weights = save_initial_weights(model_config, work / "weights")
     fpt = flops_per_token(model_config)
     results: dict[str, Any] = {"flops_per_token": fpt, "device": torch.cuda.get_device_name() if not smoke else "cpu",
-                               "date": time.strftime("%Y-%m-%d"), "steps": steps, "warmup": warmup}
+                               "date": time.strftime("%Y-%m-%d"), "steps": steps, "warmup": warmup,
+                               "torch": torch.__version__}
     parts = a.parts.split(",")
 
     def save() -> None:
@@ -270,33 +320,51 @@ def main() -> None:
     if "matmul" in parts and not smoke:
         results["matmul_tflops"] = matmul_tflops()
         print(f"bf16 matmul 8192^3: {results['matmul_tflops']:.0f} TFLOP/s", flush=True)
-    if "reference" in parts:
-        results["reference"] = r = run_reference(data, model_config, steps, warmup, 8 if not smoke else 2, smoke)
+    if "reference" in parts:  # as shipped: fp16 weights, batch 8, no compile
+        results["reference"] = r = run_reference(data, weights, steps, warmup, 8 if not smoke else 2, smoke)
         mfu(r)
         save()
-    # "fast": gpt2_fast.yaml; "fastest": plus the batch64.yaml overlay (the fastest setting, at a training cost)
-    fast_runs = {"fast": [], "fastest": ["--config", str(ROOT / "configs" / "batch64.yaml")]}
-    for part, overlay in fast_runs.items():
+    if "peers" in parts:
+        results.setdefault("peers", {})
+        for name in a.peers.split(","):
+            batch, dtype = PEERS[name]
+            r = run_reference(data, weights, steps, warmup, batch if not smoke else 2, smoke, dtype, compile=True)
+            results["peers"][name] = r
+            mfu(r)
+            save()
+    for part, (config, overlay) in LIT_RUNS.items():
         if part not in parts:
             continue
-        results[part] = r = run_lit(data, "gpt2_fast.yaml", overlay + cpu, model_config, steps, warmup)
+        results[part] = r = run_lit(data, config, overlay + cpu, weights, steps, warmup)
         mfu(r)
-        if "reference" in results:
-            ref = results["reference"]
-            r["speedup_train"] = r["tokens_per_s"] / ref["tokens_per_s"]
-            r["speedup_eval"] = r["eval_tokens_per_s"] / ref["eval_tokens_per_s"]
-            print(f"{part} / reference: train {r['speedup_train']:.2f}x, eval {r['speedup_eval']:.2f}x", flush=True)
+        for base, ref in (("reference", results.get("reference")), ("peer", results.get("peers", {}).get(part))):
+            if ref:
+                r[f"x_{base}_train"] = r["tokens_per_s"] / ref["tokens_per_s"]
+                r[f"x_{base}_eval"] = r["eval_tokens_per_s"] / ref["eval_tokens_per_s"]
+                r[f"mem_vs_{base}"] = (r["peak_mem_gib"] or 0) / (ref["peak_mem_gib"] or 1)
+                print(f"{part} / {base}: train {r[f'x_{base}_train']:.2f}x, eval {r[f'x_{base}_eval']:.2f}x, "
+                      f"peak memory {r[f'mem_vs_{base}']:.2f}x", flush=True)
         save()
-    if "quality" in parts:  # same tokens, same seed: fast levers on vs off (bf16, batch 32, dropout 0 in both)
-        n = 8 if smoke else 300
+    if "quality" in parts:  # the recipe against HF Trainer (fp32 weights, fp16 autocast): same weights and tokens
+        n = 8 if smoke else a.quality_steps
+        q: dict[str, Any] = {"steps": n}
+        q["recipe_val_loss"] = run_lit(data, "gpt2_flash.yaml", cpu, weights, n, 2)["val_loss"]
+        hf = run_reference(data, weights, n, 2, 8 if not smoke else 2, smoke, amp=True)
+        q["hf_fp16_amp_val_loss"], q["hf_trainer_eval_loss"] = hf["plain_val_loss"], hf["val_loss"]
+        q["rel_diff"] = abs(q["recipe_val_loss"] - q["hf_fp16_amp_val_loss"]) / q["hf_fp16_amp_val_loss"]
+        results["quality"] = q
+        print(json.dumps(q), flush=True)
+        save()
+    if "quality_fast" in parts:  # same tokens, same seed: fast levers on vs off (bf16, batch 32, dropout 0 in both)
+        n = 8 if smoke else a.quality_steps
         off = ["--model.compile", "false", "--model.fused_cross_entropy", "false", "--model.pad_vocab_to_multiple_of",
                "null", "--model.low_precision_residual", "false", "--trainer.log_every_n_steps", "1"]
         on = ["--trainer.log_every_n_steps", "1"]
         q = {"steps": n}
-        q["fast_val_loss"] = run_lit(data, "gpt2_fast.yaml", on + cpu, model_config, n, 2)["val_loss"]
-        q["plain_val_loss"] = run_lit(data, "gpt2_fast.yaml", off + cpu, model_config, n, 2)["val_loss"]
+        q["fast_val_loss"] = run_lit(data, "gpt2_fast.yaml", on + cpu, weights, n, 2)["val_loss"]
+        q["plain_val_loss"] = run_lit(data, "gpt2_fast.yaml", off + cpu, weights, n, 2)["val_loss"]
         q["rel_diff"] = abs(q["fast_val_loss"] - q["plain_val_loss"]) / q["plain_val_loss"]
-        results["quality"] = q
+        results["quality_fast"] = q
         print(json.dumps(q), flush=True)
         save()
     if "levers" in parts:
@@ -305,7 +373,7 @@ def main() -> None:
         for i in chosen:
             name, config, extra = LEVERS[i]
             try:
-                r = run_lit(data, config, extra + cpu, model_config, steps, warmup, evaluate=False)
+                r = run_lit(data, config, extra + cpu, weights, steps, warmup, evaluate=False)
                 mfu(r)
             except (Exception, SystemExit) as err:  # one failed lever (or CLI error) must not cost the others' numbers
                 r = {"error": f"{type(err).__name__}: {err}"[:300]}
