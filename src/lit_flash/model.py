@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from lit_flash.checkpointing import check_state_dict_fits
 from lit_flash.data import IGNORE_INDEX, perplexity
 from lit_flash.errors import LitFlashError, NonFiniteLossError
+from lit_flash.export import write_export
 
 AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
 SDPABackend = Literal["cudnn", "flash", "efficient", "math"]
@@ -548,11 +549,21 @@ class FlashGPT2LM(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -------------------------------------------------------------------------------------------- export
-    def export_hf(self, path: str | Path, tokenizer: Any = None, state_dict: dict | None = None) -> Path:
+    def export_hf(
+        self,
+        path: str | Path,
+        tokenizer: Any = None,
+        state_dict: dict | None = None,
+        run_dir: str | Path | None = None,
+        flag: str | None = None,
+    ) -> Path:
         """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(path)` loads them.
 
         `state_dict`: the full weights gathered under FSDP, where `self.model` only holds this rank's shard;
         they are loaded into a plain copy of the model, which is saved instead.
+        `run_dir`: the run folder whose own earlier export at `path` may be replaced (`lit_flash.export` has the
+        rule: anything else already at `path` is refused). `flag`: how errors name `path` (default `path=...`).
+        Written into a temporary folder beside `path`, then renamed onto it: never half a model at `path`.
         """
         from transformers import AutoModelForCausalLM
 
@@ -564,7 +575,10 @@ class FlashGPT2LM(L.LightningModule):
         if model.config.vocab_size != self.vocab_size:  # slice the padding back off
             model = copy.deepcopy(model).cpu()
             model.resize_token_embeddings(self.vocab_size)
-        model.save_pretrained(str(path), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(path))
-        return path
+
+        def write(folder: Path) -> None:
+            model.save_pretrained(str(folder), safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(folder))
+
+        return write_export(path, write, run_dir, flag or f"path={path}")
