@@ -399,8 +399,8 @@ class FlashGPT2LM(L.LightningModule):
         return self._flops_per_token[key]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        loss, _ = self._loss(batch, training=True)
-        if not self._finite_or_skip(loss, batch_idx):
+        loss, n_tokens = self._loss(batch, training=True)
+        if not self._finite_or_skip(loss, batch_idx, n_tokens):
             return None  # Lightning skips backward and the optimizer step
         rows = batch["input_ids"].shape[0]
         self.log("train_loss", loss, batch_size=rows)  # a device tensor: the logger reads it on its own steps
@@ -412,7 +412,7 @@ class FlashGPT2LM(L.LightningModule):
             self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, batch_size=rows)
         return loss
 
-    def _finite_or_skip(self, loss: torch.Tensor, batch_idx: int) -> bool:
+    def _finite_or_skip(self, loss: torch.Tensor, batch_idx: int, n_tokens: torch.Tensor | None = None) -> bool:
         if self.hparams.on_nonfinite == "stop" and self._host_reads_stall(loss):
             # A per-step check would sync the GPU every step (the CPU could not queue the next step ahead): note
             # the first bad step on the device, look at it on logging steps and before every checkpoint.
@@ -430,6 +430,11 @@ class FlashGPT2LM(L.LightningModule):
         where = f"train_loss is {loss.item()} at step {self.global_step}"
         where += f" (epoch {self.current_epoch}, batch {batch_idx})"
         if self.hparams.on_nonfinite == "stop":
+            if n_tokens is not None and int(n_tokens) == 0:  # a mean over no token: 0/0, whatever the weights
+                raise NonFiniteLossError(
+                    f"{where}: the batch has no token to predict (every label is {IGNORE_INDEX}); give its rows "
+                    "labels to learn, or leave such rows out of the data"
+                )
             raise NonFiniteLossError(
                 f"{where}: stopped before updating the weights; lower model.learning_rate, use bf16-mixed instead "
                 "of 16-mixed, or set model.on_nonfinite=skip"
