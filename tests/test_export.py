@@ -270,3 +270,19 @@ def test_cli_export_failing_at_the_end_is_one_line_and_a_rerun_exports(
     code, _, err = run_cli(["fit", "--config", config, "--ckpt_path=last"])  # as the message says
     assert code == 0, err
     assert (model / "model.safetensors").is_file()
+
+
+def test_generate_from_an_export_without_a_tokenizer_says_so(
+    tmp_path: Path, tiny_model_config: dict, tokenizer_dir: Path, run_cli
+) -> None:
+    # A run with data.tokenizer_name: null exports no tokenizer; transformers then builds an empty one, and every
+    # prompt used to be "empty".
+    module = FlashGPT2LM(model_name_or_path=None, model_config=tiny_model_config, attn_implementation="sdpa")
+    export = module.export_hf(tmp_path / "model")
+    args = ["generate", "--model_name_or_path", str(export), "--input_str", "the city", "--max_new_tokens", "3",
+            "--device", "cpu", "--temperature", "0"]
+    line = _one_error(*run_cli(args)[::2])
+    assert f"--model_name_or_path {export} has no tokenizer" in line and "--tokenizer" in line
+    code, out, err = run_cli([*args, "--tokenizer", str(tokenizer_dir)])
+    assert code == 0, err
+    assert out.startswith("the city")
