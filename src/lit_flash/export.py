@@ -69,7 +69,7 @@ def _check_writable(folder: Path, flag: str) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise LitFlashError(f"{flag}: cannot create {folder}: {existing} is a file; choose another folder")
+        raise LitFlashError(f"{flag}: cannot create {folder}: {existing} is a file, not a folder: choose another")
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".lit_flash-write-probe-"):
             pass
