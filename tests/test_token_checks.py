@@ -11,8 +11,10 @@ import lightning as L
 import pytest
 import torch
 from _reliability_helpers import VOCAB, save_blocks, snapshot, tiny_config, token_rows, write_config
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
-from lit_flash.data import IGNORE_INDEX, load_tokenized, max_token_id
+from lit_flash.data import IGNORE_INDEX, check_token_columns, load_tokenized, max_token_id
 from lit_flash.errors import LitFlashError, NonFiniteLossError
 from lit_flash.model import FlashGPT2LM
 
@@ -133,3 +135,47 @@ def test_a_batch_with_no_label_to_predict_says_so(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError, match=r"the batch has no token to predict \(every label is -100\)"):
         model.training_step({"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX)}, 0)
 
+
+
+# ------------------------------------------------------------------------------- generated cases, against an oracle
+
+
+def _expected_error(ids: list[list[int]], labels: list[list[int]]) -> str | None:
+    """What the checks must say, computed the plain Python way."""
+    if any(v < 0 for row in ids for v in row):
+        return "negative token id"
+    if any(v < 0 and v != IGNORE_INDEX for row in labels for v in row[1:]):
+        return "labels holds"
+    if all(v == IGNORE_INDEX for row in labels for v in row[1:]):
+        return "no token to predict"
+    return None
+
+
+@st.composite
+def _token_split(draw: Any) -> tuple[list[list[int]], list[list[int]], int]:
+    rows, length = draw(st.integers(1, 5)), draw(st.integers(2, 6))
+    token = st.one_of(st.integers(0, VOCAB + 2), st.integers(-2, 3))  # small and negative ids often
+    label = st.one_of(st.just(IGNORE_INDEX), st.integers(0, VOCAB + 2), st.integers(-3, 3))
+    ids = [[draw(token) for _ in range(length)] for _ in range(rows)]
+    labels = [[draw(label) for _ in range(length)] for _ in range(rows)]
+    return ids, labels, draw(st.integers(1, rows))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_token_split())
+def test_generated_token_values_are_refused_exactly_when_they_must_be(case: tuple) -> None:
+    import datasets
+
+    ids, labels, chunks = case
+    size = -(-len(ids) // chunks)
+    parts = [datasets.Dataset.from_dict({"input_ids": ids[i : i + size], "labels": labels[i : i + size]})
+             for i in range(0, len(ids), size)]
+    ds = datasets.concatenate_datasets(parts)
+    expected = _expected_error(ids, labels)
+    event(f"expected: {expected}")
+    if expected is None:
+        assert check_token_columns(ds, "where") == len(ids[0])
+        assert max_token_id(ds) == max(v for rows in (ids, labels) for row in rows for v in row)
+    else:
+        with pytest.raises(LitFlashError, match=rf"^where: .*{expected}"):
+            check_token_columns(ds, "where")
