@@ -138,7 +138,7 @@ def test_a_bug_while_writing_propagates_and_leaves_no_orphans(tmp_path: Path, ea
 
 def test_a_save_that_writes_no_weights_is_not_called_an_export(tmp_path: Path) -> None:
     # transformers' save_pretrained only logs (no exception) when it cannot write: check what it left.
-    with pytest.raises(LitFlashError, match=r"without config\.json or weights; nothing was exported"):
+    with pytest.raises(LitFlashError, match=r"without config\.json or weights .*nothing was exported"):
         write_export(tmp_path / "model", lambda folder: None, tmp_path, FLAG)
     assert not (tmp_path / "model").exists() and _leftovers(tmp_path) == []
 
@@ -286,3 +286,15 @@ def test_generate_from_an_export_without_a_tokenizer_says_so(
     code, out, err = run_cli([*args, "--tokenizer", str(tokenizer_dir)])
     assert code == 0, err
     assert out.startswith("the city")
+
+
+def test_a_parent_that_cannot_be_created_at_export_time_is_one_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The target passed the check before training; by the end the disk is full, so even its folder cannot be made.
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("tempfile.mkdtemp", full)
+    with pytest.raises(LitFlashError, match=r"export\.dirname=model: writing the export .*No space left on device"):
+        write_export(tmp_path / "new" / "model", _fake_model, tmp_path, FLAG)

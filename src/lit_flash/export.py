@@ -89,15 +89,21 @@ def write_export(
     """
     path = Path(path)
     check_export_target(path, run_dir, flag)  # again: training took a while, someone may have written there since
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TMP_TAG}{os.getpid()}-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TMP_TAG}{os.getpid()}-", dir=path.parent))
+    except OSError as err:
+        raise _write_error(flag, path, err) from err
     aside = tmp.with_name(tmp.name + ".old")
     try:
         write(tmp)
         weights = [p for p in tmp.iterdir() if p.suffix == ".safetensors"]
         if not (tmp / "config.json").is_file() or not weights:
-            raise LitFlashError(f"{flag}: the model was saved without config.json or weights; nothing was exported")
+            raise LitFlashError(
+                f"{flag}: the model was saved without config.json or weights (transformers logged why above); "
+                "nothing was exported"
+            )
         marker = {"run_dir": _run_id(run_dir), "written_by": "lit_flash"}
         (tmp / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
         if path.exists():  # an earlier export of this run (checked above): aside now, deleted once replaced
@@ -108,14 +114,18 @@ def write_export(
         if aside.exists() and not path.exists():
             os.replace(aside, path)  # the rename in failed: the earlier export goes back where it was
         if _is_io_error(err):
-            raise LitFlashError(
-                f"{flag}: writing the export to {path} failed ({_reason(err)}); nothing was exported and an earlier "
-                "export there is unchanged. Free space or choose a writable folder, then rerun the same command "
-                "with --ckpt_path last to export the trained weights"
-            ) from err
+            raise _write_error(flag, path, err) from err
         raise
     shutil.rmtree(aside, ignore_errors=True)
     return path
+
+
+def _write_error(flag: str, path: Path, err: BaseException) -> LitFlashError:
+    return LitFlashError(
+        f"{flag}: writing the export to {path} failed ({_reason(err)}); nothing was exported and an earlier export "
+        "there is unchanged. Free space or choose a writable folder, then rerun the same command with "
+        "--ckpt_path last to export the trained weights"
+    )
 
 
 def _is_io_error(err: BaseException) -> bool:
