@@ -185,8 +185,11 @@ def existing_run(tmp_path: Path) -> Path:
     """A previous run's files in the output dir, which a failing command must leave as they are. (No checkpoints:
     a fresh fit over those is refused before anything else, tested in test_bad_input.py.)"""
     root = tmp_path / "run"
+    # The export carries lit_flash's marker, as every export does: a folder without it is refused before the data
+    # checks these tests are about (tests/test_export.py).
+    marker = json.dumps({"run_dir": os.path.realpath(root)}).encode()
     for name, content in {"logs/version_0/metrics.csv": b"step,train_loss\n", "model/model.safetensors": b"old model",
-                          "notes.txt": b"mine"}.items():
+                          "model/lit_flash_export.json": marker, "notes.txt": b"mine"}.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(content)
     return root

@@ -260,6 +260,7 @@ def test_hf_trainer_checkpoint_folder_points_to_model_name_or_path(tmp_path: Pat
 def test_sharded_fsdp_checkpoint_needs_fsdp(tmp_path: Path) -> None:
     folder = tmp_path / "last.ckpt"
     folder.mkdir()
+    (folder / "meta.pt").write_bytes(b"")  # Lightning's mark of a sharded checkpoint
     with pytest.raises(LitFlashError, match="consolidate_checkpoint"):
         check_resume(str(folder), "ddp")
     check_resume(str(folder), "fsdp")
@@ -268,9 +269,21 @@ def test_sharded_fsdp_checkpoint_needs_fsdp(tmp_path: Path) -> None:
     check_resume(str(tmp_path / "plain.ckpt"), "ddp")
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_folder_that_is_no_checkpoint_is_called_so(tmp_path: Path, strategy: str) -> None:
+    folder = tmp_path / "given"
+    folder.mkdir()
+    with pytest.raises(LitFlashError, match=r"given is an empty folder, not a checkpoint: .*--ckpt_path last"):
+        check_resume(str(folder), strategy)
+    (folder / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(LitFlashError, match=r"given is a folder but not a checkpoint \(a sharded FSDP .*meta\.pt\)"):
+        check_resume(str(folder), strategy)
+
+
 def test_cli_refuses_sharded_checkpoint_under_ddp(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     folder = tmp_path / "sharded.ckpt"
     folder.mkdir()
+    (folder / "meta.pt").write_bytes(b"")
     with pytest.raises(SystemExit) as exc:
         cli_main(["fit", "--config", str(config_path("demo.yaml")), f"--trainer.default_root_dir={tmp_path}",
                   f"--ckpt_path={folder}"])

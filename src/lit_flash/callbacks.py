@@ -13,10 +13,20 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lit_flash.distributed import gather_full_state_dict
+from lit_flash.export import check_export_target
 
 
 class HFExport(L.Callback):
     """At the end of `fit`, save the model and tokenizer in Hugging Face format (safetensors).
+
+    The target is checked when `fit` sets up, before any training: it may be a new folder, an empty one, or this
+    run's own earlier export (a resumed or re-run fit replaces it). lit_flash writes `lit_flash_export.json` into
+    every export, naming the run folder (`trainer.default_root_dir`) it belongs to; an export with that marker is
+    this run's when it names this run's folder or lies inside it. A file, a folder holding anything else, or
+    another run's export is refused with one error line naming `export.dirname`; so is a target whose parent
+    folder cannot be written. The export is written into a temporary folder beside the target and renamed onto it
+    in one step (a previous export of the run is renamed aside, and deleted once the new one is in place): a
+    failure (a full disk, a kill) never leaves half a model at the target, and the previous export stays.
 
     Args:
         dirname: Folder under the trainer's `default_root_dir` (an absolute path is used as it is). Null: no export.
@@ -27,6 +37,15 @@ class HFExport(L.Callback):
 
     def export_path(self, trainer: L.Trainer) -> Path | None:
         return None if self.dirname is None else Path(trainer.default_root_dir) / self.dirname
+
+    def _flag(self) -> str:
+        return f"export.dirname={self.dirname}"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        path = self.export_path(trainer)
+        if stage == "fit" and path is not None:
+            # Every rank checks (the same answer on a shared filesystem): one rank raising alone would hang the rest.
+            check_export_target(path, trainer.default_root_dir, self._flag())
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self.export_path(trainer)
@@ -40,7 +59,7 @@ class HFExport(L.Callback):
     @rank_zero_only
     def _export(self, pl_module: Any, trainer: L.Trainer, path: Path, state_dict: dict | None) -> None:
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
-        pl_module.export_hf(path, tokenizer, state_dict=state_dict)
+        pl_module.export_hf(path, tokenizer, state_dict=state_dict, run_dir=trainer.default_root_dir, flag=self._flag())
         rank_zero_info(f"Exported the Hugging Face model to {path}")
 
 

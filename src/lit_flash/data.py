@@ -199,6 +199,11 @@ def load_tokenized(load_dir: str | Path, flag: str = "data.tokenized_dataset_loa
     if not (path / "dataset_dict.json").is_file():
         hint = " (it is a single Dataset: save a DatasetDict with splits)" if (path / "state.json").is_file() else ""
         raise LitFlashError(f"{flag}={load_dir}: not a DatasetDict saved by save_to_disk (no dataset_dict.json){hint}")
+    for split in _empty_splits(path):  # datasets cannot load a split saved without rows (an IndexError)
+        raise LitFlashError(
+            f"{flag}={load_dir} split {split!r}: the split is empty (0 rows): prepare it again from data that has "
+            "rows for it, or leave the split out"
+        )
     try:
         dataset = datasets.load_from_disk(str(path))
     except Exception as err:  # corrupt arrow files, wrong versions: say which folder, not 40 lines of pyarrow
@@ -208,6 +213,16 @@ def load_tokenized(load_dir: str | Path, flag: str = "data.tokenized_dataset_loa
     for split, ds in dataset.items():
         check_token_columns(ds, f"{flag}={load_dir} split {split!r}")
     return dataset
+
+
+def _empty_splits(path: Path) -> list[str]:
+    """Splits of a saved `DatasetDict` written with no data file (what `save_to_disk` does for 0 rows)."""
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        states = {s: json.loads((path / s / "state.json").read_text(encoding="utf-8")) for s in splits}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # not as expected: load_from_disk says what is wrong
+    return [s for s, state in states.items() if isinstance(state, dict) and state.get("_data_files") == []]
 
 
 def check_token_columns(ds: Any, where: str) -> int:
@@ -228,12 +243,59 @@ def check_token_columns(ds: Any, where: str) -> int:
     for column, bounds in lengths.items():
         if bounds != (low, low):
             raise LitFlashError(f"{where}: column {column!r} is not as long as input_ids ({low}) in every row")
+    check_token_values(ds, where)
     return low
 
 
+def _flat_chunks(ds: Any, column: str, skip_first: bool = False) -> Any:
+    """A column's values, one Arrow chunk at a time (memory bounded by a chunk on any dataset size);
+    `skip_first`: without each row's first position, which no label is predicted at (the model shifts)."""
+    for chunk in ds.data.table.column(column).chunks:
+        yield pc.list_flatten(pc.list_slice(chunk, 1) if skip_first else chunk)
+
+
+def _count(mask: Any) -> int:
+    return int(pc.sum(mask).as_py() or 0)
+
+
+def check_token_values(ds: Any, where: str) -> None:
+    """Refuse values the model would fail on mid-training (an IndexError on CPU, a device-side assert that kills
+    the process on GPU) or learn nothing from: negative input ids, labels below 0 other than -100 (ignored), and
+    a split with no label to predict (its mean loss is 0/0, NaN). Ids past the vocabulary are the model's check
+    (`max_token_id`)."""
+    for values in _flat_chunks(ds, REQUIRED_COLUMN):
+        low = pc.min(values).as_py()
+        if low is not None and low < 0:
+            raise LitFlashError(f"{where}: input_ids holds the negative token id {low}: tokenize the data again")
+    if "labels" in ds.column_names:
+        predicted = 0
+        for values in _flat_chunks(ds, "labels", skip_first=True):
+            ignored = _count(pc.equal(values, IGNORE_INDEX))
+            if _count(pc.less(values, 0)) > ignored:
+                bad = pc.min(pc.filter(values, pc.and_(pc.less(values, 0), pc.not_equal(values, IGNORE_INDEX))))
+                raise LitFlashError(
+                    f"{where}: labels holds {bad.as_py()}: a label is a token id (>= 0), or {IGNORE_INDEX} for a "
+                    "token not to predict; fix the labels column"
+                )
+            predicted += len(values) - ignored
+        what = f"every label (after each row's first, which nothing predicts) is {IGNORE_INDEX}"
+    elif "attention_mask" in ds.column_names:  # labels are input_ids, with padding (mask 0) ignored
+        predicted = sum(_count(pc.not_equal(values, 0)) for values in _flat_chunks(ds, "attention_mask", True))
+        what = "attention_mask is 0 everywhere (after each row's first token), so every label is padding"
+    else:
+        return
+    if predicted == 0:
+        raise LitFlashError(
+            f"{where}: no token to predict: {what}, so the loss would be NaN (0/0); give the tokens to learn "
+            "real labels (e.g. labels = input_ids)"
+        )
+
+
 def max_token_id(ds: Any) -> int:
-    """Largest token id in a split (one Arrow pass, no Python loop)."""
-    return int(pc.max(pc.list_flatten(ds.data.table.column(REQUIRED_COLUMN))).as_py())
+    """Largest token id in a split's input_ids and labels (one Arrow pass each, no Python loop): an id or a label
+    past the vocabulary is an IndexError on CPU and a device-side assert on GPU."""
+    columns = [c for c in (REQUIRED_COLUMN, "labels") if c in ds.column_names]
+    return max(int(pc.max(pc.list_flatten(ds.data.table.column(c))).as_py()) for c in columns)
 
 
 def prepare_dataset(

@@ -76,7 +76,8 @@ def gather_full_state_dict(trainer: Any, prefix: str = "model.") -> dict[str, to
 
 def check_resume(ckpt_path: str | None, strategy: Any) -> None:
     """A sharded FSDP checkpoint (a folder) resumes only under FSDP, with any number of GPUs (torch's distributed
-    checkpoint reshards it). Elsewhere Lightning would fail deep inside `torch.load`: say what to do instead."""
+    checkpoint reshards it). Elsewhere Lightning would fail deep inside `torch.load`: say what to do instead.
+    A folder that is no checkpoint at all (empty, or without meta.pt) is called that, under any strategy."""
     if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or not Path(ckpt_path).is_dir():
         return
     if any((Path(ckpt_path) / name).is_file() for name in ("trainer_state.json", "config.json")):
@@ -84,6 +85,16 @@ def check_resume(ckpt_path: str | None, strategy: Any) -> None:
         raise LitFlashError(
             f"ckpt_path={ckpt_path} is a Hugging Face (Trainer) checkpoint, not a Lightning one: start from its "
             f"weights with --model.model_name_or_path {ckpt_path} (its optimizer state cannot be resumed)"
+        )
+    if not any(Path(ckpt_path).iterdir()):
+        raise LitFlashError(
+            f"ckpt_path={ckpt_path} is an empty folder, not a checkpoint: give a checkpoint file (e.g. "
+            "<run>/checkpoints/last.ckpt), or --ckpt_path last (or auto) to resume this run"
+        )
+    if not (Path(ckpt_path) / "meta.pt").is_file():  # what Lightning's FSDP writes in a sharded checkpoint
+        raise LitFlashError(
+            f"ckpt_path={ckpt_path} is a folder but not a checkpoint (a sharded FSDP checkpoint holds meta.pt): "
+            "give a checkpoint file (e.g. <run>/checkpoints/last.ckpt), or --ckpt_path last (or auto)"
         )
     from lightning.pytorch.strategies import FSDPStrategy
 

@@ -111,15 +111,32 @@ def generate(
     return completions
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _check_has_tokenizer(tokenizer: Any, source: str, flag: str) -> None:
+    """transformers 5 builds an empty tokenizer (one token) for a folder without tokenizer files, and every prompt
+    then encodes to nothing: say that the tokenizer is missing instead."""
+    folder = Path(source)
+    no_files = folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES)
+    if no_files or len(tokenizer) < 2:
+        raise LitFlashError(
+            f"{flag} {source} has no tokenizer (a run with data.tokenizer_name: null exports none): pass "
+            "--tokenizer <the tokenizer the data was tokenized with: a hub id or a folder>"
+        )
+
+
 def load_for_generation(
     model_name_or_path: str,
     device: str | None = None,
     attn_implementation: AttnImplementation | None = None,
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto",
+    tokenizer: str | None = None,
 ) -> tuple[Any, Any]:
     """Load an exported model (a run's `model/` folder, or a hub id) and its tokenizer for `generate`.
 
     `attn_implementation=None`: flash_attention_2 where it can run (CUDA, flash-attn installed), else sdpa.
+    `tokenizer`: where the tokenizer is, when not beside the model (an export of a run without one).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,15 +146,21 @@ def load_for_generation(
         attn_implementation = "flash_attention_2" if can_flash else "sdpa"
     else:
         attn_implementation = resolve_attn_implementation(attn_implementation, fallback=False, device=target)
+    source, flag = (model_name_or_path, "--model_name_or_path") if tokenizer is None else (tokenizer, "--tokenizer")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        loaded_tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        first = str(err).splitlines()[0]
+        raise LitFlashError(f"{flag} {source}: cannot load it ({first})") from err
+    _check_has_tokenizer(loaded_tokenizer, source, flag)
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             model_name_or_path, dtype=dtype, attn_implementation=attn_implementation
         )
     except OSError as err:
         first = str(err).splitlines()[0]
         raise LitFlashError(f"--model_name_or_path {model_name_or_path}: cannot load it ({first})") from err
-    return model.to(target).eval(), tokenizer
+    return model.to(target).eval(), loaded_tokenizer
 
 
 def expand_prompts_flag(args: list[str]) -> list[str]:
@@ -179,6 +202,7 @@ def generate_main(
     device: str | None = None,
     attn_implementation: AttnImplementation | None = None,
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto",
+    tokenizer: str | None = None,
 ) -> None:
     """Generate completions from an exported model (`<default_root_dir>/model` after `fit`).
 
@@ -197,6 +221,8 @@ def generate_main(
         device: `cuda`, `cpu`, `cuda:1`, ...; default: cuda when available.
         attn_implementation: Default: flash_attention_2 where it can run, else sdpa.
         dtype: Weights' dtype; `auto` keeps the saved one (fp32 is autocast to 16 bits for flash attention).
+        tokenizer: The tokenizer (hub id or folder) when the model folder has none (a run without
+            data.tokenizer_name exports no tokenizer); default: the model's own folder.
     """
     texts = list(prompts or []) + ([input_str] if input_str is not None else [])
     if prompts_file is not None:
@@ -206,9 +232,9 @@ def generate_main(
     if output is not None and Path(output).exists():
         raise LitFlashError(f"--output {output} exists: choose another file or remove it yourself")
     _check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the (slow) model load
-    model, tokenizer = load_for_generation(model_name_or_path, device, attn_implementation, dtype)
+    model, loaded_tokenizer = load_for_generation(model_name_or_path, device, attn_implementation, dtype, tokenizer)
     completions = generate(
-        model, tokenizer, texts, max_new_tokens, temperature, top_k, top_p, seed=seed, batch_size=batch_size
+        model, loaded_tokenizer, texts, max_new_tokens, temperature, top_k, top_p, seed=seed, batch_size=batch_size
     )
     if output is None:
         for prompt, completion in zip(texts, completions, strict=True):

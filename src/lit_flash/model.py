@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from lit_flash.checkpointing import check_state_dict_fits
 from lit_flash.data import IGNORE_INDEX, perplexity
 from lit_flash.errors import LitFlashError, NonFiniteLossError
+from lit_flash.export import write_export
 from lit_flash.optim import planned_optimizer_steps, weight_decay_groups
 
 AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
@@ -384,8 +385,8 @@ class FlashGPT2LM(L.LightningModule):
         return self._flops_per_token[key]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        loss, _ = self._loss(batch, training=True)
-        if not self._finite_or_skip(loss, batch_idx):
+        loss, n_tokens = self._loss(batch, training=True)
+        if not self._finite_or_skip(loss, batch_idx, n_tokens):
             return None  # Lightning skips backward and the optimizer step
         rows = batch["input_ids"].shape[0]
         self.log("train_loss", loss, batch_size=rows)  # a device tensor: the logger reads it on its own steps
@@ -397,7 +398,7 @@ class FlashGPT2LM(L.LightningModule):
             self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, batch_size=rows)
         return loss
 
-    def _finite_or_skip(self, loss: torch.Tensor, batch_idx: int) -> bool:
+    def _finite_or_skip(self, loss: torch.Tensor, batch_idx: int, n_tokens: torch.Tensor | None = None) -> bool:
         if self.hparams.on_nonfinite == "stop" and self._host_reads_stall(loss):
             # A per-step check would sync the GPU every step (the CPU could not queue the next step ahead): note
             # the first bad step on the device, look at it on logging steps and before every checkpoint.
@@ -415,6 +416,11 @@ class FlashGPT2LM(L.LightningModule):
         where = f"train_loss is {loss.item()} at step {self.global_step}"
         where += f" (epoch {self.current_epoch}, batch {batch_idx})"
         if self.hparams.on_nonfinite == "stop":
+            if n_tokens is not None and int(n_tokens) == 0:  # a mean over no token: 0/0, whatever the weights
+                raise NonFiniteLossError(
+                    f"{where}: the batch has no token to predict (every label is {IGNORE_INDEX}); give its rows "
+                    "labels to learn, or leave such rows out of the data"
+                )
             raise NonFiniteLossError(
                 f"{where}: stopped before updating the weights; lower model.learning_rate, use bf16-mixed instead "
                 "of 16-mixed, or set model.on_nonfinite=skip"
@@ -538,11 +544,21 @@ class FlashGPT2LM(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -------------------------------------------------------------------------------------------- export
-    def export_hf(self, path: str | Path, tokenizer: Any = None, state_dict: dict | None = None) -> Path:
+    def export_hf(
+        self,
+        path: str | Path,
+        tokenizer: Any = None,
+        state_dict: dict | None = None,
+        run_dir: str | Path | None = None,
+        flag: str | None = None,
+    ) -> Path:
         """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(path)` loads them.
 
         `state_dict`: the full weights gathered under FSDP, where `self.model` only holds this rank's shard;
         they are loaded into a plain copy of the model, which is saved instead.
+        `run_dir`: the run folder whose own earlier export at `path` may be replaced (`lit_flash.export` has the
+        rule: anything else already at `path` is refused). `flag`: how errors name `path` (default `path=...`).
+        Written into a temporary folder beside `path`, then renamed onto it: never half a model at `path`.
         """
         from transformers import AutoModelForCausalLM
 
@@ -554,7 +570,10 @@ class FlashGPT2LM(L.LightningModule):
         if model.config.vocab_size != self.vocab_size:  # slice the padding back off
             model = copy.deepcopy(model).cpu()
             model.resize_token_embeddings(self.vocab_size)
-        model.save_pretrained(str(path), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(path))
-        return path
+
+        def write(folder: Path) -> None:
+            model.save_pretrained(str(folder), safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(folder))
+
+        return write_export(path, write, run_dir, flag or f"path={path}")

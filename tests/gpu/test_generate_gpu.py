@@ -40,10 +40,18 @@ def test_flash_attention_generation_on_fp32_weights():
     assert next(flash.parameters()).dtype == torch.float32
     tokenizer = word_tokenizer(vocab)
     prompts = ["w1 w2 w3 w4 w5", "w9", "w20 w21"]
-    # Without autocast, flash-attn refuses fp32 ("FlashAttention only supports fp16 and bf16").
-    batch = tokenizer(prompts[:1], return_tensors="pt").to("cuda")
-    with pytest.raises(RuntimeError, match="fp16 and bf16"):
-        flash.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    # lit_flash's own behaviour (generate's autocast): the weights stay fp32 and the forward passes run in 16 bits
+    # (flash-attn takes fp16/bf16 only), so an attention block's output is 16-bit; without it, it would be fp32.
+    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    seen: list[torch.dtype] = []
+    attention = flash.transformer.h[0].attn
+    hook = attention.register_forward_hook(lambda module, args, output: seen.append(output[0].dtype))
+    try:
+        generate(flash, tokenizer, prompts[:1], max_new_tokens=2, temperature=0)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {half}
+    assert next(flash.parameters()).dtype == torch.float32
     out = generate(flash, tokenizer, prompts, max_new_tokens=10, temperature=0.7, seed=3)
     assert len(out) == 3 and all(isinstance(text, str) for text in out)
     assert generate(flash, tokenizer, prompts, max_new_tokens=10, temperature=0.7, seed=3) == out
