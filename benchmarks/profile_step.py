@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import GPT2_124M, fit_args, reset  # noqa: E402
+from bench import GPT2_124M, fit_args, reset, save_initial_weights  # noqa: E402
 
 NCCL = "communication (NCCL)"
 
@@ -101,13 +102,14 @@ def main() -> None:
     # One folder for every rank: under DDP Lightning's launcher starts the other ranks by running this script again
     # (with LOCAL_RANK set) once rank 0 is in `fit`, so only rank 0 writes the data. (torchrun sets LOCAL_RANK on
     # every rank from the start: not supported.)
-    data, root = a.out / "profile_data", a.out / "profile_run"
+    data, root, weights = a.out / "profile_data", a.out / "profile_run", a.out / "profile_weights"
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         shutil.rmtree(data, ignore_errors=True)
         save_synthetic_dataset(data, n_train=3000, n_test=64, block_size=1024)
+        save_initial_weights(GPT2_124M, weights)
     reset()
     steps = a.start + a.steps + 2
-    cli = cli_main(fit_args(data, a.config, GPT2_124M, steps, str(root), a.overrides), run=False)
+    cli = cli_main(fit_args(data, a.config, weights, steps, str(root), a.overrides), run=False)
     activity = torch.profiler.ProfilerActivity
     prof = torch.profiler.profile(activities=[activity.CPU, activity.CUDA])
 
@@ -124,8 +126,11 @@ def main() -> None:
 
     class Profile(L.Callback):
         started = stopped = False
+        host_starts: list[float] = []
 
         def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+            if self.started and not self.stopped:
+                self.host_starts.append(time.perf_counter())
             if trainer.global_step == a.start and not self.started:  # once, also when accumulating gradients
                 self.started = True
                 torch.cuda.synchronize()
@@ -133,6 +138,7 @@ def main() -> None:
                 warnings.showwarning = record_sync
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
+                self.host_starts.append(time.perf_counter())
 
         def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
             if trainer.global_step == a.start + a.steps and self.started and not self.stopped:
@@ -154,10 +160,15 @@ def main() -> None:
         "graph_breaks": dict(torch._dynamo.utils.counters["graph_break"]),
         "unique_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
         "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries"),
+        # Host time from one batch's start to the next, never synchronized: close to the GPU's span when the host
+        # (Python, Lightning, launches) is what bounds the step.
+        "host_ms_per_batch": [round(1e3 * (b - a_), 2) for a_, b in itertools.pairwise(Profile.host_starts)],
         "host_syncs_in_profiled_steps": [{"count": n, "stack": k} for k, n in syncs.most_common(10)],
     }
     name = "profile.json" if world_size == 1 else f"profile_rank{cli.trainer.global_rank}.json"
     (a.out / name).write_text(json.dumps(result, indent=1))
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
+    (a.out / name.replace(".json", "_host.txt")).write_text(table)
     if cli.trainer.global_rank == 0:
         print(json.dumps(result, indent=1), flush=True)
         # Lightning's launcher does not wait for the ranks it started: wait here, so that every rank's file is
