@@ -260,6 +260,7 @@ LEVERS: list[tuple[str, str, list[str]]] = [
     ("- pad_last_batch", "gpt2_fast.yaml", ["--data.pad_last_batch", "false"]),
     ("+ compile mode reduce-overhead (CUDA graphs)", "gpt2_fast.yaml", ["--model.compile_mode", "reduce-overhead"]),
     ("- 16-bit residual stream (fp32 under autocast)", "gpt2_fast.yaml", ["--model.low_precision_residual", "false"]),
+    ("recipe: 2 DataLoader worker processes (gpt2_flash.yaml has 0)", "gpt2_flash.yaml", ["--data.num_workers", "2"]),
 ]
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
 import itertools
 import json
 import os
+import pstats
 import shutil
 import sys
 import time
@@ -90,6 +92,8 @@ def main() -> None:
     p.add_argument("--config", default="gpt2_fast.yaml")
     p.add_argument("--start", type=int, default=30, help="first profiled step (after compile and warm-up)")
     p.add_argument("--steps", type=int, default=5, help="profiled steps")
+    p.add_argument("--python", action="store_true",
+                   help="also profile the host's Python (cProfile) over the same steps, to profile_python.txt")
     p.add_argument("overrides", nargs="*", help="extra lit_flash CLI arguments (after --)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -114,6 +118,7 @@ def main() -> None:
     prof = torch.profiler.profile(activities=[activity.CPU, activity.CUDA])
 
     syncs: collections.Counter[str] = collections.Counter()
+    python_profile = cProfile.Profile() if a.python else None
 
     show_warning, filters = warnings.showwarning, warnings.filters[:]
 
@@ -139,10 +144,14 @@ def main() -> None:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 self.host_starts.append(time.perf_counter())
+                if python_profile is not None:
+                    python_profile.enable()
 
         def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
             if trainer.global_step == a.start + a.steps and self.started and not self.stopped:
                 self.stopped = True
+                if python_profile is not None:
+                    python_profile.disable()
                 torch.cuda.set_sync_debug_mode("default")
                 warnings.showwarning = show_warning
                 warnings.filters[:] = filters
@@ -169,6 +178,12 @@ def main() -> None:
     (a.out / name).write_text(json.dumps(result, indent=1))
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
     (a.out / name.replace(".json", "_host.txt")).write_text(table)
+    if python_profile is not None:
+        with open(a.out / name.replace(".json", "_python.txt"), "w") as f:
+            for order in ("tottime", "cumulative"):
+                pstats.Stats(python_profile, stream=f).sort_stats(order).print_stats(45)
+    if os.environ.get("PROFILE_TRACE"):  # the whole timeline, for chrome://tracing or Perfetto
+        prof.export_chrome_trace(str(a.out / name.replace(".json", "_trace.json")))
     if cli.trainer.global_rank == 0:
         print(json.dumps(result, indent=1), flush=True)
         # Lightning's launcher does not wait for the ranks it started: wait here, so that every rank's file is
