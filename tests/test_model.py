@@ -295,3 +295,17 @@ def test_predict_scores_each_row(tiny_model_config, make_token_dataset):
     # Rows of equal length: the mean of the rows' losses is the test loss.
     test_loss = cpu_trainer().test(module, dm, verbose=False)[0]["test_loss"]
     assert loss.mean().item() == pytest.approx(test_loss, rel=1e-5)
+
+
+def test_token_mean_weights_each_batch_by_its_tokens_and_keeps_a_nan():
+    from lit_flash.model import TokenMean
+
+    metric = TokenMean()
+    metric.update(torch.tensor(2.0), torch.tensor(1))
+    metric.update(torch.tensor(5.0), torch.tensor(3))
+    assert metric.compute().item() == pytest.approx((2.0 * 1 + 5.0 * 3) / 4)
+    metric.update(torch.tensor(float("nan")), torch.tensor(0))  # a batch with nothing to predict: 0/0
+    assert torch.isnan(metric.compute())
+    metric.reset()
+    metric.update(torch.tensor(3.0), torch.tensor(2))
+    assert metric.compute().item() == pytest.approx(3.0)

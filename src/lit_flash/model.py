@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 
 from lit_flash.checkpointing import check_state_dict_fits
 from lit_flash.data import IGNORE_INDEX, perplexity
@@ -107,6 +107,30 @@ def check_skip_supported(on_nonfinite: str, precision: str, strategy: Any) -> No
             "model.on_nonfinite=skip cannot skip a step under FSDP with trainer.precision=16-mixed: "
             "use bf16-mixed, or model.on_nonfinite=stop"
         )
+
+
+class TokenMean(Metric):
+    """The mean loss over predicted tokens, summed across batches and ranks.
+
+    torchmetrics' MeanMetric looks for NaN in every update with a host read, which stalls the GPU at each evaluation
+    batch. Here a NaN batch (e.g. one with no token to predict) simply makes the mean NaN, as it should: a dropped
+    batch would give a finite, too-good val_ppl.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, loss: torch.Tensor, weight: torch.Tensor | int) -> None:
+        """`loss`: a batch's mean over its predicted tokens; `weight`: how many tokens that mean is over."""
+        self.total += loss.double() * weight
+        self.tokens += weight
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.tokens).float()
 
 
 def flops_per_token(config: Any, seq_len: int, training: bool = True) -> float:
@@ -255,10 +279,8 @@ class FlashGPT2LM(L.LightningModule):
         self.fused_ce = _liger_fused_ce() if fused_cross_entropy else None
         self._compute_loss = self._loss_impl
         self._compiled = False
-        # A NaN batch must make the mean NaN: torchmetrics' default drops it, for a finite, too-good val_ppl. NaN is
-        # put back as the value (its "disable" would also drop the token weights).
-        self.val_loss = MeanMetric(nan_strategy=float("nan"))
-        self.test_loss = MeanMetric(nan_strategy=float("nan"))
+        self.val_loss = TokenMean()
+        self.test_loss = TokenMean()
         self.flops_per_batch: float | None = None  # read by Lightning's ThroughputMonitor
         self.last_validated_step: int | None = None
         self._flops_per_token: dict[tuple[int, bool], float] = {}
@@ -462,11 +484,11 @@ class FlashGPT2LM(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, n_tokens = self._loss(batch, training=False)
         # Weighted by predicted tokens: the epoch mean is the mean over tokens, on every rank (torchmetrics syncs).
-        self.val_loss.update(loss.float(), weight=n_tokens)
+        self.val_loss.update(loss.float(), n_tokens)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, n_tokens = self._loss(batch, training=False)
-        self.test_loss.update(loss.float(), weight=n_tokens)
+        self.test_loss.update(loss.float(), n_tokens)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Score rows: each row's mean loss over its predicted tokens, its perplexity and token count."""
@@ -485,7 +507,7 @@ class FlashGPT2LM(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch_loss("test", self.test_loss)
 
-    def _log_epoch_loss(self, prefix: str, metric: MeanMetric) -> None:
+    def _log_epoch_loss(self, prefix: str, metric: TokenMean) -> None:
         if metric.update_count == 0 and self.trainer.world_size == 1:
             return  # with several ranks compute() syncs: a rank without batches must still take part
         mean = metric.compute()

@@ -151,6 +151,27 @@ def test_recipe_never_syncs_the_gpu_between_log_steps(tmp_path: Path, pretrained
     assert cli.trainer.global_step == steps
 
 
+def test_recipe_evaluation_never_syncs_the_gpu_between_batches(tmp_path: Path, pretrained: Path, blocks: Path):
+    """The token-weighted validation mean accumulates on the device: the host queues batch after batch."""
+
+    class NoSync(L.Callback):
+        def on_validation_batch_start(self, trainer: L.Trainer, *_: object, **__: object) -> None:
+            torch.cuda.set_sync_debug_mode("error" if not trainer.sanity_checking else "default")
+
+        def on_validation_batch_end(self, *_: object, **__: object) -> None:
+            torch.cuda.set_sync_debug_mode("default")  # Lightning's own per-batch bookkeeping is not ours to judge
+
+    cli = cli_main([*recipe_args(tmp_path, tmp_path / "run", pretrained, blocks, max_steps=2), "--export.dirname=null"],
+                   run=False)
+    cli.trainer.callbacks.insert(0, NoSync())
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(float(cli.trainer.callback_metrics["val_loss"]))
+
+
 class NaNWeightsAt(L.Callback):
     def __init__(self, step: int) -> None:
         self.step = step
