@@ -278,3 +278,22 @@ def test_prepare_caps_block_size_at_the_tokenizer_context(text_files, tokenizer_
 def test_load_tokenized_missing_is_one_error_naming_the_path(tmp_path):
     with pytest.raises(LitFlashError, match=str(tmp_path / "nope")):
         load_tokenized(tmp_path / "nope")
+
+
+def test_block_rows_match_the_dataset_across_arrow_chunks_and_subsets():
+    import numpy as np
+
+    from lit_flash.data import BlockRows
+
+    ids = np.arange(40 * 6).reshape(40, 6)
+    whole = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": (-ids).tolist()})
+    two_chunks = datasets.concatenate_datasets([whole.select(range(13)), whole.select(range(13, 40))])
+    assert len(two_chunks.data.table.to_batches()) == 2
+    for ds in (whole, two_chunks, two_chunks.select(range(20))):
+        rows = BlockRows(ds, ["input_ids", "labels"])
+        assert len(rows) == len(ds)
+        order = list(range(len(ds)))[::-3] + [0, 12, 13]
+        for i, row in zip(order, rows.__getitems__(order), strict=True):
+            assert row["input_ids"].tolist() == ds[i]["input_ids"] and row["labels"].tolist() == ds[i]["labels"]
+            assert row["input_ids"].dtype == torch.int64
+        assert rows[5]["input_ids"].tolist() == ds[5]["input_ids"]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pyarrow.compute as pc
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -112,6 +113,49 @@ def collate_blocks(rows: list[dict[str, torch.Tensor]], pad_rows_to: int | None 
             filler = torch.full_like(tensor[:1], IGNORE_INDEX) if key == "labels" else tensor[:1]
             batch[key] = torch.cat([tensor, filler.expand(missing, -1)])
     return batch
+
+
+class BlockRows(torch.utils.data.Dataset):
+    """A split of fixed-length token blocks as rows of NumPy arrays over its memory-mapped Arrow file.
+
+    At batch 8 a training step is bounded by the host's time: fetching a batch through `datasets`' formatting costs
+    about a millisecond of it; indexing these arrays, a tenth of that. The arrays are views (zero copy) of each
+    Arrow chunk, so a split larger than memory stays on disk.
+    """
+
+    def __init__(self, ds: Any, columns: list[str]) -> None:
+        self.columns = columns
+        self.chunks: list[dict[str, Any]] = []
+        ends: list[int] = []
+        for batch in ds.data.table.select(columns).to_batches():
+            if batch.num_rows:
+                self.chunks.append({c: _block_array(batch.column(c)) for c in columns})
+                ends.append((ends[-1] if ends else 0) + batch.num_rows)
+        self.ends = np.asarray(ends)
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        # The DataLoader hands a batch's indices at once: one fancy index per chunk and column, not one per row.
+        rows = np.asarray(indices, dtype=np.int64)
+        chunk_of = np.searchsorted(self.ends, rows, side="right")
+        batch = {c: torch.empty((len(rows), self.chunks[0][c].shape[1]), dtype=torch.int64) for c in self.columns}
+        for chunk in np.unique(chunk_of):
+            at = np.nonzero(chunk_of == chunk)[0]
+            local = rows[at] - (self.ends[chunk - 1] if chunk else 0)
+            for c in self.columns:
+                batch[c][torch.from_numpy(at)] = torch.from_numpy(self.chunks[chunk][c][local].astype(np.int64))
+        return [{c: batch[c][i] for c in self.columns} for i in range(len(rows))]
+
+
+def _block_array(column: Any) -> Any:
+    """A list<int> Arrow column of equal-length rows as a 2-D NumPy view (a copy only where Arrow holds nulls)."""
+    values = column.flatten()
+    return values.to_numpy(zero_copy_only=values.null_count == 0).reshape(len(column), -1)
 
 
 # ------------------------------------------------------------------------------------- building the datasets
@@ -578,6 +622,7 @@ class WikitextDataModule(L.LightningDataModule):
             kwargs["collate_fn"] = functools.partial(collate_blocks, pad_rows_to=batch_size)
         if iterable:
             return DataLoader(dataset, **kwargs)
+        dataset = BlockRows(dataset, [c for c in (REQUIRED_COLUMN, *OPTIONAL_COLUMNS) if c in dataset.column_names])
         # Several processes: our own shard sampler (no repeated rows), which Lightning then leaves as it is.
         shard = shard_sampler(dataset, self.trainer, shuffle, seed)
         if not shuffle:

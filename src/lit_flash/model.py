@@ -22,7 +22,7 @@ from lit_flash.checkpointing import check_state_dict_fits
 from lit_flash.data import IGNORE_INDEX, perplexity
 from lit_flash.errors import LitFlashError, NonFiniteLossError
 from lit_flash.export import write_export
-from lit_flash.optim import planned_optimizer_steps, weight_decay_groups
+from lit_flash.optim import clip_grad_norm, planned_optimizer_steps, weight_decay_groups
 
 AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
 SDPABackend = Literal["cudnn", "flash", "efficient", "math"]
@@ -561,7 +561,7 @@ class FlashGPT2LM(L.LightningModule):
             # The optimizer's own list: `self.parameters()` walks every submodule, a millisecond of host time a step.
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if norm:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+                clip_grad_norm(params, gradient_clip_val)
             else:
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
             return
