@@ -3,12 +3,15 @@ subprocess, and the losses a run logged."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +190,30 @@ def wait_for_file(path: Path, proc: Any, timeout: float = 180) -> None:
             proc.kill()
             raise AssertionError(f"timed out waiting for {path}")
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: int) -> Iterator[Path]:
+    """A real filesystem of `size` bytes (tmpfs) at `path`, unmounted afterwards; the test is skipped where
+    mounting is not allowed (not root, or a container without CAP_SYS_ADMIN)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_disk(folder: Path, leave: int) -> None:
+    """Fill the filesystem of `folder` until about `leave` bytes are free."""
+    free = shutil.disk_usage(folder).free
+    with open(folder / "filler", "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))

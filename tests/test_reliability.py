@@ -27,9 +27,11 @@ from _reliability_helpers import (
     checkpoint_step,
     cli_command,
     cli_env,
+    fill_disk,
     fork_cli,
     logged,
     make_dataset,
+    small_disk,
     snapshot,
     tiny_config,
     wait_for_file,
@@ -303,9 +305,31 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(
         cli_main(["fit", "--config", config, "--ckpt_path", "last"])
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "the disk is full" in errors[0] and "already there are intact" in errors[0]
+    assert len(errors) == 1 and "is full" in errors[0] and "already there are intact" in errors[0]
     assert last.read_bytes() == before and checkpoint_step(last) == 60
     assert not partial_path(last).exists()
+
+
+def test_a_really_full_disk_during_a_save_is_one_line_and_leaves_no_partial_file(
+    tmp_path: Path, uninterrupted: Path, data_dir: Path, capsys
+) -> None:
+    """On a real full filesystem torch's zip writer fails with a RuntimeError, not an OSError (issue 16, item 5)."""
+    with small_disk(tmp_path / "disk", size=16 << 20) as disk:
+        root = disk / "run"
+        shutil.copytree(uninterrupted, root)
+        last = root / "checkpoints" / "last.ckpt"
+        before = last.read_bytes()
+        fill_disk(disk, leave=len(before) // 2)  # room for the logs, not for another checkpoint
+        config = _config(tmp_path, root, data_dir, slow=None, trainer={"max_steps": 70})
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["fit", "--config", config, "--ckpt_path", "last"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "is full" in errors[0] and "free space" in errors[0], err
+        assert "Traceback" not in err
+        assert last.read_bytes() == before
+        assert not list((root / "checkpoints").glob(".*.partial"))
 
 
 def test_truncated_or_corrupted_checkpoint_is_a_clear_error(tmp_path: Path, uninterrupted: Path) -> None:

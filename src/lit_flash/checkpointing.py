@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
+        # torch's zip writer reports a failed write (a really full disk) as a RuntimeError ("[enforce fail at
+        # inline_container.cc] ... unexpected pos" / "file write failed"), not as OSError.
+        if isinstance(err, RuntimeError) and not _is_write_failure(err):
+            tmp.unlink(missing_ok=True)
+            raise
+        full = _disk_full(err, path.parent)  # measured before the partial file gives its space back
         tmp.unlink(missing_ok=True)
-        why = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
-        fix = "free space or change trainer.default_root_dir"
-        kept = "the ones already there are intact"
-        raise LitFlashError(f"cannot save the checkpoint {path}: {why}; {kept}; {fix}") from err
+        raise save_error(path, err, full) from err
     # The rename is durable only once the folder's entry is on disk too.
     try:
         fd = os.open(path.parent, os.O_RDONLY)
@@ -60,6 +64,36 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _is_write_failure(err: RuntimeError) -> bool:
+    text = str(err)
+    return "inline_container" in text or "write failed" in text or "unexpected pos" in text
+
+
+def _disk_full(err: BaseException, folder: Path, reserve: int = 1 << 20) -> bool:
+    """ENOSPC/EDQUOT, or (torch hides the errno) less than `reserve` bytes left where the checkpoint goes."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    try:
+        return shutil.disk_usage(folder).free < reserve
+    except OSError:
+        return False
+
+
+def save_error(path: Path, err: BaseException, full: bool) -> LitFlashError:
+    """The one line for a checkpoint that could not be written; the partial file is already gone."""
+    if full:
+        why = f"the disk holding {path.parent} is full"
+        fix = (
+            "free space there (older epoch=*-step=*.ckpt files in that folder can go, keep last.ckpt) or set "
+            "trainer.default_root_dir to a folder on a larger disk, then resume with --ckpt_path auto"
+        )
+    else:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        why = getattr(err, "strerror", None) or first[:160]
+        fix = "fix the folder or set trainer.default_root_dir to another one, then resume with --ckpt_path auto"
+    return LitFlashError(f"cannot save the checkpoint {path}: {why}; the checkpoints already there are intact; {fix}")
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> Any:
