@@ -196,19 +196,53 @@ def test_fresh_fit_refuses_to_overwrite_an_earlier_runs_checkpoints(
     assert snapshot(root) == before
 
 
+def _fake_checkpoint(path: Path, step: int) -> Path:
+    torch.save({"global_step": step, "state_dict": {"w": torch.zeros(4)}}, path)
+    return path
+
+
 def test_auto_without_a_checkpoint_starts_from_scratch(tmp_path: Path, data_dir: Path, capsys) -> None:
     from lit_flash.checkpointing import resolve_ckpt_path
 
     assert resolve_ckpt_path("auto", tmp_path / "none", "fit") is None
     assert "starting from scratch" in capsys.readouterr().out
-    (tmp_path / "last.ckpt").write_bytes(b"x")
+    _fake_checkpoint(tmp_path / "last.ckpt", 10)
     assert resolve_ckpt_path("auto", tmp_path, "fit") == str(tmp_path / "last.ckpt")
-    time.sleep(0.01)
-    (tmp_path / "step=20.ckpt").write_bytes(b"x")  # written after last.ckpt: a kill fell between the two
+    _fake_checkpoint(tmp_path / "step=20.ckpt", 20)  # a kill fell between this one and last.ckpt
     assert resolve_ckpt_path("auto", tmp_path, "fit") == str(tmp_path / "step=20.ckpt")
     assert resolve_ckpt_path("last", tmp_path, "fit") == "last"  # Lightning resolves this one
     with pytest.raises(LitFlashError, match="--ckpt_path last: no checkpoint in .*none yet; use --ckpt_path auto"):
         resolve_ckpt_path("last", tmp_path / "none", "fit")  # unlike auto, last means: resume
+
+
+def test_auto_picks_the_highest_step_not_the_newest_file_time(tmp_path: Path, capsys) -> None:
+    """A copy or a restore from backup reshuffles file times: `auto` goes by the step stored inside (issue 16, 8)."""
+    from lit_flash.checkpointing import resolve_ckpt_path
+
+    for step in (2, 4, 6):
+        _fake_checkpoint(tmp_path / f"step={step}.ckpt", step)
+    _fake_checkpoint(tmp_path / "last.ckpt", 6)
+    now = time.time()
+    for age, name in enumerate(("step=2.ckpt", "step=4.ckpt", "last.ckpt", "step=6.ckpt")):
+        os.utime(tmp_path / name, (now - 100 * age, now - 100 * age))  # step=2 now looks the newest
+    assert resolve_ckpt_path("auto", tmp_path, "fit") == str(tmp_path / "last.ckpt")  # step 6; last wins a tie
+
+
+def test_auto_skips_a_zero_byte_or_corrupt_checkpoint_and_says_so(tmp_path: Path, capsys) -> None:
+    from lit_flash.checkpointing import resolve_ckpt_path
+
+    _fake_checkpoint(tmp_path / "step=4.ckpt", 4)
+    good = _fake_checkpoint(tmp_path / "step=6.ckpt", 6)
+    (tmp_path / "last.ckpt").write_bytes(b"")  # a crash of the filesystem, not of the atomic save
+    (tmp_path / "step=8.ckpt").write_bytes(good.read_bytes()[:100])  # truncated
+    capsys.readouterr()
+    assert resolve_ckpt_path("auto", tmp_path, "fit") == str(good)
+    err = capsys.readouterr().err
+    assert f"skipping {tmp_path / 'last.ckpt'}" in err and f"skipping {tmp_path / 'step=8.ckpt'}" in err
+    for path in tmp_path.glob("step=[46].ckpt"):
+        path.write_bytes(b"junk")
+    with pytest.raises(LitFlashError, match="none of the 4 checkpoints .* can be read"):
+        resolve_ckpt_path("auto", tmp_path, "fit")
 
 
 # ------------------------------------------------------------------------------------- data position

@@ -12,6 +12,7 @@ import errno
 import os
 import pickle
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -162,16 +163,52 @@ def check_state_dict_fits(expected: dict[str, torch.Tensor], found: dict[str, An
         raise LitFlashError(f"the checkpoint is from a different model: it {what} ({count} names differ){hint}")
 
 
+def stored_global_step(path: Path) -> int | None:
+    """The `global_step` a Lightning checkpoint file holds, or None when the file cannot be read (zero bytes,
+    truncated, corrupted, not a Lightning checkpoint). Cheap: with `mmap` the tensors are never read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (*LOAD_ERRORS, OSError):
+        return None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def newest_intact_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint of `ckpt_dir` with the highest stored global step (`last.ckpt` on a tie): not the newest
+    file time, which a copy or a restore from backup reshuffles. Unreadable candidates are skipped with a warning
+    naming them."""
+    candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    best: tuple[int, bool, Path] | None = None
+    for path in candidates:
+        step = stored_global_step(path)
+        if step is None:
+            print(f"lit_flash: warning: skipping {path}: not a readable checkpoint (empty, truncated or "
+                  "corrupted)", file=sys.stderr, flush=True)
+            continue
+        key = (step, path.name == "last.ckpt", path)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return None if best is None else best[2]
+
+
 def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcommand: str) -> str | None:
-    """Turn `ckpt_path=auto` into the newest checkpoint in `ckpt_dir` (normally `last.ckpt`; a step checkpoint
-    when a kill landed between writing it and last.ckpt), or None (start fresh) when there is none; refuse `last`
-    when there is none, and a fresh `fit` that would overwrite the checkpoints of an earlier run in the same folder."""
+    """Turn `ckpt_path=auto` into the intact checkpoint of `ckpt_dir` with the highest step (normally `last.ckpt`;
+    a step checkpoint when a kill landed between writing it and last.ckpt), or None (start fresh) when there is
+    none; refuse `last` when there is none, and a fresh `fit` that would overwrite the checkpoints of an earlier
+    run in the same folder."""
     ckpt_dir = Path(ckpt_dir)
     existing = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if ckpt_dir.is_dir() else []
     if ckpt_path == "auto":
+        chosen = newest_intact_checkpoint(ckpt_dir) if existing else None
+        if chosen is not None:
+            print(f"lit_flash: resuming from {chosen} (ckpt_path=auto)", flush=True)
+            return str(chosen)
         if existing:
-            print(f"lit_flash: resuming from {existing[-1]} (ckpt_path=auto)", flush=True)
-            return str(existing[-1])
+            raise LitFlashError(
+                f"--ckpt_path auto: none of the {len(existing)} checkpoints in {ckpt_dir} can be read; move them "
+                "away to start from scratch, or give an intact checkpoint file with --ckpt_path"
+            )
         then = "starting from scratch" if subcommand == "fit" else "using the model as configured"
         print(f"lit_flash: no checkpoint in {ckpt_dir} yet, {then} (ckpt_path=auto)", flush=True)
         return None
