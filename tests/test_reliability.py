@@ -245,6 +245,32 @@ def test_auto_skips_a_zero_byte_or_corrupt_checkpoint_and_says_so(tmp_path: Path
         resolve_ckpt_path("auto", tmp_path, "fit")
 
 
+def test_a_second_fit_into_the_same_folder_names_the_process_holding_it(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Issue 16, item 7: two fits into one folder interleaved their checkpoints; now the second one stops at once.
+    A lock left by a killed run does not block the resume."""
+    root = tmp_path / "run"
+    config = _config(tmp_path, root, data_dir, slow=0.5, trainer={"max_steps": 30})
+    first = fork_cli("fit", "--config", config)
+    try:
+        wait_for_file(root / "checkpoints" / "epoch=0-step=10.ckpt", first)
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["fit", "--config", config, "--ckpt_path", "auto"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+        assert f"in use by another lit_flash fit (PID {first.pid} " in err and "trainer.default_root_dir" in err
+        assert not list((root / "checkpoints").glob("*-v1.ckpt"))
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.join()
+    # the killed run's lock file is still there, but the kernel released its lock
+    assert (root / ".lit_flash.lock").is_file()
+    assert _finish(fork_cli("fit", "--config", config, "--ckpt_path", "auto", "--trainer.callbacks=[]")) == 0
+    assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 30
+
+
 # ------------------------------------------------------------------------------------- data position
 
 

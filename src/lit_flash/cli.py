@@ -21,6 +21,7 @@ from lit_flash.checkpointing import LOAD_ERRORS, AtomicCheckpointIO, load_error,
 from lit_flash.data import WikitextDataModule
 from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
+from lit_flash.lock import acquire_run_lock, release_all
 from lit_flash.model import FlashGPT2LM
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
 from lit_flash.resume import ExactResume, last_checkpoint_path
@@ -154,7 +155,13 @@ class LitFlashCLI(LightningCLI):
             config["ckpt_path"] = resolve_ckpt_path(config["ckpt_path"], ckpt_dir, self.subcommand)
             check_resume(config["ckpt_path"], self.trainer.strategy)
 
-    before_fit = before_validate = before_test = before_predict = _resolve_ckpt_path
+    def before_fit(self) -> None:
+        # Rank 0 only: the other ranks of this run write into the same folder by design.
+        if self.trainer.is_global_zero:
+            acquire_run_lock(self.trainer.default_root_dir)
+        self._resolve_ckpt_path()
+
+    before_validate = before_test = before_predict = _resolve_ckpt_path
 
     def after_fit(self) -> None:
         """As the reference's evaluation after training: validate the final weights (unless the last step just
@@ -234,6 +241,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
         # Lightning finished the running batch and ExactResume saved last.ckpt; 128+15 as a killed process.
         sys.stderr.write("lit_flash: stopped by SIGTERM; resume with --ckpt_path last (or auto)\n")
         raise SystemExit(143) from None
+    finally:
+        release_all()
 
 
 def main() -> None:
