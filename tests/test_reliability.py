@@ -271,6 +271,26 @@ def test_a_second_fit_into_the_same_folder_names_the_process_holding_it(
     assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 30
 
 
+def test_a_run_folder_moved_elsewhere_resumes_into_last_ckpt_not_last_v1(
+    tmp_path: Path, uninterrupted: Path, data_dir: Path
+) -> None:
+    root = tmp_path / "moved"
+    shutil.copytree(uninterrupted, root)
+    config = _config(tmp_path, root, data_dir, slow=None, trainer={"max_steps": 70})
+    cli_main(["fit", "--config", config, "--ckpt_path", "last"])
+    checkpoints = root / "checkpoints"
+    assert not list(checkpoints.glob("*-v*.ckpt"))
+    assert checkpoint_step(checkpoints / "last.ckpt") == 70
+
+
+def test_help_explains_ckpt_path_auto_last_and_weights_only_unset(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "`auto`: the intact checkpoint with the highest step" in text and "`last`: that folder's last.ckpt" in text
+    assert "Unset (null) or true: the checkpoint is loaded with torch.load(weights_only=True)" in text
+
+
 # ------------------------------------------------------------------------------------- data position
 
 

@@ -113,9 +113,25 @@ class LitFlashCLI(LightningCLI):
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             super().parse_arguments(parser, args)
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        # Adapter: LightningCLI has no public hook after it adds the Trainer method's arguments, whose help is the
+        # docstring of `Trainer.fit` (it does not know lit_flash's `auto`, nor its weights_only default).
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        for option, text in SUBCOMMAND_HELP.items():
+            action = parser._option_string_actions.get(option)
+            if action is not None:
+                action.help = text
+        return parser
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1})
+        # No version counter: a run folder holds one run (the lock, the refusal of a fresh fit over checkpoints), so a
+        # name that exists is this run's own file from before a resume. With the counter, a run folder copied or
+        # moved elsewhere (Lightning then does not restore `last_model_path`) wrote `last-v1.ckpt` beside a stale
+        # `last.ckpt`, and `--ckpt_path last` could pick the stale one.
+        parser.set_defaults(
+            {"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.enable_version_counter": False}
+        )
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
@@ -175,6 +191,22 @@ class LitFlashCLI(LightningCLI):
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath:
             if checkpoint._last_global_step_saved != trainer.global_step:
                 trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"))
+
+
+SUBCOMMAND_HELP = {
+    "--ckpt_path": (
+        "The checkpoint to start from. A file path; or `auto`: the intact checkpoint with the highest step in "
+        "<default_root_dir>/checkpoints/, or a fresh start when there is none (for jobs that restart on their own); "
+        "or `last`: that folder's last.ckpt, an error when there is none (the resume command printed after a "
+        "SIGTERM or Ctrl-C). Unset with `fit`: a fresh run, refused when the folder already holds checkpoints."
+    ),
+    "--weights_only": (
+        "Unset (null) or true: the checkpoint is loaded with torch.load(weights_only=True), which reads tensors "
+        "and plain values only and runs no code from the file (lit_flash's default, not torch's or Lightning's). "
+        "false: full unpickling, which can run code from the file: only for a checkpoint you trust. A sharded FSDP "
+        "checkpoint (a folder) is read by torch.distributed.checkpoint, which this flag does not change."
+    ),
+}
 
 
 def _as_list(value: Any) -> list[Any]:
