@@ -217,3 +217,49 @@ def fill_disk(folder: Path, leave: int) -> None:
     free = shutil.disk_usage(folder).free
     with open(folder / "filler", "wb") as f:
         f.write(b"\0" * max(free - leave, 0))
+
+
+def ctrl_c_trial(args: list[str], delay: float, log: Path, timeout: float = 30) -> tuple[int | None, float]:
+    """`cli_main(args)` in a forked child leading its own process group (as a shell runs a job); `delay` seconds
+    after the start, SIGINT to the whole group (what Ctrl-C at a terminal does). Returns the exit status (None if
+    it did not end within `timeout`; the child is then killed) and the seconds from the Ctrl-C to the exit."""
+    import signal
+
+    from lit_flash.cli import cli_main
+
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.setpgid(0, 0)
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            torch.set_num_threads(1)
+            cli_main(list(args))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        except BaseException:  # noqa: BLE001 - a traceback in the log, status 1
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    time.sleep(delay)
+    sent = time.monotonic()
+    try:
+        os.killpg(pid, signal.SIGINT)
+    except ProcessLookupError:
+        pass
+    deadline = sent + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status), time.monotonic() - sent
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None, time.monotonic() - sent

@@ -27,6 +27,7 @@ from _reliability_helpers import (
     checkpoint_step,
     cli_command,
     cli_env,
+    ctrl_c_trial,
     fill_disk,
     fork_cli,
     logged,
@@ -289,6 +290,40 @@ def test_help_explains_ckpt_path_auto_last_and_weights_only_unset(capsys: pytest
     text = " ".join(capsys.readouterr().out.split())
     assert "`auto`: the intact checkpoint with the highest step" in text and "`last`: that folder's last.ckpt" in text
     assert "Unset (null) or true: the checkpoint is loaded with torch.load(weights_only=True)" in text
+
+
+CTRL_C_TRIALS = int(os.environ.get("LIT_FLASH_CTRL_C_TRIALS", "3"))  # 100 for the report in docs/reliability.md
+
+
+def test_ctrl_c_at_random_moments_saves_says_how_to_resume_and_exits_within_seconds(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """Issue 16, item 4: SIGINT to the process group at random moments (set-up, training, right after a checkpoint)
+    used to hang in TensorBoard's writer. Every trial must exit with 130 within 30 s, say how to resume, and leave
+    a loadable last.ckpt whenever training had started; the last trial's folder must resume to the end."""
+    import random
+
+    rng = random.Random(16)
+    slow_results = []
+    for trial in range(CTRL_C_TRIALS):
+        root = tmp_path / f"trial{trial}"
+        config = _config(tmp_path, root, data_dir, name=f"trial{trial}.yaml", slow=0.05, trainer={"max_steps": 200})
+        log = tmp_path / f"trial{trial}.log"
+        code, seconds = ctrl_c_trial(["fit", "--config", config], delay=rng.uniform(0.3, 4.0), log=log)
+        output = log.read_text()
+        slow_results.append(seconds)
+        assert code == 130, f"trial {trial}: exit {code} after {seconds:.1f} s\n{output[-3000:]}"
+        assert "stopped by Ctrl-C" in output and "Traceback" not in output, output[-3000:]
+        last = root / "checkpoints" / "last.ckpt"
+        if "Ctrl-C at step" in output:  # stopped inside the training loop: last.ckpt holds that step
+            step = int(output.split("Ctrl-C at step ")[1].split(":")[0])
+            assert checkpoint_step(last) == step and "resume with --ckpt_path" in output
+        else:
+            assert "nothing new was saved" in output, output[-3000:]
+        assert not list(root.rglob(".*.partial"))
+    print(f"{CTRL_C_TRIALS} Ctrl-C trials passed; slowest exit {max(slow_results):.1f} s")
+    assert _finish(fork_cli("fit", "--config", config, "--ckpt_path", "auto", "--trainer.callbacks=[]")) == 0
+    assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 200
 
 
 # ------------------------------------------------------------------------------------- data position

@@ -16,6 +16,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_flash import interrupt
 from lit_flash.callbacks import HFExport, TokenThroughput
 from lit_flash.checkpointing import LOAD_ERRORS, AtomicCheckpointIO, load_error, resolve_ckpt_path
 from lit_flash.data import WikitextDataModule
@@ -185,7 +186,8 @@ class LitFlashCLI(LightningCLI):
         trainer = self.trainer
         if trainer.interrupted or trainer.state.status != TrainerStatus.FINISHED:
             return
-        if sum(trainer.num_val_batches) > 0 and getattr(self.model, "last_validated_step", None) != trainer.global_step:
+        validated = getattr(self.model, "last_validated_step", None) == trainer.global_step
+        if sum(trainer.num_val_batches) > 0 and not validated and not interrupt.received():  # Ctrl-C: be quick
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath:
@@ -257,22 +259,43 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
             if not any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in args):
                 print(f"lit_flash: no --config given, running the offline demo ({config_path(DEFAULT_CONFIG)})")
             args[1:1] = ["--config", str(config_path(DEFAULT_CONFIG))]
-        return LitFlashCLI(
-            FlashGPT2LM,
-            WikitextDataModule,
-            args=args,
-            run=run,
-            parser_class=OneLineErrorParser,
-            save_config_kwargs={"overwrite": False},
-            auto_configure_optimizers=False,  # FlashGPT2LM owns AdamW and its schedule (model.* keys)
-        )
+        previous = interrupt.install()
+        try:
+            cli = LitFlashCLI(
+                FlashGPT2LM,
+                WikitextDataModule,
+                args=args,
+                run=run,
+                parser_class=OneLineErrorParser,
+                save_config_kwargs={"overwrite": False},
+                auto_configure_optimizers=False,  # FlashGPT2LM owns AdamW and its schedule (model.* keys)
+            )
+        except SystemExit as exit_:
+            # Lightning turns a KeyboardInterrupt inside a Trainer call (a Ctrl-C before its handlers are up)
+            # into exit status 1.
+            if interrupt.received() and exit_.code == 1:
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            interrupt.restore(previous)
+        if interrupt.received():
+            sys.stderr.write("lit_flash: Ctrl-C came as the run was ending; it ended normally\n")
+        return cli
     except LitFlashError as err:
         sys.stderr.write(f"error: {err}\n")
         raise SystemExit(2) from None
     except SIGTERMException:
-        # Lightning finished the running batch and ExactResume saved last.ckpt; 128+15 as a killed process.
-        sys.stderr.write("lit_flash: stopped by SIGTERM; resume with --ckpt_path last (or auto)\n")
-        raise SystemExit(143) from None
+        # Lightning finished the running batch and ExactResume saved last.ckpt (when fitting); 128+15 (SIGTERM) or
+        # 128+2 (Ctrl-C), as a killed process.
+        name = interrupt.signal_name()
+        sys.stderr.write(f"lit_flash: stopped by {name}; resume with --ckpt_path last (or auto)\n")
+        raise SystemExit(interrupt.EXIT_CODE if interrupt.received() else 143) from None
+    except KeyboardInterrupt:
+        sys.stderr.write(
+            "lit_flash: stopped by Ctrl-C outside the training loop; nothing new was saved (checkpoints already "
+            "written are intact: resume with --ckpt_path auto)\n"
+        )
+        raise SystemExit(interrupt.EXIT_CODE) from None
     finally:
         release_all()
 

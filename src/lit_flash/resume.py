@@ -23,6 +23,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lit_flash.interrupt import signal_name
+
 
 class ResumableSampler(DistributedSampler):
     """`DistributedSampler` (a seeded permutation per epoch, this rank's share of it) that can start mid-epoch.
@@ -131,7 +133,7 @@ class ExactResume(L.Callback):
             return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
-        rank_zero_info(f"SIGTERM at step {trainer.global_step}: saved {path} (resume with --ckpt_path last)")
+        rank_zero_info(f"{signal_name()} at step {trainer.global_step}: saved {path} (resume with --ckpt_path last)")
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> str:
