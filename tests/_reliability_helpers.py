@@ -263,3 +263,17 @@ def ctrl_c_trial(args: list[str], delay: float, log: Path, timeout: float = 30) 
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     return None, time.monotonic() - sent
+
+
+class RecordRows(L.Callback):
+    """Test-only: append `[epoch, row]` for every training row to a JSON-lines file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        import json
+
+        with open(self.path, "a") as f:
+            for row in batch["input_ids"].tolist():
+                f.write(json.dumps([trainer.current_epoch, row]) + "\n")

@@ -343,7 +343,7 @@ def test_resumable_loader_continues_mid_epoch_with_the_same_batches() -> None:
     it = iter(stopped)
     seen = [next(it).tolist() for _ in range(5)]
     state = stopped.state_dict()
-    assert state == {"epoch": 2, "batches": 5, "replicas": 1}
+    assert state == {"epoch": 2, "batches": 5, "rows": 20, "batch_size": 4, "replicas": 1}
 
     resumed = ResumableDataLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=3))
     resumed.load_state_dict(state)
@@ -359,6 +359,14 @@ def test_resumable_loader_continues_mid_epoch_with_the_same_batches() -> None:
         resumed.load_state_dict({"epoch": 2, "batches": 5, "replicas": 2})
     assert len([*resumed]) == len(reference)
 
+    # another batch size: the epoch continues at the same row (issue 16, item 9); Lightning, which restores its
+    # count of 5 batches, gets a length that covers them plus the 3 batches of 10 left
+    larger = ResumableDataLoader(data, batch_size=10, sampler=ResumableSampler(data, seed=3))
+    with pytest.warns(UserWarning, match="continues at row 20 of 50"):
+        larger.load_state_dict(state)
+    assert len(larger) == 5 + 3
+    assert sum(seen, []) + sum((b.tolist() for b in larger), []) == sum(reference, [])
+
 
 def test_datamodule_trains_through_the_resumable_loader(tmp_path: Path, data_dir: Path) -> None:
     dm = WikitextDataModule(tokenized_dataset_load_dir=str(data_dir), tokenizer_name=None, batch_size=4)
@@ -366,6 +374,58 @@ def test_datamodule_trains_through_the_resumable_loader(tmp_path: Path, data_dir
     loader = dm.train_dataloader()
     assert isinstance(loader, ResumableDataLoader) and isinstance(loader.sampler, ResumableSampler)
     assert loader.sampler.num_replicas == 1 and len(loader) == 40
+
+
+def _rows_of_epoch_0(path: Path) -> list[tuple[int, ...]]:
+    import json
+
+    return [tuple(row) for line in path.read_text().splitlines() for epoch, row in [json.loads(line)] if epoch == 0]
+
+
+def test_resume_with_a_larger_batch_size_continues_at_the_same_row(tmp_path: Path, data_dir: Path) -> None:
+    """Issue 16, item 9: resumed mid-epoch with another batch size, every row of the epoch is trained on exactly
+    once (it skipped the rest of the epoch: Lightning's restored batch count already equalled the new length)."""
+    from collections import Counter
+
+    import datasets
+
+    root = tmp_path / "run"
+    record = {"class_path": "_reliability_helpers.RecordRows", "init_args": {"path": str(tmp_path / "a.jsonl")}}
+    config = tiny_config(root, data_dir, trainer={"max_steps": 20, "callbacks": [record]})
+    cli_main(["fit", "--config", str(write_config(tmp_path / "a.yaml", config))])  # 20 batches of 4: 80 of 160 rows
+    record["init_args"]["path"] = str(tmp_path / "b.jsonl")
+    config["trainer"].update(max_steps=35)  # 10 batches of 8 end epoch 0, 5 more in epoch 1
+    config["data"]["batch_size"] = 8
+    with pytest.warns(UserWarning, match="continues at row 80 of 160"):
+        cli_main(["fit", "--config", str(write_config(tmp_path / "b.yaml", config)), "--ckpt_path", "last"])
+    rows = _rows_of_epoch_0(tmp_path / "a.jsonl") + _rows_of_epoch_0(tmp_path / "b.jsonl")
+    train = datasets.load_from_disk(str(data_dir))["train"]["input_ids"]
+    assert Counter(rows) == Counter(tuple(row) for row in train)
+
+
+def test_train_longer_continues_the_learning_rate_schedule_without_a_jump(
+    tmp_path: Path, uninterrupted: Path, data_dir: Path
+) -> None:
+    """Issue 16, item 9: resumed at step 20 of a 60-step cosine schedule with max_steps=100, the learning rate
+    went from the old schedule's value to the value a 100-step schedule has at step 20 (a jump). Now it goes on
+    from where it was, and the rest of the decay is stretched to end at step 100."""
+    root = tmp_path / "longer"
+    shutil.copytree(uninterrupted, root)
+    for path in (root / "checkpoints").glob("*.ckpt"):
+        if checkpoint_step(path) > 20:
+            path.unlink()
+    shutil.rmtree(root / "model")
+    config = _config(tmp_path, root, data_dir, slow=None, trainer={"max_steps": 100})
+    with pytest.warns(UserWarning, match="stretched to end at step 100"):
+        cli_main(["fit", "--config", config, "--ckpt_path", str(root / "checkpoints" / "epoch=0-step=20.ckpt")])
+    key = "lr-AdamW/pg1"
+    before, after = logged(uninterrupted, key), logged(root, key)
+    assert after[20] == pytest.approx(before[20], rel=1e-6)  # the same learning rate at the resume step
+    steps = sorted(s for s in after if s >= 6)  # after the warm-up
+    changes = [after[a] - after[b] for b, a in zip(steps, steps[1:], strict=False)]
+    largest_before = max(abs(before[a] - before[a - 1]) for a in range(7, 60))
+    assert all(-largest_before <= change <= 0 for change in changes)  # decays, never faster than the original
+    assert after[max(after)] < 0.01 * max(after.values())  # and ends at step 100
 
 
 # ------------------------------------------------------------------------------------- atomic saves
