@@ -219,10 +219,13 @@ def fill_disk(folder: Path, leave: int) -> None:
         f.write(b"\0" * max(free - leave, 0))
 
 
-def ctrl_c_trial(args: list[str], delay: float, log: Path, timeout: float = 30) -> tuple[int | None, float]:
+def ctrl_c_trial(
+    args: list[str], delay: float, log: Path, timeout: float = 30, presses: int = 1
+) -> tuple[int | None, float]:
     """`cli_main(args)` in a forked child leading its own process group (as a shell runs a job); `delay` seconds
-    after the start, SIGINT to the whole group (what Ctrl-C at a terminal does). Returns the exit status (None if
-    it did not end within `timeout`; the child is then killed) and the seconds from the Ctrl-C to the exit."""
+    after the start, SIGINT to the whole group (what Ctrl-C at a terminal does), `presses` times 0.1 s apart.
+    Returns the exit status (None if it did not end within `timeout`; the child is then killed) and the seconds
+    from the first Ctrl-C to the exit."""
     import signal
 
     from lit_flash.cli import cli_main
@@ -235,6 +238,9 @@ def ctrl_c_trial(args: list[str], delay: float, log: Path, timeout: float = 30) 
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
+            # line-buffered onto the log: os._exit (a second Ctrl-C) skips flushing Python's buffers
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
             torch.set_num_threads(1)
             cli_main(list(args))
             code = 0
@@ -245,15 +251,19 @@ def ctrl_c_trial(args: list[str], delay: float, log: Path, timeout: float = 30) 
 
             traceback.print_exc()
         finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late press must not raise into pytest's code
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
     time.sleep(delay)
     sent = time.monotonic()
-    try:
-        os.killpg(pid, signal.SIGINT)
-    except ProcessLookupError:
-        pass
+    for press in range(presses):
+        try:
+            os.killpg(pid, signal.SIGINT)
+        except ProcessLookupError:
+            break
+        if press + 1 < presses:
+            time.sleep(0.1)
     deadline = sent + timeout
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)

@@ -305,6 +305,7 @@ def test_ctrl_c_at_random_moments_saves_says_how_to_resume_and_exits_within_seco
 
     rng = random.Random(16)
     slow_results = []
+    saved = 0
     for trial in range(CTRL_C_TRIALS):
         root = tmp_path / f"trial{trial}"
         config = _config(tmp_path, root, data_dir, name=f"trial{trial}.yaml", slow=0.05, trainer={"max_steps": 200})
@@ -318,12 +319,26 @@ def test_ctrl_c_at_random_moments_saves_says_how_to_resume_and_exits_within_seco
         if "Ctrl-C at step" in output:  # stopped inside the training loop: last.ckpt holds that step
             step = int(output.split("Ctrl-C at step ")[1].split(":")[0])
             assert checkpoint_step(last) == step and "resume with --ckpt_path" in output
+            saved += 1
         else:
             assert "nothing new was saved" in output, output[-3000:]
         assert not list(root.rglob(".*.partial"))
-    print(f"{CTRL_C_TRIALS} Ctrl-C trials passed; slowest exit {max(slow_results):.1f} s")
+    print(
+        f"{CTRL_C_TRIALS} Ctrl-C trials passed ({saved} saved last.ckpt mid-training, {CTRL_C_TRIALS - saved} "
+        f"stopped before training); slowest exit {max(slow_results):.1f} s"
+    )
     assert _finish(fork_cli("fit", "--config", config, "--ckpt_path", "auto", "--trainer.callbacks=[]")) == 0
     assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 200
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path: Path, data_dir: Path) -> None:
+    """Steps of 2 s: the first Ctrl-C waits for the running one; the second, 0.1 s later, does not."""
+    config = _config(tmp_path, tmp_path / "run", data_dir, slow=2.0, trainer={"max_steps": 200})
+    log = tmp_path / "twice.log"
+    code, seconds = ctrl_c_trial(["fit", "--config", config], delay=6.0, log=log, presses=2)
+    output = log.read_text()
+    assert code == 130 and seconds < 1.5, output[-3000:]
+    assert "second Ctrl-C: exiting now without saving" in output, output[-3000:]
 
 
 # ------------------------------------------------------------------------------------- data position
