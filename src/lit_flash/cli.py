@@ -173,10 +173,11 @@ class LitFlashCLI(LightningCLI):
             check_resume(config["ckpt_path"], self.trainer.strategy)
 
     def before_fit(self) -> None:
+        # The checkpoint first: a refused fresh fit over an earlier run's folder leaves that folder as it was.
+        self._resolve_ckpt_path()
         # Rank 0 only: the other ranks of this run write into the same folder by design.
         if self.trainer.is_global_zero:
             acquire_run_lock(self.trainer.default_root_dir)
-        self._resolve_ckpt_path()
 
     before_validate = before_test = before_predict = _resolve_ckpt_path
 
