@@ -316,8 +316,8 @@ def test_ctrl_c_at_random_moments_saves_says_how_to_resume_and_exits_within_seco
         assert code == 130, f"trial {trial}: exit {code} after {seconds:.1f} s\n{output[-3000:]}"
         assert "stopped by Ctrl-C" in output and "Traceback" not in output, output[-3000:]
         last = root / "checkpoints" / "last.ckpt"
-        if "Ctrl-C at step" in output:  # stopped inside the training loop: last.ckpt holds that step
-            step = int(output.split("Ctrl-C at step ")[1].split(":")[0])
+        if "stopped by Ctrl-C at step" in output:  # stopped inside the training loop: last.ckpt holds that step
+            step = int(output.split("stopped by Ctrl-C at step ")[1].split(":")[0])
             assert checkpoint_step(last) == step and "resume with --ckpt_path" in output
             saved += 1
         else:

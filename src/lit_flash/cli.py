@@ -288,8 +288,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
     except SIGTERMException:
         # Lightning finished the running batch and ExactResume saved last.ckpt (when fitting); 128+15 (SIGTERM) or
         # 128+2 (Ctrl-C), as a killed process.
-        name = interrupt.signal_name()
-        sys.stderr.write(f"lit_flash: stopped by {name}; resume with --ckpt_path last (or auto)\n")
+        # Written here, not logged: the one line a user sees last, whatever the logging set-up.
+        saved = interrupt.saved_checkpoint()
+        what = (
+            f" at step {saved[0]}: saved {saved[1]}; resume with --ckpt_path last (or auto)"
+            if saved
+            else "; nothing new was saved (checkpoints already written are intact: resume with --ckpt_path auto)"
+        )
+        sys.stderr.write(f"lit_flash: stopped by {interrupt.signal_name()}{what}\n")
         raise SystemExit(interrupt.EXIT_CODE if interrupt.received() else 143) from None
     except KeyboardInterrupt:
         sys.stderr.write(

@@ -19,13 +19,14 @@ from typing import Any
 
 EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
 _count = 0
+_saved: tuple[int, str] | None = None  # (step, path) of the checkpoint saved on the way out
 
 
 def install() -> Any:
     """Route SIGINT as above for this process; returns the previous handler (for `restore`). A no-op off the
     main thread, where Python cannot set handlers."""
-    global _count
-    _count = 0
+    global _count, _saved
+    _count, _saved = 0, None
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGINT, _on_sigint)
@@ -39,6 +40,16 @@ def restore(previous: Any) -> None:
 def received() -> bool:
     """Whether a Ctrl-C came since `install`."""
     return _count > 0
+
+
+def note_saved(step: int, path: str) -> None:
+    """Called by `ExactResume` once the checkpoint of a stopped run is written, for the CLI's last line."""
+    global _saved
+    _saved = (step, path)
+
+
+def saved_checkpoint() -> tuple[int, str] | None:
+    return _saved
 
 
 def signal_name() -> str:

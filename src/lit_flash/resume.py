@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lit_flash.interrupt import signal_name
+from lit_flash.interrupt import note_saved, signal_name
 
 
 class ResumableSampler(DistributedSampler):
@@ -165,6 +165,7 @@ class ExactResume(L.Callback):
             return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
+        note_saved(trainer.global_step, path)
         rank_zero_info(f"{signal_name()} at step {trainer.global_step}: saved {path} (resume with --ckpt_path last)")
 
 
