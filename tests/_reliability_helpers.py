@@ -3,12 +3,15 @@ subprocess, and the losses a run logged."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +190,100 @@ def wait_for_file(path: Path, proc: Any, timeout: float = 180) -> None:
             proc.kill()
             raise AssertionError(f"timed out waiting for {path}")
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: int) -> Iterator[Path]:
+    """A real filesystem of `size` bytes (tmpfs) at `path`, unmounted afterwards; the test is skipped where
+    mounting is not allowed (not root, or a container without CAP_SYS_ADMIN)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_disk(folder: Path, leave: int) -> None:
+    """Fill the filesystem of `folder` until about `leave` bytes are free."""
+    free = shutil.disk_usage(folder).free
+    with open(folder / "filler", "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))
+
+
+def ctrl_c_trial(
+    args: list[str], delay: float, log: Path, timeout: float = 30, presses: int = 1
+) -> tuple[int | None, float]:
+    """`cli_main(args)` in a forked child leading its own process group (as a shell runs a job); `delay` seconds
+    after the start, SIGINT to the whole group (what Ctrl-C at a terminal does), `presses` times 0.1 s apart.
+    Returns the exit status (None if it did not end within `timeout`; the child is then killed) and the seconds
+    from the first Ctrl-C to the exit."""
+    import signal
+
+    from lit_flash.cli import cli_main
+
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.setpgid(0, 0)
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            # line-buffered onto the log: os._exit (a second Ctrl-C) skips flushing Python's buffers
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+            torch.set_num_threads(1)
+            cli_main(list(args))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        except BaseException:  # noqa: BLE001 - a traceback in the log, status 1
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late press must not raise into pytest's code
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    time.sleep(delay)
+    sent = time.monotonic()
+    for press in range(presses):
+        try:
+            os.killpg(pid, signal.SIGINT)
+        except ProcessLookupError:
+            break
+        if press + 1 < presses:
+            time.sleep(0.1)
+    deadline = sent + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status), time.monotonic() - sent
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None, time.monotonic() - sent
+
+
+class RecordRows(L.Callback):
+    """Test-only: append `[epoch, row]` for every training row to a JSON-lines file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        import json
+
+        with open(self.path, "a") as f:
+            for row in batch["input_ids"].tolist():
+                f.write(json.dumps([trainer.current_epoch, row]) + "\n")

@@ -27,9 +27,12 @@ from _reliability_helpers import (
     checkpoint_step,
     cli_command,
     cli_env,
+    ctrl_c_trial,
+    fill_disk,
     fork_cli,
     logged,
     make_dataset,
+    small_disk,
     snapshot,
     tiny_config,
     wait_for_file,
@@ -194,19 +197,148 @@ def test_fresh_fit_refuses_to_overwrite_an_earlier_runs_checkpoints(
     assert snapshot(root) == before
 
 
+def _fake_checkpoint(path: Path, step: int) -> Path:
+    torch.save({"global_step": step, "state_dict": {"w": torch.zeros(4)}}, path)
+    return path
+
+
 def test_auto_without_a_checkpoint_starts_from_scratch(tmp_path: Path, data_dir: Path, capsys) -> None:
     from lit_flash.checkpointing import resolve_ckpt_path
 
     assert resolve_ckpt_path("auto", tmp_path / "none", "fit") is None
     assert "starting from scratch" in capsys.readouterr().out
-    (tmp_path / "last.ckpt").write_bytes(b"x")
+    _fake_checkpoint(tmp_path / "last.ckpt", 10)
     assert resolve_ckpt_path("auto", tmp_path, "fit") == str(tmp_path / "last.ckpt")
-    time.sleep(0.01)
-    (tmp_path / "step=20.ckpt").write_bytes(b"x")  # written after last.ckpt: a kill fell between the two
+    _fake_checkpoint(tmp_path / "step=20.ckpt", 20)  # a kill fell between this one and last.ckpt
     assert resolve_ckpt_path("auto", tmp_path, "fit") == str(tmp_path / "step=20.ckpt")
     assert resolve_ckpt_path("last", tmp_path, "fit") == "last"  # Lightning resolves this one
     with pytest.raises(LitFlashError, match="--ckpt_path last: no checkpoint in .*none yet; use --ckpt_path auto"):
         resolve_ckpt_path("last", tmp_path / "none", "fit")  # unlike auto, last means: resume
+
+
+def test_auto_picks_the_highest_step_not_the_newest_file_time(tmp_path: Path, capsys) -> None:
+    """A copy or a restore from backup reshuffles file times: `auto` goes by the step stored inside (issue 16, 8)."""
+    from lit_flash.checkpointing import resolve_ckpt_path
+
+    for step in (2, 4, 6):
+        _fake_checkpoint(tmp_path / f"step={step}.ckpt", step)
+    _fake_checkpoint(tmp_path / "last.ckpt", 6)
+    now = time.time()
+    for age, name in enumerate(("step=2.ckpt", "step=4.ckpt", "last.ckpt", "step=6.ckpt")):
+        os.utime(tmp_path / name, (now - 100 * age, now - 100 * age))  # step=2 now looks the newest
+    assert resolve_ckpt_path("auto", tmp_path, "fit") == str(tmp_path / "last.ckpt")  # step 6; last wins a tie
+
+
+def test_auto_skips_a_zero_byte_or_corrupt_checkpoint_and_says_so(tmp_path: Path, capsys) -> None:
+    from lit_flash.checkpointing import resolve_ckpt_path
+
+    _fake_checkpoint(tmp_path / "step=4.ckpt", 4)
+    good = _fake_checkpoint(tmp_path / "step=6.ckpt", 6)
+    (tmp_path / "last.ckpt").write_bytes(b"")  # a crash of the filesystem, not of the atomic save
+    (tmp_path / "step=8.ckpt").write_bytes(good.read_bytes()[:100])  # truncated
+    capsys.readouterr()
+    assert resolve_ckpt_path("auto", tmp_path, "fit") == str(good)
+    err = capsys.readouterr().err
+    assert f"skipping {tmp_path / 'last.ckpt'}" in err and f"skipping {tmp_path / 'step=8.ckpt'}" in err
+    for path in tmp_path.glob("step=[46].ckpt"):
+        path.write_bytes(b"junk")
+    with pytest.raises(LitFlashError, match="none of the 4 checkpoints .* can be read"):
+        resolve_ckpt_path("auto", tmp_path, "fit")
+
+
+def test_a_second_fit_into_the_same_folder_names_the_process_holding_it(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Issue 16, item 7: two fits into one folder interleaved their checkpoints; now the second one stops at once.
+    A lock left by a killed run does not block the resume."""
+    root = tmp_path / "run"
+    config = _config(tmp_path, root, data_dir, slow=0.5, trainer={"max_steps": 30})
+    first = fork_cli("fit", "--config", config)
+    try:
+        wait_for_file(root / "checkpoints" / "epoch=0-step=10.ckpt", first)
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["fit", "--config", config, "--ckpt_path", "auto"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+        assert f"in use by another lit_flash fit (PID {first.pid} " in err and "trainer.default_root_dir" in err
+        assert not list((root / "checkpoints").glob("*-v1.ckpt"))
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.join()
+    # the killed run's lock file is still there, but the kernel released its lock
+    assert (root / ".lit_flash.lock").is_file()
+    assert _finish(fork_cli("fit", "--config", config, "--ckpt_path", "auto", "--trainer.callbacks=[]")) == 0
+    assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 30
+
+
+def test_a_run_folder_moved_elsewhere_resumes_into_last_ckpt_not_last_v1(
+    tmp_path: Path, uninterrupted: Path, data_dir: Path
+) -> None:
+    root = tmp_path / "moved"
+    shutil.copytree(uninterrupted, root)
+    config = _config(tmp_path, root, data_dir, slow=None, trainer={"max_steps": 70})
+    cli_main(["fit", "--config", config, "--ckpt_path", "last"])
+    checkpoints = root / "checkpoints"
+    assert not list(checkpoints.glob("*-v*.ckpt"))
+    assert checkpoint_step(checkpoints / "last.ckpt") == 70
+
+
+def test_help_explains_ckpt_path_auto_last_and_weights_only_unset(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "`auto`: the intact checkpoint with the highest step" in text and "`last`: that folder's last.ckpt" in text
+    assert "Unset (null) or true: the checkpoint is loaded with torch.load(weights_only=True)" in text
+
+
+CTRL_C_TRIALS = int(os.environ.get("LIT_FLASH_CTRL_C_TRIALS", "3"))  # 100 for the report in docs/reliability.md
+
+
+def test_ctrl_c_at_random_moments_saves_says_how_to_resume_and_exits_within_seconds(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """Issue 16, item 4: SIGINT to the process group at random moments (set-up, training, right after a checkpoint)
+    used to hang in TensorBoard's writer. Every trial must exit with 130 within 30 s, say how to resume, and leave
+    a loadable last.ckpt whenever training had started; the last trial's folder must resume to the end."""
+    import random
+
+    rng = random.Random(16)
+    slow_results = []
+    saved = 0
+    for trial in range(CTRL_C_TRIALS):
+        root = tmp_path / f"trial{trial}"
+        config = _config(tmp_path, root, data_dir, name=f"trial{trial}.yaml", slow=0.05, trainer={"max_steps": 200})
+        log = tmp_path / f"trial{trial}.log"
+        code, seconds = ctrl_c_trial(["fit", "--config", config], delay=rng.uniform(0.3, 4.0), log=log)
+        output = log.read_text()
+        slow_results.append(seconds)
+        assert code == 130, f"trial {trial}: exit {code} after {seconds:.1f} s\n{output[-3000:]}"
+        assert "stopped by Ctrl-C" in output and "Traceback" not in output, output[-3000:]
+        last = root / "checkpoints" / "last.ckpt"
+        if "stopped by Ctrl-C at step" in output:  # stopped inside the training loop: last.ckpt holds that step
+            step = int(output.split("stopped by Ctrl-C at step ")[1].split(":")[0])
+            assert checkpoint_step(last) == step and "resume with --ckpt_path" in output
+            saved += 1
+        else:
+            assert "nothing new was saved" in output, output[-3000:]
+        assert not list(root.rglob(".*.partial"))
+    print(
+        f"{CTRL_C_TRIALS} Ctrl-C trials passed ({saved} saved last.ckpt mid-training, {CTRL_C_TRIALS - saved} "
+        f"stopped before training); slowest exit {max(slow_results):.1f} s"
+    )
+    assert _finish(fork_cli("fit", "--config", config, "--ckpt_path", "auto", "--trainer.callbacks=[]")) == 0
+    assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 200
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path: Path, data_dir: Path) -> None:
+    """Steps of 2 s: the first Ctrl-C waits for the running one; the second, 0.1 s later, does not."""
+    config = _config(tmp_path, tmp_path / "run", data_dir, slow=2.0, trainer={"max_steps": 200})
+    log = tmp_path / "twice.log"
+    code, seconds = ctrl_c_trial(["fit", "--config", config], delay=6.0, log=log, presses=2)
+    output = log.read_text()
+    assert code == 130 and seconds < 1.5, output[-3000:]
+    assert "second Ctrl-C: exiting now without saving" in output, output[-3000:]
 
 
 # ------------------------------------------------------------------------------------- data position
@@ -226,7 +358,7 @@ def test_resumable_loader_continues_mid_epoch_with_the_same_batches() -> None:
     it = iter(stopped)
     seen = [next(it).tolist() for _ in range(5)]
     state = stopped.state_dict()
-    assert state == {"epoch": 2, "batches": 5, "replicas": 1}
+    assert state == {"epoch": 2, "batches": 5, "rows": 20, "batch_size": 4, "replicas": 1}
 
     resumed = ResumableDataLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=3))
     resumed.load_state_dict(state)
@@ -242,6 +374,14 @@ def test_resumable_loader_continues_mid_epoch_with_the_same_batches() -> None:
         resumed.load_state_dict({"epoch": 2, "batches": 5, "replicas": 2})
     assert len([*resumed]) == len(reference)
 
+    # another batch size: the epoch continues at the same row (issue 16, item 9); Lightning, which restores its
+    # count of 5 batches, gets a length that covers them plus the 3 batches of 10 left
+    larger = ResumableDataLoader(data, batch_size=10, sampler=ResumableSampler(data, seed=3))
+    with pytest.warns(UserWarning, match="continues at row 20 of 50"):
+        larger.load_state_dict(state)
+    assert len(larger) == 5 + 3
+    assert sum(seen, []) + sum((b.tolist() for b in larger), []) == sum(reference, [])
+
 
 def test_datamodule_trains_through_the_resumable_loader(tmp_path: Path, data_dir: Path) -> None:
     dm = WikitextDataModule(tokenized_dataset_load_dir=str(data_dir), tokenizer_name=None, batch_size=4)
@@ -249,6 +389,58 @@ def test_datamodule_trains_through_the_resumable_loader(tmp_path: Path, data_dir
     loader = dm.train_dataloader()
     assert isinstance(loader, ResumableDataLoader) and isinstance(loader.sampler, ResumableSampler)
     assert loader.sampler.num_replicas == 1 and len(loader) == 40
+
+
+def _rows_of_epoch_0(path: Path) -> list[tuple[int, ...]]:
+    import json
+
+    return [tuple(row) for line in path.read_text().splitlines() for epoch, row in [json.loads(line)] if epoch == 0]
+
+
+def test_resume_with_a_larger_batch_size_continues_at_the_same_row(tmp_path: Path, data_dir: Path) -> None:
+    """Issue 16, item 9: resumed mid-epoch with another batch size, every row of the epoch is trained on exactly
+    once (it skipped the rest of the epoch: Lightning's restored batch count already equalled the new length)."""
+    from collections import Counter
+
+    import datasets
+
+    root = tmp_path / "run"
+    record = {"class_path": "_reliability_helpers.RecordRows", "init_args": {"path": str(tmp_path / "a.jsonl")}}
+    config = tiny_config(root, data_dir, trainer={"max_steps": 20, "callbacks": [record]})
+    cli_main(["fit", "--config", str(write_config(tmp_path / "a.yaml", config))])  # 20 batches of 4: 80 of 160 rows
+    record["init_args"]["path"] = str(tmp_path / "b.jsonl")
+    config["trainer"].update(max_steps=35)  # 10 batches of 8 end epoch 0, 5 more in epoch 1
+    config["data"]["batch_size"] = 8
+    with pytest.warns(UserWarning, match="continues at row 80 of 160"):
+        cli_main(["fit", "--config", str(write_config(tmp_path / "b.yaml", config)), "--ckpt_path", "last"])
+    rows = _rows_of_epoch_0(tmp_path / "a.jsonl") + _rows_of_epoch_0(tmp_path / "b.jsonl")
+    train = datasets.load_from_disk(str(data_dir))["train"]["input_ids"]
+    assert Counter(rows) == Counter(tuple(row) for row in train)
+
+
+def test_train_longer_continues_the_learning_rate_schedule_without_a_jump(
+    tmp_path: Path, uninterrupted: Path, data_dir: Path
+) -> None:
+    """Issue 16, item 9: resumed at step 20 of a 60-step cosine schedule with max_steps=100, the learning rate
+    went from the old schedule's value to the value a 100-step schedule has at step 20 (a jump). Now it goes on
+    from where it was, and the rest of the decay is stretched to end at step 100."""
+    root = tmp_path / "longer"
+    shutil.copytree(uninterrupted, root)
+    for path in (root / "checkpoints").glob("*.ckpt"):
+        if checkpoint_step(path) > 20:
+            path.unlink()
+    shutil.rmtree(root / "model")
+    config = _config(tmp_path, root, data_dir, slow=None, trainer={"max_steps": 100})
+    with pytest.warns(UserWarning, match="stretched to end at step 100"):
+        cli_main(["fit", "--config", config, "--ckpt_path", str(root / "checkpoints" / "epoch=0-step=20.ckpt")])
+    key = "lr-AdamW/pg1"
+    before, after = logged(uninterrupted, key), logged(root, key)
+    assert after[20] == pytest.approx(before[20], rel=1e-6)  # the same learning rate at the resume step
+    steps = sorted(s for s in after if s >= 6)  # after the warm-up
+    changes = [after[a] - after[b] for b, a in zip(steps, steps[1:], strict=False)]
+    largest_before = max(abs(before[a] - before[a - 1]) for a in range(7, 60))
+    assert all(-largest_before <= change <= 0 for change in changes)  # decays, never faster than the original
+    assert after[max(after)] < 0.01 * max(after.values())  # and ends at step 100
 
 
 # ------------------------------------------------------------------------------------- atomic saves
@@ -303,9 +495,31 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(
         cli_main(["fit", "--config", config, "--ckpt_path", "last"])
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "the disk is full" in errors[0] and "already there are intact" in errors[0]
+    assert len(errors) == 1 and "is full" in errors[0] and "already there are intact" in errors[0]
     assert last.read_bytes() == before and checkpoint_step(last) == 60
     assert not partial_path(last).exists()
+
+
+def test_a_really_full_disk_during_a_save_is_one_line_and_leaves_no_partial_file(
+    tmp_path: Path, uninterrupted: Path, data_dir: Path, capsys
+) -> None:
+    """On a real full filesystem torch's zip writer fails with a RuntimeError, not an OSError (issue 16, item 5)."""
+    with small_disk(tmp_path / "disk", size=16 << 20) as disk:
+        root = disk / "run"
+        shutil.copytree(uninterrupted, root)
+        last = root / "checkpoints" / "last.ckpt"
+        before = last.read_bytes()
+        fill_disk(disk, leave=len(before) // 2)  # room for the logs, not for another checkpoint
+        config = _config(tmp_path, root, data_dir, slow=None, trainer={"max_steps": 70})
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["fit", "--config", config, "--ckpt_path", "last"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "is full" in errors[0] and "free space" in errors[0], err
+        assert "Traceback" not in err
+        assert last.read_bytes() == before
+        assert not list((root / "checkpoints").glob(".*.partial"))
 
 
 def test_truncated_or_corrupted_checkpoint_is_a_clear_error(tmp_path: Path, uninterrupted: Path) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import shutil
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -43,12 +45,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
+        # torch's zip writer reports a failed write (a really full disk) as a RuntimeError ("[enforce fail at
+        # inline_container.cc] ... unexpected pos" / "file write failed"), not as OSError.
+        if isinstance(err, RuntimeError) and not _is_write_failure(err):
+            tmp.unlink(missing_ok=True)
+            raise
+        full = _disk_full(err, path.parent)  # measured before the partial file gives its space back
         tmp.unlink(missing_ok=True)
-        why = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
-        fix = "free space or change trainer.default_root_dir"
-        kept = "the ones already there are intact"
-        raise LitFlashError(f"cannot save the checkpoint {path}: {why}; {kept}; {fix}") from err
+        raise save_error(path, err, full) from err
     # The rename is durable only once the folder's entry is on disk too.
     try:
         fd = os.open(path.parent, os.O_RDONLY)
@@ -60,6 +65,36 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _is_write_failure(err: RuntimeError) -> bool:
+    text = str(err)
+    return "inline_container" in text or "write failed" in text or "unexpected pos" in text
+
+
+def _disk_full(err: BaseException, folder: Path, reserve: int = 1 << 20) -> bool:
+    """ENOSPC/EDQUOT, or (torch hides the errno) less than `reserve` bytes left where the checkpoint goes."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    try:
+        return shutil.disk_usage(folder).free < reserve
+    except OSError:
+        return False
+
+
+def save_error(path: Path, err: BaseException, full: bool) -> LitFlashError:
+    """The one line for a checkpoint that could not be written; the partial file is already gone."""
+    if full:
+        why = f"the disk holding {path.parent} is full"
+        fix = (
+            "free space there (older epoch=*-step=*.ckpt files in that folder can go, keep last.ckpt) or set "
+            "trainer.default_root_dir to a folder on a larger disk, then resume with --ckpt_path auto"
+        )
+    else:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        why = getattr(err, "strerror", None) or first[:160]
+        fix = "fix the folder or set trainer.default_root_dir to another one, then resume with --ckpt_path auto"
+    return LitFlashError(f"cannot save the checkpoint {path}: {why}; the checkpoints already there are intact; {fix}")
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> Any:
@@ -128,16 +163,52 @@ def check_state_dict_fits(expected: dict[str, torch.Tensor], found: dict[str, An
         raise LitFlashError(f"the checkpoint is from a different model: it {what} ({count} names differ){hint}")
 
 
+def stored_global_step(path: Path) -> int | None:
+    """The `global_step` a Lightning checkpoint file holds, or None when the file cannot be read (zero bytes,
+    truncated, corrupted, not a Lightning checkpoint). Cheap: with `mmap` the tensors are never read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (*LOAD_ERRORS, OSError):
+        return None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def newest_intact_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint of `ckpt_dir` with the highest stored global step (`last.ckpt` on a tie): not the newest
+    file time, which a copy or a restore from backup reshuffles. Unreadable candidates are skipped with a warning
+    naming them."""
+    candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    best: tuple[int, bool, Path] | None = None
+    for path in candidates:
+        step = stored_global_step(path)
+        if step is None:
+            print(f"lit_flash: warning: skipping {path}: not a readable checkpoint (empty, truncated or "
+                  "corrupted)", file=sys.stderr, flush=True)
+            continue
+        key = (step, path.name == "last.ckpt", path)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return None if best is None else best[2]
+
+
 def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcommand: str) -> str | None:
-    """Turn `ckpt_path=auto` into the newest checkpoint in `ckpt_dir` (normally `last.ckpt`; a step checkpoint
-    when a kill landed between writing it and last.ckpt), or None (start fresh) when there is none; refuse `last`
-    when there is none, and a fresh `fit` that would overwrite the checkpoints of an earlier run in the same folder."""
+    """Turn `ckpt_path=auto` into the intact checkpoint of `ckpt_dir` with the highest step (normally `last.ckpt`;
+    a step checkpoint when a kill landed between writing it and last.ckpt), or None (start fresh) when there is
+    none; refuse `last` when there is none, and a fresh `fit` that would overwrite the checkpoints of an earlier
+    run in the same folder."""
     ckpt_dir = Path(ckpt_dir)
     existing = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if ckpt_dir.is_dir() else []
     if ckpt_path == "auto":
+        chosen = newest_intact_checkpoint(ckpt_dir) if existing else None
+        if chosen is not None:
+            print(f"lit_flash: resuming from {chosen} (ckpt_path=auto)", flush=True)
+            return str(chosen)
         if existing:
-            print(f"lit_flash: resuming from {existing[-1]} (ckpt_path=auto)", flush=True)
-            return str(existing[-1])
+            raise LitFlashError(
+                f"--ckpt_path auto: none of the {len(existing)} checkpoints in {ckpt_dir} can be read; move them "
+                "away to start from scratch, or give an intact checkpoint file with --ckpt_path"
+            )
         then = "starting from scratch" if subcommand == "fit" else "using the model as configured"
         print(f"lit_flash: no checkpoint in {ckpt_dir} yet, {then} (ckpt_path=auto)", flush=True)
         return None

@@ -16,11 +16,13 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_flash import interrupt
 from lit_flash.callbacks import HFExport, TokenThroughput
 from lit_flash.checkpointing import LOAD_ERRORS, AtomicCheckpointIO, load_error, resolve_ckpt_path
 from lit_flash.data import WikitextDataModule
 from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
+from lit_flash.lock import acquire_run_lock, release_all
 from lit_flash.model import FlashGPT2LM
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
 from lit_flash.resume import ExactResume, last_checkpoint_path
@@ -112,9 +114,25 @@ class LitFlashCLI(LightningCLI):
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             super().parse_arguments(parser, args)
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        # Adapter: LightningCLI has no public hook after it adds the Trainer method's arguments, whose help is the
+        # docstring of `Trainer.fit` (it does not know lit_flash's `auto`, nor its weights_only default).
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        for option, text in SUBCOMMAND_HELP.items():
+            action = parser._option_string_actions.get(option)
+            if action is not None:
+                action.help = text
+        return parser
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1})
+        # No version counter: a run folder holds one run (the lock, the refusal of a fresh fit over checkpoints), so a
+        # name that exists is this run's own file from before a resume. With the counter, a run folder copied or
+        # moved elsewhere (Lightning then does not restore `last_model_path`) wrote `last-v1.ckpt` beside a stale
+        # `last.ckpt`, and `--ckpt_path last` could pick the stale one.
+        parser.set_defaults(
+            {"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.enable_version_counter": False}
+        )
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
@@ -154,7 +172,14 @@ class LitFlashCLI(LightningCLI):
             config["ckpt_path"] = resolve_ckpt_path(config["ckpt_path"], ckpt_dir, self.subcommand)
             check_resume(config["ckpt_path"], self.trainer.strategy)
 
-    before_fit = before_validate = before_test = before_predict = _resolve_ckpt_path
+    def before_fit(self) -> None:
+        # The checkpoint first: a refused fresh fit over an earlier run's folder leaves that folder as it was.
+        self._resolve_ckpt_path()
+        # Rank 0 only: the other ranks of this run write into the same folder by design.
+        if self.trainer.is_global_zero:
+            acquire_run_lock(self.trainer.default_root_dir)
+
+    before_validate = before_test = before_predict = _resolve_ckpt_path
 
     def after_fit(self) -> None:
         """As the reference's evaluation after training: validate the final weights (unless the last step just
@@ -162,12 +187,29 @@ class LitFlashCLI(LightningCLI):
         trainer = self.trainer
         if trainer.interrupted or trainer.state.status != TrainerStatus.FINISHED:
             return
-        if sum(trainer.num_val_batches) > 0 and getattr(self.model, "last_validated_step", None) != trainer.global_step:
+        validated = getattr(self.model, "last_validated_step", None) == trainer.global_step
+        if sum(trainer.num_val_batches) > 0 and not validated and not interrupt.received():  # Ctrl-C: be quick
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath:
             if checkpoint._last_global_step_saved != trainer.global_step:
                 trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"))
+
+
+SUBCOMMAND_HELP = {
+    "--ckpt_path": (
+        "The checkpoint to start from. A file path; or `auto`: the intact checkpoint with the highest step in "
+        "<default_root_dir>/checkpoints/, or a fresh start when there is none (for jobs that restart on their own); "
+        "or `last`: that folder's last.ckpt, an error when there is none (the resume command printed after a "
+        "SIGTERM or Ctrl-C). Unset with `fit`: a fresh run, refused when the folder already holds checkpoints."
+    ),
+    "--weights_only": (
+        "Unset (null) or true: the checkpoint is loaded with torch.load(weights_only=True), which reads tensors "
+        "and plain values only and runs no code from the file (lit_flash's default, not torch's or Lightning's). "
+        "false: full unpickling, which can run code from the file: only for a checkpoint you trust. A sharded FSDP "
+        "checkpoint (a folder) is read by torch.distributed.checkpoint, which this flag does not change."
+    ),
+}
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -218,22 +260,51 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
             if not any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in args):
                 print(f"lit_flash: no --config given, running the offline demo ({config_path(DEFAULT_CONFIG)})")
             args[1:1] = ["--config", str(config_path(DEFAULT_CONFIG))]
-        return LitFlashCLI(
-            FlashGPT2LM,
-            WikitextDataModule,
-            args=args,
-            run=run,
-            parser_class=OneLineErrorParser,
-            save_config_kwargs={"overwrite": False},
-            auto_configure_optimizers=False,  # FlashGPT2LM owns AdamW and its schedule (model.* keys)
-        )
+        previous = interrupt.install()
+        try:
+            cli = LitFlashCLI(
+                FlashGPT2LM,
+                WikitextDataModule,
+                args=args,
+                run=run,
+                parser_class=OneLineErrorParser,
+                save_config_kwargs={"overwrite": False},
+                auto_configure_optimizers=False,  # FlashGPT2LM owns AdamW and its schedule (model.* keys)
+            )
+        except SystemExit as exit_:
+            # Lightning turns a KeyboardInterrupt inside a Trainer call (a Ctrl-C before its handlers are up)
+            # into exit status 1.
+            if interrupt.received() and exit_.code == 1:
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            interrupt.restore(previous)
+        if interrupt.received():
+            sys.stderr.write("lit_flash: Ctrl-C came as the run was ending; it ended normally\n")
+        return cli
     except LitFlashError as err:
         sys.stderr.write(f"error: {err}\n")
         raise SystemExit(2) from None
     except SIGTERMException:
-        # Lightning finished the running batch and ExactResume saved last.ckpt; 128+15 as a killed process.
-        sys.stderr.write("lit_flash: stopped by SIGTERM; resume with --ckpt_path last (or auto)\n")
-        raise SystemExit(143) from None
+        # Lightning finished the running batch and ExactResume saved last.ckpt (when fitting); 128+15 (SIGTERM) or
+        # 128+2 (Ctrl-C), as a killed process.
+        # Written here, not logged: the one line a user sees last, whatever the logging set-up.
+        saved = interrupt.saved_checkpoint()
+        what = (
+            f" at step {saved[0]}: saved {saved[1]}; resume with --ckpt_path last (or auto)"
+            if saved
+            else "; nothing new was saved (checkpoints already written are intact: resume with --ckpt_path auto)"
+        )
+        sys.stderr.write(f"lit_flash: stopped by {interrupt.signal_name()}{what}\n")
+        raise SystemExit(interrupt.EXIT_CODE if interrupt.received() else 143) from None
+    except KeyboardInterrupt:
+        sys.stderr.write(
+            "lit_flash: stopped by Ctrl-C outside the training loop; nothing new was saved (checkpoints already "
+            "written are intact: resume with --ckpt_path auto)\n"
+        )
+        raise SystemExit(interrupt.EXIT_CODE) from None
+    finally:
+        release_all()
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from lit_flash.distributed import shard_sampler
 from lit_flash.errors import LitFlashError
+from lit_flash.interrupt import ignore_sigint_in_worker
 from lit_flash.resume import ResumableDataLoader, ResumableSampler
 
 IGNORE_INDEX = -100  # labels the loss skips (transformers' convention)
@@ -618,6 +619,8 @@ class WikitextDataModule(L.LightningDataModule):
             # Its own generator (for worker seeds): iterating never draws from the global RNG (exact resume).
             generator=torch.Generator().manual_seed(seed),
         )
+        if workers > 0:
+            kwargs["worker_init_fn"] = ignore_sigint_in_worker
         if self.hparams.pad_last_batch and not predict:
             kwargs["collate_fn"] = functools.partial(collate_blocks, pad_rows_to=batch_size)
         if iterable:

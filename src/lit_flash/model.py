@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
+import math
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -22,7 +24,14 @@ from lit_flash.checkpointing import check_state_dict_fits
 from lit_flash.data import IGNORE_INDEX, perplexity
 from lit_flash.errors import LitFlashError, NonFiniteLossError
 from lit_flash.export import write_export
-from lit_flash.optim import clip_grad_norm, planned_optimizer_steps, weight_decay_groups
+from lit_flash.optim import (
+    clip_grad_norm,
+    new_lr_plan,
+    planned_optimizer_steps,
+    schedule_step,
+    stretch_lr_plan,
+    weight_decay_groups,
+)
 
 AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
 SDPABackend = Literal["cudnn", "flash", "efficient", "math"]
@@ -475,11 +484,15 @@ class FlashGPT2LM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.hparams.on_nonfinite == "stop":
             self._stop_if_nonfinite()  # never write weights trained on a NaN loss
+        if getattr(self, "_lr_plan", None) is not None:
+            checkpoint[LR_PLAN_KEY] = self._lr_plan
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Before Lightning's load_state_dict: a wrong-shape checkpoint is one line, not a page of size mismatches.
         if "state_dict" in checkpoint:  # FSDP loads (and pops) the weights itself, before this hook
             check_state_dict_fits(self.state_dict(), checkpoint["state_dict"])
+        # Read by configure_optimizers, which Lightning calls after this hook and before restoring the scheduler.
+        self._resumed_lr_plan = (checkpoint.get(LR_PLAN_KEY), int(checkpoint.get("global_step", 0)))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, n_tokens = self._loss(batch, training=False)
@@ -532,13 +545,49 @@ class FlashGPT2LM(L.LightningModule):
         fused = on_cuda if h.fused_adamw is None else h.fused_adamw
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
         total = planned_optimizer_steps(self.trainer)
+        plan = self._lr_plan_for(total)
         if h.warmup_steps >= total and h.lr_scheduler != "constant":
             rank_zero_warn(f"model.warmup_steps={h.warmup_steps} is not below the {total} training steps")
         extra = {"scheduler_specific_kwargs": {"min_lr_rate": 0.1}} if h.lr_scheduler == "cosine_with_min_lr" else {}
+        planned = int(plan["planned_steps"]) if plan is not None else int(total)
         scheduler = get_scheduler(
-            h.lr_scheduler, optimizer, num_warmup_steps=h.warmup_steps, num_training_steps=int(total), **extra
+            h.lr_scheduler, optimizer, num_warmup_steps=h.warmup_steps, num_training_steps=planned, **extra
         )
+        if plan is not None and len(plan["knots"]) > 1:  # resumed with another length: run on the stretched plan
+            factor = scheduler.lr_lambdas[0]
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, functools.partial(_stretched_factor, factor, plan)
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_plan_for(self, total: int | float) -> dict[str, Any] | None:
+        """This fit's schedule plan: a fresh one, the checkpoint's, or the checkpoint's stretched to `total` steps
+        (with a warning saying what changed). None for an unbounded run (no length to plan)."""
+        resumed, self._resumed_lr_plan = getattr(self, "_resumed_lr_plan", (None, 0)), (None, 0)
+        stored, at_step = resumed
+        if not math.isfinite(total):
+            self._lr_plan = None
+        elif stored is None:  # a fresh run, or a checkpoint from before plans were stored: built for `total`
+            self._lr_plan = new_lr_plan(int(total))
+        elif int(stored["end"]) == int(total):
+            self._lr_plan = stored
+        else:
+            self._lr_plan = stretch_lr_plan(stored, at_step, int(total))
+            ended = schedule_step(stored, at_step) >= stored["planned_steps"]
+            rank_zero_warn(
+                f"the run now plans {int(total)} optimizer steps instead of {stored['end']} (trainer.max_steps, "
+                "max_epochs, the data or the number of devices changed): "
+                + (
+                    f"its learning-rate schedule had already ended at step {at_step}, so the further steps "
+                    "keep its final learning rate (0 for linear and cosine); to train on at a real learning rate, "
+                    "start a new run from the exported weights (--model.model_name_or_path <run>/model) with its "
+                    "own warm-up and schedule"
+                    if ended
+                    else f"the rest of the learning-rate schedule from step {at_step} is stretched to end at step "
+                    f"{int(total)}, continuing from the current learning rate without a jump"
+                )
+            )
+        return self._lr_plan
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
@@ -601,3 +650,11 @@ class FlashGPT2LM(L.LightningModule):
                 tokenizer.save_pretrained(str(folder))
 
         return write_export(path, write, run_dir, flag or f"path={path}")
+
+
+LR_PLAN_KEY = "lit_flash_lr_schedule"  # the schedule's plan in a checkpoint (see optim.new_lr_plan)
+
+
+def _stretched_factor(factor: Any, plan: dict[str, Any], step: int) -> float:
+    """The transformers schedule's factor at the step the stretched plan maps `step` to."""
+    return factor(schedule_step(plan, step))

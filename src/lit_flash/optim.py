@@ -71,3 +71,32 @@ def planned_optimizer_steps(trainer: L.Trainer) -> int | float:
     per_epoch = math.ceil(limited_batches(length, trainer.limit_train_batches) / trainer.accumulate_grad_batches)
     total = per_epoch * max(trainer.max_epochs, 1)
     return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
+
+
+# The schedule's plan, stored in every checkpoint (`lit_flash_lr_schedule`) so that a resume with another length
+# (`max_steps`/`max_epochs` changed: "train longer") continues it without a jump. `planned_steps` is the length the
+# transformers schedule was built for; `knots` map real steps to that schedule's steps (piecewise linear, slope 1
+# after the last knot, never past `planned_steps`); `end` is the real step where it now ends.
+def new_lr_plan(total: int) -> dict[str, Any]:
+    return {"planned_steps": total, "end": total, "knots": [[0, 0]]}
+
+
+def schedule_step(plan: dict[str, Any], step: float) -> float:
+    """The step of the transformers schedule that real step `step` runs at."""
+    knots = plan["knots"]
+    for (r0, v0), (r1, v1) in zip(knots, knots[1:], strict=False):
+        if step <= r1:
+            return v0 + (step - r0) * (v1 - v0) / (r1 - r0) if r1 > r0 else v1
+    r_last, v_last = knots[-1]
+    return min(v_last + max(step - r_last, 0), plan["planned_steps"])
+
+
+def stretch_lr_plan(plan: dict[str, Any], at_step: int, new_end: int) -> dict[str, Any]:
+    """The plan resumed at `at_step` to end at `new_end`: up to `at_step` unchanged (the LR there is the same: no
+    jump); the rest of the schedule, from where it stands, is stretched (or squeezed) to end at `new_end`. A
+    schedule that had already ended stays at its final value."""
+    here = schedule_step(plan, at_step)
+    knots = [k for k in plan["knots"] if k[0] < at_step] + [[at_step, here]]
+    if here < plan["planned_steps"] and new_end > at_step:
+        knots.append([new_end, plan["planned_steps"]])
+    return {"planned_steps": plan["planned_steps"], "end": new_end, "knots": knots}

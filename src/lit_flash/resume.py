@@ -10,6 +10,7 @@ the loggers with each checkpoint and writes `last.ckpt` when a preemption's SIGT
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, DistributedSampler
+
+from lit_flash.interrupt import note_saved, signal_name
 
 
 class ResumableSampler(DistributedSampler):
@@ -45,8 +48,12 @@ class ResumableSampler(DistributedSampler):
 
 
 class ResumableDataLoader(DataLoader):
-    """A `DataLoader` over a `ResumableSampler` whose position (epoch, batches handed out) is saved in Lightning
-    checkpoints and restored on resume, so a resumed run sees exactly the batches an uninterrupted run would."""
+    """A `DataLoader` over a `ResumableSampler` whose position (epoch, rows handed out) is saved in Lightning
+    checkpoints and restored on resume, so a resumed run sees exactly the batches an uninterrupted run would.
+
+    The position is kept in rows, not batches: a run resumed with another `data.batch_size` continues at the same
+    row of the epoch (no row skipped or seen twice), with other batches than an uninterrupted run (it warns).
+    """
 
     sampler: ResumableSampler
 
@@ -55,31 +62,58 @@ class ResumableDataLoader(DataLoader):
         if not isinstance(self.sampler, ResumableSampler):
             raise TypeError("ResumableDataLoader needs sampler=ResumableSampler(...)")
         self._batches_out = 0
-        self._skip_batches = 0
+        self._rows_out = 0
+        self._skip = (0, 0)  # (batches, rows) of the epoch a restored checkpoint had already handed out
+        self._length: int | None = None  # set only by a restore with another batch size: see load_state_dict
+
+    def __len__(self) -> int:
+        return self._length if self._length is not None else super().__len__()
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         # Counted here, where batches reach the training loop: worker prefetching runs ahead of the sampler.
-        self._batches_out, self._skip_batches = self._skip_batches, 0
-        self.sampler.start = self._batches_out * self.batch_size
+        (self._batches_out, self._rows_out), self._skip = self._skip, (0, 0)
+        self.sampler.start = self._rows_out
+        rows = len(self.sampler)
         for batch in super().__iter__():
             self._batches_out += 1
+            self._rows_out = min(self._rows_out + self.batch_size, rows)
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self._batches_out, "replicas": self.sampler.num_replicas}
+        return {
+            "epoch": self.sampler.epoch,
+            "batches": self._batches_out,
+            "rows": self._rows_out,
+            "batch_size": self.batch_size,
+            "replicas": self.sampler.num_replicas,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, batches = state["epoch"], state["batches"]
-        if batches >= len(self):  # saved after the epoch's last batch: the next pass is the next epoch, from 0
-            epoch, batches = epoch + 1, 0
-        if state.get("replicas", 1) != self.sampler.num_replicas and batches:
+        saved_batch_size = state.get("batch_size", self.batch_size)
+        rows = state.get("rows", batches * saved_batch_size)  # checkpoints from before rows were stored
+        if rows >= len(self.sampler):  # saved after the epoch's last batch: the next pass is the next epoch, from 0
+            epoch, batches, rows = epoch + 1, 0, 0
+        if state.get("replicas", 1) != self.sampler.num_replicas and rows:
             rank_zero_warn(
                 f"the checkpoint was saved mid-epoch by {state['replicas']} processes and this run has "
                 f"{self.sampler.num_replicas}: the shards differ, so epoch {epoch} starts over"
             )
-            batches = 0
+            batches, rows = 0, 0
+        if rows and saved_batch_size != self.batch_size:
+            left = len(self.sampler) - rows
+            rank_zero_warn(
+                f"the checkpoint was saved with data.batch_size={saved_batch_size} and this run has "
+                f"{self.batch_size}: epoch {epoch} continues at row {rows} of {len(self.sampler)} (no row skipped "
+                "or repeated), but the batches, the steps per epoch and so the data order per step differ from an "
+                "uninterrupted run"
+            )
+            # Lightning restores its count of this epoch's batches (in the old size) and ends the epoch when that
+            # count reaches len(loader), which it reads after this restore: cover the restored count plus the
+            # batches left, and never less than a full epoch (later epochs end when the data runs out).
+            self._length = max(super().__len__(), batches + math.ceil(left / self.batch_size))
         self.sampler.set_epoch(epoch)
-        self._skip_batches = batches
+        self._skip = (batches, rows)
 
 
 class ExactResume(L.Callback):
@@ -131,7 +165,8 @@ class ExactResume(L.Callback):
             return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
-        rank_zero_info(f"SIGTERM at step {trainer.global_step}: saved {path} (resume with --ckpt_path last)")
+        note_saved(trainer.global_step, path)
+        rank_zero_info(f"{signal_name()} at step {trainer.global_step}: saved {path} (resume with --ckpt_path last)")
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> str:
