@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from _reliability_helpers import BLOCK, VOCAB, logged, save_blocks, token_rows
+from _helpers import BLOCK, VOCAB, logged, save_blocks, token_rows
 
 from lit_flash import FlashGPT2LM, WikitextDataModule
 from lit_flash.cli import cli_main

@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from _helpers import RecordLosses
-from _reliability_helpers import (
+from _helpers import (
+    RecordLosses,
     SlowSteps,
     checkpoint_step,
     cli_command,
@@ -31,7 +31,7 @@ from _reliability_helpers import (
     logged,
     make_dataset,
     snapshot,
-    tiny_config,
+    tiny_run_config,
     wait_for_file,
     write_config,
 )
@@ -53,9 +53,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(tmp: Path, root: Path, data_dir: Path, name: str = "run.yaml", slow: float | None = 0.03, **sections):
-    config = tiny_config(root, data_dir, **sections)
+    config = tiny_run_config(root, data_dir, **sections)
     if slow:  # a little time per step, so that a kill lands between two checkpoints
-        slow_steps = {"class_path": "_reliability_helpers.SlowSteps", "init_args": {"seconds": slow}}
+        slow_steps = {"class_path": "_helpers.SlowSteps", "init_args": {"seconds": slow}}
         config["trainer"]["callbacks"] = [slow_steps]
     return str(write_config(tmp / name, config))
 
