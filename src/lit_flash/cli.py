@@ -21,6 +21,7 @@ from lit_flash.checkpointing import LOAD_ERRORS, AtomicCheckpointIO, load_error,
 from lit_flash.data import WikitextDataModule
 from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
+from lit_flash.lightning_adapters import last_saved_step
 from lit_flash.model import FlashGPT2LM
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
 from lit_flash.resume import ExactResume, last_checkpoint_path
@@ -166,7 +167,7 @@ class LitFlashCLI(LightningCLI):
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath:
-            if checkpoint._last_global_step_saved != trainer.global_step:
+            if last_saved_step(checkpoint) != trainer.global_step:
                 trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"))
 
 

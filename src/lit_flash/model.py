@@ -22,6 +22,7 @@ from lit_flash.checkpointing import check_state_dict_fits
 from lit_flash.data import IGNORE_INDEX, perplexity
 from lit_flash.errors import LitFlashError, NonFiniteLossError
 from lit_flash.export import write_export
+from lit_flash.lightning_adapters import attached_trainer, is_log_step
 from lit_flash.optim import planned_optimizer_steps, weight_decay_groups
 
 AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
@@ -412,7 +413,7 @@ class FlashGPT2LM(L.LightningModule):
             return None  # Lightning skips backward and the optimizer step
         rows = batch["input_ids"].shape[0]
         self.log("train_loss", loss, batch_size=rows)  # a device tensor: the logger reads it on its own steps
-        if not self._host_reads_stall(loss) or self.trainer._logger_connector.should_update_logs:
+        if not self._host_reads_stall(loss) or is_log_step(self.trainer, before_optimizer_step=True):
             # Lightning turns every progress-bar value into a Python number after each batch: a GPU tensor there
             # syncs every step (the CPU cannot queue the next one: 3.3 ms idle in a 74 ms GPT-2 step on an H100).
             # On GPU the bar gets a host copy on the logger's steps only (each micro-batch of such a step when
@@ -428,7 +429,7 @@ class FlashGPT2LM(L.LightningModule):
                 self.first_nonfinite_step = torch.tensor(-1, device=loss.device)
             first = self.first_nonfinite_step
             first.copy_(torch.where(~torch.isfinite(loss.detach()) & (first < 0), self.global_step, first))
-            if self.trainer._logger_connector.should_update_logs:
+            if is_log_step(self.trainer, before_optimizer_step=True):
                 self._stop_if_nonfinite()
             return True
         # One host sync per step. Every rank takes the same decision: a skip on one rank alone would hang DDP.
@@ -525,7 +526,8 @@ class FlashGPT2LM(L.LightningModule):
 
         h = self.hparams
         groups = weight_decay_groups(self.model, h.weight_decay)
-        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        trainer = attached_trainer(self)
+        on_cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
         # Fused AdamW: one kernel launch for the whole step, and under 16-mixed it takes the GradScaler's inf flag
         # on the device (no host sync to decide whether to skip). Clipping first unscales it explicitly: see
         # configure_gradient_clipping.
