@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -71,6 +73,32 @@ def _checkpoint_dir(root: str | None) -> str:
     return os.path.join(root or os.getcwd(), "checkpoints")
 
 
+# `--help` section titles. jsonargparse takes a class's first docstring line, which is cut mid-sentence where the
+# summary runs over a line (Lightning's ModelCheckpoint among them).
+GROUP_TITLES = {
+    "trainer": "trainer: Lightning's Trainer (devices, precision, steps, validation and logging intervals)",
+    "model": "model: FlashGPT2LM, the causal LM (attention, speed levers, loss guard, AdamW and its schedule)",
+    "data": "data: WikitextDataModule, token blocks from a hub dataset, text files or a tokenized dataset",
+    "checkpoint": "checkpoint: Lightning's ModelCheckpoint (lit_flash keeps every checkpoint, and last.ckpt)",
+    "export": "export: the Hugging Face model written at the end of fit",
+    "lr_monitor": "lr_monitor: Lightning's LearningRateMonitor",
+    "throughput": "throughput: samples/s, tokens/s, FLOP/s and MFU, logged every trainer.log_every_n_steps",
+}
+RESUME_TITLE = "Where the run starts from"
+# The help of the trainer subcommands' `--ckpt_path`; its values are resolved by checkpointing.resolve_ckpt_path.
+CKPT_PATH_HELP = (
+    "Checkpoint to start from. `auto`: this run's newest checkpoint (<default_root_dir>/checkpoints, normally "
+    "last.ckpt) when there is one, else none (fit starts fresh): one command serves the first start and every "
+    "restart. `last`: that checkpoint too, but an error when there is none. A path: that checkpoint file. Unset: "
+    "no checkpoint; fit then refuses a run folder that already holds checkpoints (resume with auto or last)."
+)
+WEIGHTS_ONLY_HELP = (
+    "How checkpoints are loaded. Unset: as true, since lit_flash's checkpoint IO loads with weights_only=True "
+    "(tensors and plain Python types only, so a checkpoint cannot run code). false: also other pickled objects; "
+    "only for a checkpoint from a source you trust."
+)
+
+
 class OneLineErrorParser(LightningArgumentParser):
     """Config mistakes (a typo'd key, a wrong type) as one line, not the whole usage text.
 
@@ -81,6 +109,23 @@ class OneLineErrorParser(LightningArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def add_method_arguments(self, class_type: type, method_name: str, *args: Any, **kwargs: Any) -> list[str]:
+        """The trainer subcommands' `--ckpt_path` and `--weights_only`, with lit_flash's meaning of their values
+        (Lightning's docstrings describe Trainer.fit's, without `auto`)."""
+        params = inspect.signature(getattr(class_type, method_name)).parameters
+        ours = {"ckpt_path": CKPT_PATH_HELP, "weights_only": WEIGHTS_ONLY_HELP}
+        ours = {name: text for name, text in ours.items() if name in params}
+        if not issubclass(class_type, Trainer) or not ours:
+            return super().add_method_arguments(class_type, method_name, *args, **kwargs)
+        kwargs["skip"] = set(kwargs.get("skip") or ()) | set(ours)
+        added = super().add_method_arguments(class_type, method_name, *args, **kwargs)
+        group = self.add_argument_group(RESUME_TITLE)
+        if "ckpt_path" in ours:
+            group.add_argument("--ckpt_path", type=str | None, default=None, help=ours["ckpt_path"])
+        if "weights_only" in ours:
+            group.add_argument("--weights_only", type=bool | None, default=None, help=ours["weights_only"])
+        return added + list(ours)
 
     def error(self, message: str, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         if os.environ.get("JSONARGPARSE_DEBUG"):
@@ -120,6 +165,9 @@ class LitFlashCLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
+        for key, title in GROUP_TITLES.items():
+            if key in parser.groups:
+                parser.groups[key].title = title
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
