@@ -195,8 +195,8 @@ class FlashGPT2LM(L.LightningModule):
         compile: `torch.compile` the forward and the loss (only the body when liger's cross-entropy is on). The
             first steps are slow while it compiles.
         compile_mode: `torch.compile`'s mode (needs `compile: true`). `max-autotune-no-cudagraphs` benchmarks Triton
-            matmul kernels against cuBLAS: for GPT-2 124M it had not finished after 5 minutes on an H100, and cuBLAS
-            won 4 of the 5 shapes it had tuned; `reduce-overhead` (CUDA graphs) gained 0.6% (benchmarks/RESULTS.md).
+            matmul kernels against cuBLAS, which takes many minutes and mostly keeps cuBLAS for GPT-2's shapes;
+            `reduce-overhead` (CUDA graphs) helps little once the step has no host sync (benchmarks/RESULTS.md).
         fused_cross_entropy: Compute the loss with liger-kernel's fused linear cross-entropy, chunk by chunk, so the
             full fp32 logits (batch x seq x vocab) are never materialized. Needs `pip install 'lit-flash[fast]'`.
         pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
@@ -207,8 +207,8 @@ class FlashGPT2LM(L.LightningModule):
             blocks is carried in bf16 (as in a model loaded in bf16, or Megatron-LM without
             `fp32_residual_connection`) instead of fp32: half the memory traffic of every residual add and LayerNorm.
             Weights, gradients and AdamW stay fp32. Quality checked from scratch only (RESULTS.md), not yet on
-            pretrained GPT-2, whose stream carries large values (bf16 keeps 8 significant bits).
-            GPT-2 124M, bf16, batch 32, compiled: +4.6% tokens/s on an H100, +4.1% on an H200 (RESULTS.md).
+            pretrained GPT-2, whose stream carries large values (bf16 keeps 8 significant bits). Its speed-up is
+            in benchmarks/RESULTS.md.
         on_nonfinite: A NaN/inf training loss `stop`s the run with an error naming the step (before the update, so
             the weights and the last checkpoint stay finite), or `skip`s that batch (no update) with a warning. On
             GPU, `stop` looks every `log_every_n_steps` and before each checkpoint instead of syncing every step:
@@ -415,7 +415,7 @@ class FlashGPT2LM(L.LightningModule):
         self.log("train_loss", loss, batch_size=rows)  # a device tensor: the logger reads it on its own steps
         if not self._host_reads_stall(loss) or is_log_step(self.trainer, before_optimizer_step=True):
             # Lightning turns every progress-bar value into a Python number after each batch: a GPU tensor there
-            # syncs every step (the CPU cannot queue the next one: 3.3 ms idle in a 74 ms GPT-2 step on an H100).
+            # syncs every step (the CPU cannot queue the next one; RESULTS.md has the idle time it cost).
             # On GPU the bar gets a host copy on the logger's steps only (each micro-batch of such a step when
             # accumulating gradients).
             self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, batch_size=rows)
