@@ -248,6 +248,7 @@ def test_missing_test_split_for_the_test_subcommand(tiny_config, make_token_data
 # ---------------------------------------------------------------------------------------- entry points
 
 
+@pytest.mark.slow
 def test_main_runs_as_a_plain_script(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(

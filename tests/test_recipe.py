@@ -142,6 +142,7 @@ BOUNDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("bound", "accumulate", "compile"),
     [(bound, accumulate, False) for bound in BOUNDS for accumulate in (1, 2)]
@@ -180,6 +181,7 @@ def fit_in_python(root: Path, pretrained: Path, blocks: Path, ckpt_path: str | N
     return trainer
 
 
+@pytest.mark.slow
 def test_the_python_api_keeps_the_clis_checkpoints_export_and_exact_resume(
     tmp_path: Path, pretrained: Path, blocks: Path
 ) -> None:

@@ -146,6 +146,7 @@ def logged_version(version: Path) -> list[int]:
         return [int(row["step"]) for row in csv.DictReader(f) if row.get("train_loss")]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_resume_matches(tmp_path: Path, data_dir: Path, uninterrupted: Path) -> None:
     """A preemption's SIGTERM on the real entry point (`python -m lit_flash`): the running batch finishes,
     `last.ckpt` is written at that step, the exit status is 143; the resumed run matches the uninterrupted one."""
@@ -262,6 +263,7 @@ def _save_forever(path: str) -> None:
         atomic_torch_save({"version": version, "weights": torch.full((4_000_000,), float(version))}, path)
 
 
+@pytest.mark.slow
 def test_a_kill_at_any_moment_of_a_save_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
     """A child saves 16 MB checkpoints over the same file in a loop; it is SIGKILLed 12 times at random moments.
     Every time the file loads and is one whole version; the kills did land mid-write (a `.partial` was left)."""
@@ -283,6 +285,7 @@ def test_a_kill_at_any_moment_of_a_save_leaves_a_loadable_checkpoint(tmp_path: P
     assert len(versions) >= 2
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(
     tmp_path: Path, uninterrupted: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -368,6 +371,7 @@ def test_nonfinite_loss_stops_before_the_update_naming_the_step(tmp_path: Path, 
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_on_gpu_stops_at_the_next_log_step_or_checkpoint(
     tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -518,6 +522,7 @@ def test_soak_2000_steps_on_the_demo_with_kills_ends_like_an_uninterrupted_run(t
     assert len(list((tmp_path / "killed" / "logs").glob("version_*"))) == 5
 
 
+@pytest.mark.slow
 def test_grad_scaler_state_is_restored_on_resume(tmp_path: Path, data_dir: Path) -> None:
     """16-mixed's GradScaler (here on CPU, growing its scale every 2 steps) resumes from a step-5 checkpoint with
     its scale and growth tracker, and the losses after the resume equal the uninterrupted run's."""

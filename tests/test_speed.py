@@ -171,6 +171,7 @@ def test_compile_with_fused_cross_entropy_compiles_only_the_base_model(tiny_mode
     assert module._compute_loss == module._loss_impl  # the loss (liger's kernel) stays eager
 
 
+@pytest.mark.slow
 def test_compiled_loss_matches_eager_in_a_cpu_fit(tiny_model_config, make_token_dataset):
     config = _small_config(tiny_model_config, n_layer=1, n_embd=32)
     module = tiny_module(config, compile=True, pad_vocab_to_multiple_of=PAD_TO, learning_rate=1e-3)
@@ -304,6 +305,7 @@ class _GradNorms(L.Callback):
         self.before.append(self._norm(pl_module))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
 def test_fused_adamw_clips_and_trains_in_a_cpu_fit(tiny_model_config, make_token_dataset, precision):
     module = tiny_module(_small_config(tiny_model_config), fused_adamw=True, learning_rate=1e-2)
@@ -328,6 +330,7 @@ def _fp16_scaler_plugin() -> Any:
     return MixedPrecision("16-mixed", "cpu")
 
 
+@pytest.mark.slow
 def test_fused_adamw_clips_true_scale_gradients_under_16_mixed_grad_scaler(tiny_model_config, make_token_dataset):
     """The recipe's step (16-mixed, GradScaler, clipping 1.0) with fused AdamW: the clip sees unscaled gradients,
     and the optimizer steps with them (not with gradients scaled by 2**16 or unscaled twice)."""
