@@ -236,6 +236,7 @@ def test_cli_refuses_an_unwritable_export_parent_before_training(tmp_path: Path,
     assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
+@pytest.mark.slow
 def test_cli_resume_replaces_its_own_export(tmp_path: Path, dataset: Path, run_cli) -> None:
     config = _config(tmp_path, dataset)
     assert run_cli(["fit", "--config", config])[0] == 0

@@ -175,6 +175,7 @@ def test_ids_beyond_the_tokenizer_are_never_generated(tiny):
     assert produced and all(int(out.max()) < len(VOCAB) for out in produced)
 
 
+@pytest.mark.slow
 def test_importing_generate_loads_no_training_code() -> None:
     """Inference alone (a served model, a notebook) must not pay for Lightning, nor for importing lit_flash."""
     code = (

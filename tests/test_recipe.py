@@ -111,6 +111,7 @@ def test_a_pretrained_model_trains_with_dropout_and_validates_without_it_in_the_
     assert modes.val and all(modes.val)  # the sanity check and both validations
 
 
+@pytest.mark.slow
 def test_the_recipe_through_the_cli_trains_with_dropout(tmp_path: Path, pretrained: Path, blocks: Path) -> None:
     overlay = cpu_overlay(tmp_path / "run", pretrained, blocks, max_epochs=1)
     overlay["trainer"]["callbacks"] = [{"class_path": "test_recipe.DropoutModes"}]

@@ -96,6 +96,7 @@ def _assert_same_weights(run: Path, reference: Path) -> None:
 # ------------------------------------------------------------------------------------------------ resume
 
 
+@pytest.mark.slow
 def test_sigkill_twice_then_resume_matches_uninterrupted(
     tmp_path: Path, data_dir: Path, uninterrupted: Path, capfd: pytest.CaptureFixture
 ) -> None:

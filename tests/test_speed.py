@@ -576,6 +576,7 @@ def test_sdpa_backends_reach_scaled_dot_product_attention(tiny_model_config):
         cudnn_only._loss(batch, True)
 
 
+@pytest.mark.slow
 def test_compiled_step_keeps_the_sdpa_choice(tiny_model_config):
     module = tiny_module(_small_config(tiny_model_config, n_layer=1), sdpa_backends=["cudnn"], compile=True)
     module._compute_loss = torch.compile(module._loss_impl, dynamic=False)  # what setup does, minus its CPU check
