@@ -10,6 +10,9 @@ Everything here is built in the test session itself (no downloads) and is small 
 - `tiny_model_config`: a GPT-2 config dict for `model.model_config` whose vocabulary fits `tokenizer`.
 - `tiny_config`: a complete CLI config file (tiny model, `text_files`, `tokenizer_dir`) for a fit of a few seconds.
 - `run_cli`: runs `cli_main` in-process and returns its exit code, stdout and stderr.
+
+Plain helpers (tiny modules, CPU trainers, whole CLI runs in a subprocess or a fork, logged losses) are in
+`_helpers.py`, the one helper module.
 """
 
 from __future__ import annotations

@@ -13,13 +13,13 @@ import lightning
 import pytest
 import torch
 import yaml
-from _reliability_helpers import (
+from _helpers import (
     BLOCK,
     VOCAB,
     make_dataset,
     save_blocks,
     snapshot,
-    tiny_config,
+    tiny_run_config,
     token_rows,
     write_config,
 )
@@ -178,7 +178,7 @@ def test_bad_input_is_one_line_and_deletes_nothing(
     shutil.copytree(dataset, tmp_path / "data")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("my notes")
-    config = tiny_config(tmp_path / "run", tmp_path / "data", trainer={"max_steps": 2})
+    config = tiny_run_config(tmp_path / "run", tmp_path / "data", trainer={"max_steps": 2})
     write_config(tmp_path / "config.yaml", config)
     extra = setup(tmp_path)
     args = ["fit"] + ([] if "--config" in extra else ["--config", str(tmp_path / "config.yaml")]) + extra
@@ -203,7 +203,7 @@ def test_bf16_on_a_gpu_without_it_is_one_line(
     # No such GPU here: the CLI is told it runs on CUDA without bf16 (a V100, a T4).
     monkeypatch.setattr(cli_module, "trainer_device_type", lambda accelerator: "cuda")
     monkeypatch.setattr(cli_module, "bf16_supported", lambda: False)
-    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run", dataset))
+    config = write_config(tmp_path / "c.yaml", tiny_run_config(tmp_path / "run", dataset))
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(config), "--trainer.precision=bf16-mixed"])
     assert exit_info.value.code == 2

@@ -42,6 +42,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 # ------------------------------------------------------------------------------------------- a whole run
 
 
+@pytest.mark.slow
 def test_fit_writes_checkpoints_logs_and_a_reloadable_export(tiny_config, run_cli, tmp_path):
     code, _, err = run_cli(["fit", "--config", str(tiny_config)])
     assert code == 0, err
@@ -87,6 +88,7 @@ def test_fit_writes_checkpoints_logs_and_a_reloadable_export(tiny_config, run_cl
     assert code == 2 and "lit_flash generate" in err  # text generation is `generate`
 
 
+@pytest.mark.slow
 def test_fit_ends_with_a_validation_and_last_ckpt_of_the_final_weights(tiny_config, run_cli, tmp_path):
     """7 steps, validation and checkpoints every 3: as the reference's evaluation after training, the final weights
     are validated once more (step 7) and last.ckpt holds them, not step 6's."""
@@ -99,6 +101,7 @@ def test_fit_ends_with_a_validation_and_last_ckpt_of_the_final_weights(tiny_conf
     assert max(_by_step(rows, "val_ppl")) == 7  # logged at the final global step
 
 
+@pytest.mark.slow
 def test_fit_without_a_logger(tiny_config, run_cli, tmp_path):
     # No logger, so no learning-rate monitor either (Lightning refuses one without a logger).
     code, _, err = run_cli(["fit", "--config", str(tiny_config), "--trainer.logger=false", "--trainer.max_steps=2"])
@@ -248,6 +251,7 @@ def test_missing_test_split_for_the_test_subcommand(tiny_config, make_token_data
 # ---------------------------------------------------------------------------------------- entry points
 
 
+@pytest.mark.slow
 def test_main_runs_as_a_plain_script(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(

@@ -46,6 +46,7 @@ def test_reference_recipe_keys():
     assert config["checkpoint"]["every_n_train_steps"] == 500
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_and_learns(run_cli, tmp_path):
     root = tmp_path / "demo"
     code, _, err = run_cli(

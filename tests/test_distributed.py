@@ -140,6 +140,7 @@ def ddp_fit(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     sys.path.remove(str(tmp))
 
 
+@pytest.mark.slow  # the module's 2-rank DDP fit
 def test_each_rank_trains_on_its_own_shard(ddp_fit: SimpleNamespace) -> None:
     assert [r["world_size"] for r in ddp_fit.ranks] == [WORLD, WORLD]
     orders = []
@@ -153,6 +154,7 @@ def test_each_rank_trains_on_its_own_shard(ddp_fit: SimpleNamespace) -> None:
     assert orders[0] != orders[1], "the shuffle must change with the epoch (set_epoch)"
 
 
+@pytest.mark.slow  # the module's 2-rank DDP fit
 def test_gradients_are_averaged_across_ranks(ddp_fit: SimpleNamespace) -> None:
     # Each rank trained on other rows: only averaged gradients (ddp.yaml's one bucket, viewed in place) leave every
     # rank with the same weights after 10 steps.
@@ -160,6 +162,7 @@ def test_gradients_are_averaged_across_ranks(ddp_fit: SimpleNamespace) -> None:
     assert len(weights[0]) > 1 and weights[0] == weights[1]
 
 
+@pytest.mark.slow  # the module's 2-rank DDP fit
 def test_val_ppl_same_on_every_rank_and_equal_to_one_process(ddp_fit: SimpleNamespace) -> None:
     ppl = [r["val_ppl"] for r in ddp_fit.ranks]
     assert ppl[0] == ppl[1]
@@ -173,6 +176,7 @@ def test_val_ppl_same_on_every_rank_and_equal_to_one_process(ddp_fit: SimpleName
     assert single == pytest.approx(ppl[0], rel=1e-5)
 
 
+@pytest.mark.slow  # the module's 2-rank DDP fit
 def test_checkpoints_export_and_logs_written_once(ddp_fit: SimpleNamespace) -> None:
     root = ddp_fit.root
     expected = [f"epoch=0-step={STEPS_PER_EPOCH_2}.ckpt", f"epoch=1-step={2 * STEPS_PER_EPOCH_2}.ckpt", "last.ckpt"]
@@ -194,6 +198,7 @@ def test_checkpoints_export_and_logs_written_once(ddp_fit: SimpleNamespace) -> N
     torch.testing.assert_close(exported.get_parameter(key), state[f"model.{key}"])
 
 
+@pytest.mark.slow  # the module's 2-rank DDP fit
 def test_ddp_checkpoint_resumes_on_one_process(ddp_fit: SimpleNamespace) -> None:
     root = ddp_fit.tmp / "resumed"
     cli = cli_main([
@@ -324,6 +329,7 @@ def test_ddp_overlay_settings_reach_ddp(tmp_path: Path) -> None:
     assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.strategy._ddp_kwargs == {}
 
 
+@pytest.mark.slow
 def test_torchrun_two_nodes_with_the_multinode_overlay(tmp_path: Path) -> None:
     """The README's several-node form on CPU: two `torchrun --nnodes 2` launches (one process each, as two nodes
     would run), `configs/multinode.yaml` with CPU sizes; Lightning takes ranks from torchrun's environment."""

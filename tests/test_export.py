@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _reliability_helpers import make_dataset, snapshot, tiny_config, write_config
+from _helpers import make_dataset, snapshot, tiny_run_config, write_config
 
 from lit_flash.errors import LitFlashError
 from lit_flash.export import MARKER, check_export_target, write_export
@@ -192,7 +192,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(tmp_path: Path, dataset: Path, max_steps: int = 2) -> str:
-    config = tiny_config(tmp_path / "run", dataset, trainer={"max_steps": max_steps, "val_check_interval": 2},
+    config = tiny_run_config(tmp_path / "run", dataset, trainer={"max_steps": max_steps, "val_check_interval": 2},
                          checkpoint={"every_n_train_steps": 2})
     return str(write_config(tmp_path / "config.yaml", config))
 
@@ -236,6 +236,7 @@ def test_cli_refuses_an_unwritable_export_parent_before_training(tmp_path: Path,
     assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
+@pytest.mark.slow
 def test_cli_resume_replaces_its_own_export(tmp_path: Path, dataset: Path, run_cli) -> None:
     config = _config(tmp_path, dataset)
     assert run_cli(["fit", "--config", config])[0] == 0

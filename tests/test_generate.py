@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from typing import get_args
 
 import pytest
 import torch
+from _helpers import SRC
 
 from lit_flash.cli import cli_main
 from lit_flash.errors import LitFlashError
@@ -168,3 +173,23 @@ def test_ids_beyond_the_tokenizer_are_never_generated(tiny):
     generate(model, tokenizer, "w1 w2 w3", max_new_tokens=4, temperature=0)
     generate(model, tokenizer, "w1 w2 w3", max_new_tokens=4, temperature=1.0, seed=0)
     assert produced and all(int(out.max()) < len(VOCAB) for out in produced)
+
+
+@pytest.mark.slow
+def test_importing_generate_loads_no_training_code() -> None:
+    """Inference alone (a served model, a notebook) must not pay for Lightning, nor for importing lit_flash."""
+    code = (
+        "import sys, lit_flash, lit_flash.generate; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'transformers') "
+        "or m in ('lit_flash.model', 'lit_flash.cli', 'lit_flash.data')))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_generate_offers_the_models_attention_choices() -> None:
+    from lit_flash import generate as generate_module
+    from lit_flash import model as model_module
+
+    assert get_args(generate_module.AttnImplementation) == get_args(model_module.AttnImplementation)

@@ -58,6 +58,7 @@ def test_print_config_is_complete_and_feeds_back(tmp_path, monkeypatch, capsys):
     assert "  learning_rate: 0.01" in changed
 
 
+@pytest.mark.slow
 def test_saved_config_of_a_run_reproduces_it(short_run, capsys):
     run_dir, args = short_run
     (saved,) = run_dir.glob("logs/version_*/config.yaml")
@@ -109,6 +110,7 @@ def test_read_metrics_joins_a_resumed_runs_logs(tmp_path):
     assert read_metrics(tmp_path) == {"train_loss": ([0, 1, 2, 3, 4], [5.0, 4.0, 3.5, 3.3, 3.0])}
 
 
+@pytest.mark.slow
 def test_wandb_is_added_to_csv_and_tensorboard_and_offline_without_key(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger

@@ -205,6 +205,7 @@ def test_adamw_groups_and_warmup_then_decay(tiny_model_config):
     assert lrs == pytest.approx(warmup + decay)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_larger_batch(tiny_model_config, make_token_dataset):
     # The reference's --gradient_accumulation_steps is trainer.accumulate_grad_batches: 2 micro-batches of 4 full
     # blocks must train exactly as one batch of 8 (same rows, same optimizer and schedule steps).

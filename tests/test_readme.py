@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import lit_flash
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -23,6 +25,7 @@ def test_readme_has_one_python_snippet():
     assert len(readme_python_blocks()) == 1
 
 
+@pytest.mark.slow
 def test_readme_python_snippet_runs(tmp_path):
     (code,) = readme_python_blocks()
     for old, new in FEWER_STEPS.items():

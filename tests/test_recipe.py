@@ -13,8 +13,11 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from _reliability_helpers import BLOCK, VOCAB, logged, save_blocks, token_rows
+from _helpers import BLOCK, VOCAB, logged, save_blocks, token_rows
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+from lightning.pytorch.cli import SaveConfigCallback
 
+import lit_flash
 from lit_flash import FlashGPT2LM, WikitextDataModule
 from lit_flash.cli import cli_main
 from lit_flash.optim import planned_optimizer_steps
@@ -108,6 +111,7 @@ def test_a_pretrained_model_trains_with_dropout_and_validates_without_it_in_the_
     assert modes.val and all(modes.val)  # the sanity check and both validations
 
 
+@pytest.mark.slow
 def test_the_recipe_through_the_cli_trains_with_dropout(tmp_path: Path, pretrained: Path, blocks: Path) -> None:
     overlay = cpu_overlay(tmp_path / "run", pretrained, blocks, max_epochs=1)
     overlay["trainer"]["callbacks"] = [{"class_path": "test_recipe.DropoutModes"}]
@@ -139,6 +143,7 @@ BOUNDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("bound", "accumulate", "compile"),
     [(bound, accumulate, False) for bound in BOUNDS for accumulate in (1, 2)]
@@ -161,6 +166,61 @@ def test_resume_from_a_mid_epoch_checkpoint_logs_bit_identical_losses(
         assert after and got == after, key  # bit-identical: compared as floats written by the same code
     weights = "model/model.safetensors"
     assert (whole / weights).read_bytes() == (resumed / weights).read_bytes()
+
+
+def fit_in_python(root: Path, pretrained: Path, blocks: Path, ckpt_path: str | None = None) -> L.Trainer:
+    """A notebook's run of the recipe's shape (the sizes of `cpu_overlay`): the classes and an `L.Trainer` built
+    in Python with `lit_flash.trainer_kwargs`, bounded by epochs, fitted from `ckpt_path`."""
+    L.seed_everything(42)
+    module = FlashGPT2LM(model_name_or_path=str(pretrained), attn_implementation="sdpa", learning_rate=1e-3)
+    dm = WikitextDataModule(tokenized_dataset_load_dir=str(blocks), tokenizer_name=None, batch_size=2,
+                            eval_batch_size=4, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", precision="32-true", max_epochs=2, val_check_interval=4,
+                        log_every_n_steps=1, enable_progress_bar=False,
+                        **lit_flash.trainer_kwargs(root, every_n_train_steps=4))
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.slow
+def test_the_python_api_keeps_the_clis_checkpoints_export_and_exact_resume(
+    tmp_path: Path, pretrained: Path, blocks: Path
+) -> None:
+    whole = tmp_path / "whole"
+    assert lit_flash.resume_path(whole) is None  # `auto` on a new folder: start fresh
+    trainer = fit_in_python(whole, pretrained, blocks, lit_flash.resume_path(whole))
+    assert isinstance(trainer.strategy.checkpoint_io, lit_flash.AtomicCheckpointIO)
+    names = {p.name for p in (whole / "checkpoints").glob("*.ckpt")}
+    assert "last.ckpt" in names and sum("step=" in n for n in names) == 6  # every 4 of 24 steps, all kept
+    assert lit_flash.resume_path(whole) == str(whole / "checkpoints" / "last.ckpt")
+    assert (whole / "model" / "model.safetensors").is_file()
+    # Step 8 of 12 batches an epoch: mid-epoch.
+    checkpoint = next((whole / "checkpoints").glob("*step=8.ckpt"))
+    resumed = tmp_path / "resumed"
+    fit_in_python(resumed, pretrained, blocks, lit_flash.resume_path(resumed, str(checkpoint)))
+    for key in ("train_loss", "val_loss", "lr-AdamW/pg1"):
+        expected, got = logged(whole, key), logged(resumed, key)
+        after = {step: value for step, value in expected.items() if step >= 8}
+        assert after and got == after, key  # bit-identical
+    weights = "model/model.safetensors"
+    assert (whole / weights).read_bytes() == (resumed / weights).read_bytes()
+
+
+def test_the_python_api_adds_what_the_cli_adds(tmp_path: Path, pretrained: Path, blocks: Path) -> None:
+    root = tmp_path / "run"
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump(cpu_overlay(root, pretrained, blocks, max_epochs=1)))
+    cli = cli_main(["--config", str(RECIPE), "--config", str(overlay)], run=False)
+    python = L.Trainer(**lit_flash.trainer_kwargs(root, every_n_train_steps=4))
+    for trainer in (cli.trainer, python):
+        assert isinstance(trainer.strategy.checkpoint_io, lit_flash.AtomicCheckpointIO)
+    # Lightning's own defaults (progress bar, model summary) and the CLI's config file aside, the same callbacks.
+    lightnings = (SaveConfigCallback, ProgressBar, ModelSummary)
+    cli_callbacks = {type(c) for c in cli.trainer.callbacks if not isinstance(c, lightnings)}
+    assert {type(c) for c in lit_flash.trainer_callbacks(root)} == cli_callbacks
+    assert {type(lg) for lg in python.loggers} == {type(lg) for lg in cli.trainer.loggers}
+    for key in ("dirpath", "save_last", "save_top_k", "_every_n_train_steps"):
+        assert getattr(python.checkpoint_callback, key) == getattr(cli.trainer.checkpoint_callback, key), key
 
 
 @pytest.mark.parametrize("accumulate", [1, 2, 3])

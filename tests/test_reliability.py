@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from _helpers import RecordLosses
-from _reliability_helpers import (
+from _helpers import (
+    RecordLosses,
     SlowSteps,
     checkpoint_step,
     cli_command,
@@ -34,7 +34,7 @@ from _reliability_helpers import (
     make_dataset,
     small_disk,
     snapshot,
-    tiny_config,
+    tiny_run_config,
     wait_for_file,
     write_config,
 )
@@ -56,9 +56,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(tmp: Path, root: Path, data_dir: Path, name: str = "run.yaml", slow: float | None = 0.03, **sections):
-    config = tiny_config(root, data_dir, **sections)
+    config = tiny_run_config(root, data_dir, **sections)
     if slow:  # a little time per step, so that a kill lands between two checkpoints
-        slow_steps = {"class_path": "_reliability_helpers.SlowSteps", "init_args": {"seconds": slow}}
+        slow_steps = {"class_path": "_helpers.SlowSteps", "init_args": {"seconds": slow}}
         config["trainer"]["callbacks"] = [slow_steps]
     return str(write_config(tmp / name, config))
 
@@ -99,6 +99,7 @@ def _assert_same_weights(run: Path, reference: Path) -> None:
 # ------------------------------------------------------------------------------------------------ resume
 
 
+@pytest.mark.slow
 def test_sigkill_twice_then_resume_matches_uninterrupted(
     tmp_path: Path, data_dir: Path, uninterrupted: Path, capfd: pytest.CaptureFixture
 ) -> None:
@@ -149,6 +150,7 @@ def logged_version(version: Path) -> list[int]:
         return [int(row["step"]) for row in csv.DictReader(f) if row.get("train_loss")]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_resume_matches(tmp_path: Path, data_dir: Path, uninterrupted: Path) -> None:
     """A preemption's SIGTERM on the real entry point (`python -m lit_flash`): the running batch finishes,
     `last.ckpt` is written at that step, the exit status is 143; the resumed run matches the uninterrupted one."""
@@ -405,8 +407,8 @@ def test_resume_with_a_larger_batch_size_continues_at_the_same_row(tmp_path: Pat
     import datasets
 
     root = tmp_path / "run"
-    record = {"class_path": "_reliability_helpers.RecordRows", "init_args": {"path": str(tmp_path / "a.jsonl")}}
-    config = tiny_config(root, data_dir, trainer={"max_steps": 20, "callbacks": [record]})
+    record = {"class_path": "_helpers.RecordRows", "init_args": {"path": str(tmp_path / "a.jsonl")}}
+    config = tiny_run_config(root, data_dir, trainer={"max_steps": 20, "callbacks": [record]})
     cli_main(["fit", "--config", str(write_config(tmp_path / "a.yaml", config))])  # 20 batches of 4: 80 of 160 rows
     record["init_args"]["path"] = str(tmp_path / "b.jsonl")
     config["trainer"].update(max_steps=35)  # 10 batches of 8 end epoch 0, 5 more in epoch 1
@@ -454,6 +456,7 @@ def _save_forever(path: str) -> None:
         atomic_torch_save({"version": version, "weights": torch.full((4_000_000,), float(version))}, path)
 
 
+@pytest.mark.slow
 def test_a_kill_at_any_moment_of_a_save_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
     """A child saves 16 MB checkpoints over the same file in a loop; it is SIGKILLed 12 times at random moments.
     Every time the file loads and is one whole version; the kills did land mid-write (a `.partial` was left)."""
@@ -475,6 +478,7 @@ def test_a_kill_at_any_moment_of_a_save_leaves_a_loadable_checkpoint(tmp_path: P
     assert len(versions) >= 2
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(
     tmp_path: Path, uninterrupted: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -582,6 +586,7 @@ def test_nonfinite_loss_stops_before_the_update_naming_the_step(tmp_path: Path, 
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_on_gpu_stops_at_the_next_log_step_or_checkpoint(
     tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -732,6 +737,7 @@ def test_soak_2000_steps_on_the_demo_with_kills_ends_like_an_uninterrupted_run(t
     assert len(list((tmp_path / "killed" / "logs").glob("version_*"))) == 5
 
 
+@pytest.mark.slow
 def test_grad_scaler_state_is_restored_on_resume(tmp_path: Path, data_dir: Path) -> None:
     """16-mixed's GradScaler (here on CPU, growing its scale every 2 steps) resumes from a step-5 checkpoint with
     its scale and growth tracker, and the losses after the resume equal the uninterrupted run's."""

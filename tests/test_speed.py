@@ -19,6 +19,7 @@ import lit_flash.model as model_module
 from lit_flash.callbacks import TokenThroughput
 from lit_flash.data import WikitextDataModule
 from lit_flash.errors import LitFlashError
+from lit_flash.lightning_adapters import is_log_step, steps_optimizer
 from lit_flash.model import IGNORE_INDEX, FlashGPT2LM, flops_per_token
 
 REAL_VOCAB, PAD_TO, PADDED_VOCAB = 300, 64, 320  # 300 is not a multiple of 64: padding really happens
@@ -170,6 +171,7 @@ def test_compile_with_fused_cross_entropy_compiles_only_the_base_model(tiny_mode
     assert module._compute_loss == module._loss_impl  # the loss (liger's kernel) stays eager
 
 
+@pytest.mark.slow
 def test_compiled_loss_matches_eager_in_a_cpu_fit(tiny_model_config, make_token_dataset):
     config = _small_config(tiny_model_config, n_layer=1, n_embd=32)
     module = tiny_module(config, compile=True, pad_vocab_to_multiple_of=PAD_TO, learning_rate=1e-3)
@@ -303,6 +305,7 @@ class _GradNorms(L.Callback):
         self.before.append(self._norm(pl_module))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
 def test_fused_adamw_clips_and_trains_in_a_cpu_fit(tiny_model_config, make_token_dataset, precision):
     module = tiny_module(_small_config(tiny_model_config), fused_adamw=True, learning_rate=1e-2)
@@ -327,6 +330,7 @@ def _fp16_scaler_plugin() -> Any:
     return MixedPrecision("16-mixed", "cpu")
 
 
+@pytest.mark.slow
 def test_fused_adamw_clips_true_scale_gradients_under_16_mixed_grad_scaler(tiny_model_config, make_token_dataset):
     """The recipe's step (16-mixed, GradScaler, clipping 1.0) with fused AdamW: the clip sees unscaled gradients,
     and the optimizer steps with them (not with gradients scaled by 2**16 or unscaled twice)."""
@@ -478,6 +482,60 @@ def test_token_throughput_rate_across_a_validation(tiny_model_config, make_token
     assert rates and rates[-1] == pytest.approx(rows / 1.0)  # the window of steps 4-8: 4 s of training
 
 
+class _LoopDecisions(L.Callback):
+    """Per batch: lit_flash's public-state answers next to Lightning's private ones they stand for."""
+
+    def __init__(self) -> None:
+        self.log_steps: list[tuple[bool, bool]] = []
+        self.optimizer_steps: list[tuple[bool, bool]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        private = trainer._logger_connector.should_update_logs
+        self.log_steps.append((is_log_step(trainer, before_optimizer_step=True), private))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        private = not trainer.fit_loop._should_accumulate()
+        self.optimizer_steps.append((steps_optimizer(trainer, batch_idx), private))
+
+
+def test_log_and_optimizer_steps_from_public_state_match_lightnings(tiny_model_config, make_token_dataset):
+    """5 batches an epoch, 2 accumulated: the epoch's last batch steps alone; logs every 2 optimizer steps."""
+    module = tiny_module(_small_config(tiny_model_config))
+    dm = _datamodule(make_token_dataset, n_rows=20, batch_size=4, vocab_size=REAL_VOCAB)
+    decisions = _LoopDecisions()
+    trainer = cpu_trainer(max_epochs=2, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=2,
+                          accumulate_grad_batches=2, logger=_ListLogger(), callbacks=[decisions])
+    trainer.fit(module, dm)
+    assert len(decisions.optimizer_steps) == 10 and trainer.global_step == 6
+    assert [public for public, _ in decisions.optimizer_steps] == [False, True, False, True, True] * 2
+    assert [public for public, _ in decisions.optimizer_steps] == [private for _, private in decisions.optimizer_steps]
+    assert [public for public, _ in decisions.log_steps] == [private for _, private in decisions.log_steps]
+    assert any(public for public, _ in decisions.log_steps)
+
+
+def test_token_throughput_records_whole_accumulated_steps(tiny_model_config, make_token_dataset, monkeypatch):
+    updates: list[dict[str, Any]] = []
+    real_update = Throughput.update
+
+    def spy(self: Throughput, **kwargs: Any) -> None:
+        updates.append(kwargs)
+        real_update(self, **kwargs)
+
+    monkeypatch.setattr(Throughput, "update", spy)
+    module = tiny_module(_small_config(tiny_model_config))
+    dm = _datamodule(make_token_dataset, n_rows=32, batch_size=4, vocab_size=REAL_VOCAB)
+    logger = _ListLogger()
+    trainer = cpu_trainer(max_steps=4, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=2,
+                          accumulate_grad_batches=2, logger=logger, callbacks=[TokenThroughput(window_size=2)])
+    trainer.fit(module, dm)
+    # Optimizer steps 2 and 4 log: after batches 4 and 8, each point holding the FLOPs of its 4 batches.
+    assert [u["batches"] for u in updates] == [4, 8]
+    assert all(u["flops"] == pytest.approx(4 * module.flops_per_batch) for u in updates)
+    rows = [(step, m) for step, m in logger.rows if "train/time" in m]
+    assert [step for step, _ in rows] == [1, 3]  # the rows of steps 2 and 4, as Lightning numbers them
+    assert "train/device/items_per_sec" in rows[-1][1]
+
+
 # ---------------------------------------------------------------------------------- one shape per step (compile)
 
 
@@ -518,6 +576,7 @@ def test_sdpa_backends_reach_scaled_dot_product_attention(tiny_model_config):
         cudnn_only._loss(batch, True)
 
 
+@pytest.mark.slow
 def test_compiled_step_keeps_the_sdpa_choice(tiny_model_config):
     module = tiny_module(_small_config(tiny_model_config, n_layer=1), sdpa_backends=["cudnn"], compile=True)
     module._compute_loss = torch.compile(module._loss_impl, dynamic=False)  # what setup does, minus its CPU check

@@ -65,6 +65,7 @@ def reference_blocks(files, tokenizer) -> list[tuple[int, ...]]:
     return [tuple(b) for b in blocks]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_files", [4, 5])  # 4: whole files per rank; 5: every other block per rank
 def test_two_ranks_two_workers_read_each_block_once(corpus, n_files):
     files, tokenizer = corpus

@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from _reliability_helpers import VOCAB, save_blocks, snapshot, tiny_config, token_rows, write_config
+from _helpers import VOCAB, save_blocks, snapshot, tiny_run_config, token_rows, write_config
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -109,7 +109,7 @@ CLI_CASES = [
 @pytest.mark.parametrize(("build", "expected"), [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
 def test_cli_refuses_bad_token_values_before_training(build, expected: str, tmp_path: Path, run_cli) -> None:
     data = build(tmp_path)
-    config = write_config(tmp_path / "config.yaml", tiny_config(tmp_path / "run", data, trainer={"max_steps": 2}))
+    config = write_config(tmp_path / "config.yaml", tiny_run_config(tmp_path / "run", data, trainer={"max_steps": 2}))
     before = snapshot(tmp_path)
     code, _, err = run_cli(["fit", "--config", str(config)])
     assert code == 2, err

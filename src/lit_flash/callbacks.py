@@ -8,12 +8,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lit_flash.distributed import gather_full_state_dict
 from lit_flash.export import check_export_target
+from lit_flash.lightning_adapters import is_log_step, steps_optimizer
 
 
 class HFExport(L.Callback):
@@ -71,61 +72,154 @@ def _batch_tokens(batch: dict[str, Any]) -> int:
     return int(batch["input_ids"].numel())
 
 
-class TokenThroughput(ThroughputMonitor):
-    """Lightning's `ThroughputMonitor` set up for token batches: logs samples/s, tokens/s (`items_per_sec`),
-    FLOP/s and MFU every `log_every_n_steps`, FLOPs from the module's `flops_per_batch`.
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the matmuls run in under `trainer.precision`, for the card's peak FLOP/s."""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float64 if precision.startswith("64") else torch.float32
 
-    The stock callback synchronizes the GPU after every batch, which stops the CPU from queueing the next step's
-    kernels ahead (not measured on its own here). This one counts every batch on the host and synchronizes only
-    on the steps it logs.
+
+class _StageCount:
+    """What a stage (train, validate, test) processed since its start, and the FLOPs not yet handed to Throughput."""
+
+    def __init__(self, throughput: Throughput) -> None:
+        self.throughput = throughput
+        self.t0 = time.perf_counter()
+        self.batches = self.samples = self.tokens = 0
+        self.pending_flops = 0.0
+        self.pending = False  # batches counted since the last record
+
+
+class TokenThroughput(L.Callback):
+    """Samples/s, tokens/s (`items_per_sec`), FLOP/s and MFU of token batches, logged every `log_every_n_steps`
+    under Lightning's `ThroughputMonitor` names (`train/device/items_per_sec`, `train/time`, ...), computed by
+    Lightning's `Throughput`; FLOPs from the module's `flops_per_batch`.
+
+    Lightning's `ThroughputMonitor` synchronizes the GPU after every batch, which stops the CPU from queueing the
+    next step's kernels ahead. This callback counts every batch on the host and synchronizes only on the steps it
+    records: the optimizer steps that log (so a step's time includes its `optimizer.step()`), and the start of each
+    validation, whose time is left out of training.
 
     Args:
         window_size: Number of recorded points the rates are computed over: the log steps, plus one at the start
-            of each validation (whose time is left out of training).
-        peak_tflops: The card's peak for MFU (e.g. 790: bf16 on an H100/H200 as measured). Null: Lightning's table.
+            of each validation.
+        peak_tflops: The card's peak for MFU (e.g. the bf16 peak of your GPU). Null: Lightning's table.
     """
 
     def __init__(self, window_size: int = 2, peak_tflops: float | None = None) -> None:
-        super().__init__(batch_size_fn=_batch_rows, length_fn=_batch_tokens, window_size=window_size)
+        self.window_size = window_size
         self.peak_tflops = peak_tflops
-        self._pending_flops: dict[Any, float] = {}
+        self._stages: dict[RunningStage, _StageCount] = {}
+        self._eval_steps: dict[RunningStage, int] = {}  # logging step of validation/test rows, across the run
+        self._paused_at: float | None = None
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+    def _start(self, trainer: L.Trainer, stage: RunningStage) -> None:
         if self.peak_tflops:
-            for throughput in self._throughputs.values():
-                throughput.available_flops = self.peak_tflops * 1e12
+            peak: float | None = self.peak_tflops * 1e12
+        else:
+            peak = get_available_flops(trainer.strategy.root_device, compute_dtype(str(trainer.precision)))
+        throughput = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window_size)
+        self._stages[stage] = _StageCount(throughput)
 
-    @torch.inference_mode()
-    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
-        stage = trainer.state.stage
-        self._samples[stage] += self.batch_size_fn(batch)
-        self._lengths[stage] += self.length_fn(batch)
-        self._batches[stage] += 1
-        flops = getattr(pl_module, "flops_per_batch", None) or 0
-        self._pending_flops[stage] = self._pending_flops.get(stage, 0) + flops
-        if stage == RunningStage.TRAINING and (
-            trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs
-        ):
-            return
-        self._record(trainer, stage)
+    def _count(self, stage: RunningStage, pl_module: L.LightningModule, batch: dict[str, Any]) -> None:
+        count = self._stages[stage]
+        count.batches += 1
+        count.samples += _batch_rows(batch)
+        count.tokens += _batch_tokens(batch)
+        count.pending_flops += getattr(pl_module, "flops_per_batch", None) or 0
+        count.pending = True
 
     def _record(self, trainer: L.Trainer, stage: RunningStage) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()  # only now: the time must include the queued work
-        self._throughputs[stage].update(
-            time=time.perf_counter() - self._t0s[stage],
-            batches=self._batches[stage],
-            samples=self._samples[stage],
-            lengths=self._lengths[stage],
-            flops=self._pending_flops.pop(stage, 0) or None,
+        count = self._stages[stage]
+        count.throughput.update(
+            time=time.perf_counter() - count.t0,
+            batches=count.batches,
+            samples=count.samples,
+            lengths=count.tokens,
+            flops=count.pending_flops or None,
         )
+        count.pending_flops, count.pending = 0.0, False
+
+    def _log(self, trainer: L.Trainer, stage: RunningStage, step: int) -> None:
+        throughput = self._stages[stage].throughput
+        metrics = {f"{stage.value}{throughput.separator}{k}": v for k, v in throughput.compute().items()}
+        if stage == RunningStage.TRAINING:  # as Lightning's training rows
+            metrics.setdefault("epoch", trainer.current_epoch)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            logger.save()
+
+    @rank_zero_only
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, RunningStage.TRAINING)
+
+    @torch.inference_mode()
+    @rank_zero_only
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._count(RunningStage.TRAINING, pl_module, batch)
+        # Record after the optimizer step only, so that each point includes it, and only on the steps that log.
+        if steps_optimizer(trainer, batch_idx) and is_log_step(trainer, before_optimizer_step=False):
+            self._record(trainer, RunningStage.TRAINING)
+            # The row of the step's train_loss: Lightning logs step n (counted from 1) at `step=n - 1`.
+            self._log(trainer, RunningStage.TRAINING, trainer.global_step - 1)
+
+    def _evaluation_start(self, trainer: L.Trainer, stage: RunningStage) -> None:
+        if trainer.sanity_checking:
+            return
+        training = self._stages.get(RunningStage.TRAINING)
+        if trainer.state.fn == TrainerFn.FITTING and training is not None:
+            # Record the training batches since the last log step first, or their time would be cut (rates would
+            # read too high); then stop the training clock until the validation ends.
+            if training.pending:
+                self._record(trainer, RunningStage.TRAINING)
+            self._paused_at = time.perf_counter()
+        self._start(trainer, stage)
+
+    def _evaluation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, stage: RunningStage
+    ) -> None:
+        if trainer.sanity_checking or stage not in self._stages:
+            return
+        self._count(stage, pl_module, batch)
+        self._record(trainer, stage)
+        self._eval_steps[stage] = self._eval_steps.get(stage, 0) + 1
+        every = trainer.log_every_n_steps
+        if every > 0 and (batch_idx + 1) % every == 0:
+            self._log(trainer, stage, self._eval_steps[stage])
 
     @rank_zero_only
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning pauses the training clock from the last training update to the end of validation: record the
-        # training batches since the last log step first, or their time would be cut (rates read ~2x too high).
-        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
-        if fitting and RunningStage.TRAINING in self._pending_flops:  # batches not yet recorded
-            self._record(trainer, RunningStage.TRAINING)
-        super().on_validation_start(trainer, pl_module)
+        self._evaluation_start(trainer, RunningStage.VALIDATING)
+
+    @torch.inference_mode()
+    @rank_zero_only
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._evaluation_batch_end(trainer, pl_module, batch, batch_idx, RunningStage.VALIDATING)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        training = self._stages.get(RunningStage.TRAINING)
+        if self._paused_at is not None and training is not None and not trainer.sanity_checking:
+            training.t0 += time.perf_counter() - self._paused_at  # the validation's time is not training time
+        self._paused_at = None
+
+    @rank_zero_only
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._evaluation_start(trainer, RunningStage.TESTING)
+
+    @torch.inference_mode()
+    @rank_zero_only
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._evaluation_batch_end(trainer, pl_module, batch, batch_idx, RunningStage.TESTING)

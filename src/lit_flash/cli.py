@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -22,6 +24,7 @@ from lit_flash.checkpointing import LOAD_ERRORS, AtomicCheckpointIO, load_error,
 from lit_flash.data import WikitextDataModule
 from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
+from lit_flash.lightning_adapters import last_saved_step
 from lit_flash.lock import acquire_run_lock, release_all
 from lit_flash.model import FlashGPT2LM
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
@@ -72,6 +75,33 @@ def _checkpoint_dir(root: str | None) -> str:
     return os.path.join(root or os.getcwd(), "checkpoints")
 
 
+# `--help` section titles. jsonargparse takes a class's first docstring line, which is cut mid-sentence where the
+# summary runs over a line (Lightning's ModelCheckpoint among them).
+GROUP_TITLES = {
+    "trainer": "trainer: Lightning's Trainer (devices, precision, steps, validation and logging intervals)",
+    "model": "model: FlashGPT2LM, the causal LM (attention, speed levers, loss guard, AdamW and its schedule)",
+    "data": "data: WikitextDataModule, token blocks from a hub dataset, text files or a tokenized dataset",
+    "checkpoint": "checkpoint: Lightning's ModelCheckpoint (lit_flash keeps every checkpoint, and last.ckpt)",
+    "export": "export: the Hugging Face model written at the end of fit",
+    "lr_monitor": "lr_monitor: Lightning's LearningRateMonitor",
+    "throughput": "throughput: samples/s, tokens/s, FLOP/s and MFU, logged every trainer.log_every_n_steps",
+}
+RESUME_TITLE = "Where the run starts from"
+# The help of the trainer subcommands' `--ckpt_path`; its values are resolved by checkpointing.resolve_ckpt_path.
+CKPT_PATH_HELP = (
+    "The checkpoint to start from. A file path; or `auto`: the intact checkpoint with the highest step in "
+    "<default_root_dir>/checkpoints/, or a fresh start when there is none (for jobs that restart on their own); "
+    "or `last`: that folder's last.ckpt, an error when there is none (the resume command printed after a SIGTERM "
+    "or Ctrl-C). Unset with `fit`: a fresh run, refused when the folder already holds checkpoints."
+)
+WEIGHTS_ONLY_HELP = (
+    "Unset (null) or true: the checkpoint is loaded with torch.load(weights_only=True), which reads tensors and "
+    "plain values only and runs no code from the file (lit_flash's default, not torch's or Lightning's). false: "
+    "full unpickling, which can run code from the file: only for a checkpoint you trust. A sharded FSDP "
+    "checkpoint (a folder) is read by torch.distributed.checkpoint, which this flag does not change."
+)
+
+
 class OneLineErrorParser(LightningArgumentParser):
     """Config mistakes (a typo'd key, a wrong type) as one line, not the whole usage text.
 
@@ -82,6 +112,23 @@ class OneLineErrorParser(LightningArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def add_method_arguments(self, class_type: type, method_name: str, *args: Any, **kwargs: Any) -> list[str]:
+        """The trainer subcommands' `--ckpt_path` and `--weights_only`, with lit_flash's meaning of their values
+        (Lightning's docstrings describe Trainer.fit's, without `auto`)."""
+        params = inspect.signature(getattr(class_type, method_name)).parameters
+        ours = {"ckpt_path": CKPT_PATH_HELP, "weights_only": WEIGHTS_ONLY_HELP}
+        ours = {name: text for name, text in ours.items() if name in params}
+        if not issubclass(class_type, Trainer) or not ours:
+            return super().add_method_arguments(class_type, method_name, *args, **kwargs)
+        kwargs["skip"] = set(kwargs.get("skip") or ()) | set(ours)
+        added = super().add_method_arguments(class_type, method_name, *args, **kwargs)
+        group = self.add_argument_group(RESUME_TITLE)
+        if "ckpt_path" in ours:
+            group.add_argument("--ckpt_path", type=str | None, default=None, help=ours["ckpt_path"])
+        if "weights_only" in ours:
+            group.add_argument("--weights_only", type=bool | None, default=None, help=ours["weights_only"])
+        return added + list(ours)
 
     def error(self, message: str, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         if os.environ.get("JSONARGPARSE_DEBUG"):
@@ -114,16 +161,6 @@ class LitFlashCLI(LightningCLI):
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             super().parse_arguments(parser, args)
 
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        # Adapter: LightningCLI has no public hook after it adds the Trainer method's arguments, whose help is the
-        # docstring of `Trainer.fit` (it does not know lit_flash's `auto`, nor its weights_only default).
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        for option, text in SUBCOMMAND_HELP.items():
-            action = parser._option_string_actions.get(option)
-            if action is not None:
-                action.help = text
-        return parser
-
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # No version counter: a run folder holds one run (the lock, the refusal of a fresh fit over checkpoints), so a
@@ -137,6 +174,9 @@ class LitFlashCLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
+        for key, title in GROUP_TITLES.items():
+            if key in parser.groups:
+                parser.groups[key].title = title
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
@@ -192,24 +232,10 @@ class LitFlashCLI(LightningCLI):
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath:
-            if checkpoint._last_global_step_saved != trainer.global_step:
+            if last_saved_step(checkpoint) != trainer.global_step:
                 trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"))
 
 
-SUBCOMMAND_HELP = {
-    "--ckpt_path": (
-        "The checkpoint to start from. A file path; or `auto`: the intact checkpoint with the highest step in "
-        "<default_root_dir>/checkpoints/, or a fresh start when there is none (for jobs that restart on their own); "
-        "or `last`: that folder's last.ckpt, an error when there is none (the resume command printed after a "
-        "SIGTERM or Ctrl-C). Unset with `fit`: a fresh run, refused when the folder already holds checkpoints."
-    ),
-    "--weights_only": (
-        "Unset (null) or true: the checkpoint is loaded with torch.load(weights_only=True), which reads tensors "
-        "and plain values only and runs no code from the file (lit_flash's default, not torch's or Lightning's). "
-        "false: full unpickling, which can run code from the file: only for a checkpoint you trust. A sharded FSDP "
-        "checkpoint (a folder) is read by torch.distributed.checkpoint, which this flag does not change."
-    ),
-}
 
 
 def _as_list(value: Any) -> list[Any]:

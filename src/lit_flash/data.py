@@ -419,7 +419,7 @@ class WikitextDataModule(L.LightningDataModule):
             first `max_eval_samples` blocks if set), and are skipped when it has none (e.g. FineWeb).
         pad_last_batch: Fill an epoch's short last batch (training, validation, test) up to the batch size with
             ignored rows (labels -100): the loss is unchanged, and a compiled model (`model.compile`) runs one shape
-            instead of compiling again for the short batch (one 31 s step for GPT-2 124M on an H100, RESULTS.md).
+            instead of compiling again for the short batch (a step of many seconds; benchmarks/RESULTS.md).
             Throughput logs count the filler rows as processed tokens.
     """
 

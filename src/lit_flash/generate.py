@@ -14,11 +14,12 @@ from typing import Any, Literal
 import torch
 
 from lit_flash.errors import LitFlashError
-from lit_flash.model import (
-    AttnImplementation,
-    flash_attention_unavailable_reason,
-    resolve_attn_implementation,
-)
+
+# Inference imports no training code: the flash-attention helpers still live in model.py (beside the
+# LightningModule, so importing them loads Lightning) and are imported where a model is loaded. Issue 17 phase 2
+# moves them to an attention module both sides share; until then this Literal repeats model.AttnImplementation
+# (test_generate checks that they agree).
+AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -139,6 +140,8 @@ def load_for_generation(
     `tokenizer`: where the tokenizer is, when not beside the model (an export of a run without one).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lit_flash.model import flash_attention_unavailable_reason, resolve_attn_implementation
 
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if attn_implementation is None:

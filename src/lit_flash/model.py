@@ -24,8 +24,8 @@ from lit_flash.checkpointing import check_state_dict_fits
 from lit_flash.data import IGNORE_INDEX, perplexity
 from lit_flash.errors import LitFlashError, NonFiniteLossError
 from lit_flash.export import write_export
+from lit_flash.lightning_adapters import attached_trainer, is_log_step
 from lit_flash.optim import (
-    clip_grad_norm,
     new_lr_plan,
     planned_optimizer_steps,
     schedule_step,
@@ -203,8 +203,8 @@ class FlashGPT2LM(L.LightningModule):
         compile: `torch.compile` the forward and the loss (only the body when liger's cross-entropy is on). The
             first steps are slow while it compiles.
         compile_mode: `torch.compile`'s mode (needs `compile: true`). `max-autotune-no-cudagraphs` benchmarks Triton
-            matmul kernels against cuBLAS: for GPT-2 124M it had not finished after 5 minutes on an H100, and cuBLAS
-            won 4 of the 5 shapes it had tuned; `reduce-overhead` (CUDA graphs) gained 0.6% (benchmarks/RESULTS.md).
+            matmul kernels against cuBLAS, which takes many minutes and mostly keeps cuBLAS for GPT-2's shapes;
+            `reduce-overhead` (CUDA graphs) helps little once the step has no host sync (benchmarks/RESULTS.md).
         fused_cross_entropy: Compute the loss with liger-kernel's fused linear cross-entropy, chunk by chunk, so the
             full fp32 logits (batch x seq x vocab) are never materialized. Needs `pip install 'lit-flash[fast]'`.
         pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
@@ -215,8 +215,8 @@ class FlashGPT2LM(L.LightningModule):
             blocks is carried in bf16 (as in a model loaded in bf16, or Megatron-LM without
             `fp32_residual_connection`) instead of fp32: half the memory traffic of every residual add and LayerNorm.
             Weights, gradients and AdamW stay fp32. Quality checked from scratch only (RESULTS.md), not yet on
-            pretrained GPT-2, whose stream carries large values (bf16 keeps 8 significant bits).
-            GPT-2 124M, bf16, batch 32, compiled: +4.6% tokens/s on an H100, +4.1% on an H200 (RESULTS.md).
+            pretrained GPT-2, whose stream carries large values (bf16 keeps 8 significant bits). Its speed-up is
+            in benchmarks/RESULTS.md.
         on_nonfinite: A NaN/inf training loss `stop`s the run with an error naming the step (before the update, so
             the weights and the last checkpoint stay finite), or `skip`s that batch (no update) with a warning. On
             GPU, `stop` looks every `log_every_n_steps` and before each checkpoint instead of syncing every step:
@@ -421,9 +421,9 @@ class FlashGPT2LM(L.LightningModule):
             return None  # Lightning skips backward and the optimizer step
         rows = batch["input_ids"].shape[0]
         self.log("train_loss", loss, batch_size=rows)  # a device tensor: the logger reads it on its own steps
-        if not self._host_reads_stall(loss) or self.trainer._logger_connector.should_update_logs:
+        if not self._host_reads_stall(loss) or is_log_step(self.trainer, before_optimizer_step=True):
             # Lightning turns every progress-bar value into a Python number after each batch: a GPU tensor there
-            # syncs every step (the CPU cannot queue the next one: 3.3 ms idle in a 74 ms GPT-2 step on an H100).
+            # syncs every step (the CPU cannot queue the next one; RESULTS.md has the idle time it cost).
             # On GPU the bar gets a host copy on the logger's steps only (each micro-batch of such a step when
             # accumulating gradients).
             self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, batch_size=rows)
@@ -437,7 +437,7 @@ class FlashGPT2LM(L.LightningModule):
                 self.first_nonfinite_step = torch.tensor(-1, device=loss.device)
             first = self.first_nonfinite_step
             first.copy_(torch.where(~torch.isfinite(loss.detach()) & (first < 0), self.global_step, first))
-            if self.trainer._logger_connector.should_update_logs:
+            if is_log_step(self.trainer, before_optimizer_step=True):
                 self._stop_if_nonfinite()
             return True
         # One host sync per step. Every rank takes the same decision: a skip on one rank alone would hang DDP.
@@ -538,7 +538,8 @@ class FlashGPT2LM(L.LightningModule):
 
         h = self.hparams
         groups = weight_decay_groups(self.model, h.weight_decay)
-        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        trainer = attached_trainer(self)
+        on_cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
         # Fused AdamW: one kernel launch for the whole step, and under 16-mixed it takes the GradScaler's inf flag
         # on the device (no host sync to decide whether to skip). Clipping first unscales it explicitly: see
         # configure_gradient_clipping.
@@ -610,7 +611,7 @@ class FlashGPT2LM(L.LightningModule):
             # The optimizer's own list: `self.parameters()` walks every submodule, a millisecond of host time a step.
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if norm:
-                clip_grad_norm(params, gradient_clip_val)
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
             else:
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
             return

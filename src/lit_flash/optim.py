@@ -1,4 +1,4 @@
-"""AdamW's parameter groups, gradient clipping and the length of the learning-rate schedule."""
+"""AdamW's parameter groups and the length of the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -25,21 +25,6 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
                 seen.add(id(param))
                 (no_decay if is_norm or name == "bias" else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Scale the gradients so that their global L2 norm is at most `max_norm`; return the norm before clipping.
-
-    The same arithmetic as `torch.nn.utils.clip_grad_norm_` (coefficient max_norm / (norm + 1e-6), at most 1, no
-    host sync), in three launches when every gradient shares one device and dtype: torch's version moves each
-    tensor's norm to one device in a Python loop, host time that bounds a small model's step.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or len({(g.device, g.dtype) for g in grads}) > 1:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
-    return total
 
 
 def limited_batches(length: int, limit: int | float) -> int:

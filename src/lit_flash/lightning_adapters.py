@@ -1,0 +1,54 @@
+"""Loop state lit_flash needs that Lightning keeps private: rebuilt from public state where it can be, else read
+through one small adapter each.
+
+A private name can change in any release without notice, so none is read anywhere else in lit_flash; each adapter
+says why no public API serves (test_lightning_api.py keeps it that way).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+def is_log_step(trainer: L.Trainer, before_optimizer_step: bool) -> bool:
+    """Whether the loggers write at this optimizer step (every `log_every_n_steps`, and when the run stops), as
+    Lightning's own logging decides it; for each micro-batch of that step when gradients accumulate.
+
+    Public state only: Lightning counts the batches that stepped (private, `_batches_that_stepped`), which equals
+    `global_step` (optimizer steps, skipped ones included) and is restored with it on a resume. `global_step` grows
+    after the optimizer step, so a caller before it (`training_step`) asks about `global_step + 1`.
+    """
+    every = trainer.log_every_n_steps
+    if every <= 0:
+        return False
+    step = trainer.global_step + (1 if before_optimizer_step else 0)
+    return step % every == 0 or trainer.should_stop
+
+
+def steps_optimizer(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the training batch `batch_idx` of the epoch ends an optimizer step (the last batch of a gradient
+    accumulation, or the epoch's last batch). An epoch of unknown length (a streaming dataset) counts only
+    full accumulations."""
+    if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+        return True
+    return batch_idx + 1 == trainer.num_training_batches
+
+
+def last_saved_step(checkpoint: ModelCheckpoint) -> int:
+    """The `global_step` of the last checkpoint `checkpoint` wrote.
+
+    No public API: ModelCheckpoint keeps it as `_last_global_step_saved` (it decides whether a save at this step is
+    a duplicate; Lightning-AI/pytorch-lightning#12057 made it exact). `last_model_path` names the file but not the
+    step it holds, and reading the step back from the file would load a whole checkpoint.
+    """
+    return int(checkpoint._last_global_step_saved)
+
+
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The trainer `module` is attached to, or None (a module built in a notebook, before `fit`). The public
+    property raises instead of answering None."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None

@@ -1,0 +1,68 @@
+"""What `python -m lit_flash fit` adds to every Trainer, for a Trainer built in Python (a notebook, a script).
+
+    trainer = L.Trainer(max_epochs=1, **lit_flash.trainer_kwargs("runs/nb", every_n_train_steps=100))
+    trainer.fit(module, datamodule, ckpt_path=lit_flash.resume_path("runs/nb"))
+
+gives the CLI's guarantees: atomic checkpoint files loaded with `weights_only=True`, every checkpoint kept plus
+`last.ckpt` in `<root>/checkpoints`, exact resume (RNG states, a checkpoint on SIGTERM), the Hugging Face export
+in `<root>/model` at the end of `fit`, CSV and TensorBoard logs in `<root>/logs`, learning rate and throughput.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+from lit_flash.callbacks import HFExport, TokenThroughput
+from lit_flash.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
+from lit_flash.resume import ExactResume
+
+
+def checkpoint_dir(default_root_dir: str | os.PathLike) -> str:
+    """`<root>/checkpoints`, where the CLI's ModelCheckpoint writes (`trainer.default_root_dir` -> dirpath)."""
+    return os.path.join(default_root_dir, "checkpoints")
+
+
+def trainer_callbacks(
+    default_root_dir: str | os.PathLike,
+    every_n_train_steps: int | None = None,
+    export_dirname: str | None = "model",
+    lr_monitor: bool = True,
+) -> list[L.Callback]:
+    """The CLI's callbacks: ModelCheckpoint (every checkpoint kept, `last.ckpt`, every `every_n_train_steps`
+    optimizer steps or else each epoch), the HF export (`export_dirname`; None: none), exact resume, throughput,
+    and the learning-rate monitor (`lr_monitor`; it needs a logger)."""
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir(default_root_dir), save_last=True, save_top_k=-1,
+                                 every_n_train_steps=every_n_train_steps)
+    callbacks: list[L.Callback] = [ExactResume(), checkpoint, HFExport(export_dirname), TokenThroughput()]
+    return callbacks + ([LearningRateMonitor()] if lr_monitor else [])
+
+
+def trainer_plugins() -> list[Any]:
+    """The CLI's checkpoint IO: atomic, fsynced saves; `weights_only=True` loads."""
+    return [AtomicCheckpointIO()]
+
+
+def trainer_kwargs(
+    default_root_dir: str | os.PathLike,
+    every_n_train_steps: int | None = None,
+    export_dirname: str | None = "model",
+) -> dict[str, Any]:
+    """`L.Trainer(**trainer_kwargs(root), ...)`: the run folder, the CLI's loggers, callbacks and plugins."""
+    from lit_flash.cli import default_loggers
+
+    return {
+        "default_root_dir": str(default_root_dir),
+        "logger": default_loggers(default_root_dir),
+        "callbacks": trainer_callbacks(default_root_dir, every_n_train_steps, export_dirname),
+        "plugins": trainer_plugins(),
+    }
+
+
+def resume_path(default_root_dir: str | os.PathLike, ckpt_path: str | None = "auto") -> str | None:
+    """`trainer.fit(..., ckpt_path=resume_path(root))`: the CLI's `--ckpt_path auto` (the run's newest checkpoint,
+    None to start fresh when there is none) or `last` (an error when there is none); a path is returned as it is."""
+    return resolve_ckpt_path(ckpt_path, checkpoint_dir(default_root_dir), "fit")

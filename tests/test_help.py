@@ -1,0 +1,27 @@
+"""`fit --help` and `validate --help`: whole section titles, lit_flash's meaning of `--ckpt_path` and
+`--weights_only`."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lit_flash.cli import GROUP_TITLES, RESUME_TITLE
+
+# Trainer.validate's own title, over `--verbose`: a whole sentence in Lightning's docstring.
+VALIDATE_TITLE = "Perform one evaluation epoch over the validation set"
+
+
+@pytest.mark.parametrize(("subcommand", "method_titles"), [("fit", set()), ("validate", {VALIDATE_TITLE})])
+def test_help_sections_and_resume_options(subcommand: str, method_titles: set[str], run_cli) -> None:
+    code, out, _ = run_cli([subcommand, "--help"])
+    assert code == 0
+    # Section titles are the lines that start at column 0 and end with ':' (argparse's layout).
+    titles = [line[:-1] for line in out.splitlines() if re.match(r"^\S.*:$", line) and not line.startswith("usage")]
+    assert set(titles) == {"options", "Linked arguments", RESUME_TITLE, *GROUP_TITLES.values(), *method_titles}
+    resume = out.split(f"\n{RESUME_TITLE}:\n", 1)[1]
+    ckpt_path = " ".join(resume.split("--weights_only")[0].split())
+    assert "`auto`: the intact checkpoint with the highest step" in ckpt_path and "`last`:" in ckpt_path
+    weights_only = " ".join(resume.split("--weights_only", 1)[1].split())
+    assert "Unset (null) or true" in weights_only and "Defaults to ``None``" not in weights_only
