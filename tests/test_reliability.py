@@ -445,6 +445,31 @@ def test_train_longer_continues_the_learning_rate_schedule_without_a_jump(
     assert after[max(after)] < 0.01 * max(after.values())  # and ends at step 100
 
 
+def test_a_finished_run_trained_longer_runs_its_schedule_again_from_zero(
+    tmp_path: Path, uninterrupted: Path, data_dir: Path
+) -> None:
+    """Issue 16, item 9: "train longer" after a finished run (cosine, ended at a rate of 0) kept the rate at 0, so
+    the extra steps trained nothing. Now the schedule runs once more over the new steps: its warm-up from 0 (no
+    jump), its peak, and its decay to the new end; and the weights move."""
+    root = tmp_path / "finished"
+    shutil.copytree(uninterrupted, root)
+    shutil.rmtree(root / "model")
+    config = _config(tmp_path, root, data_dir, slow=None, trainer={"max_steps": 120})
+    with pytest.warns(UserWarning, match="runs once more over steps 61-120"):
+        cli_main(["fit", "--config", config, "--ckpt_path", "last"])
+    key = "lr-AdamW/pg1"
+    before, after = logged(uninterrupted, key), logged(root, key)
+    peak, first_new = max(before.values()), min(s for s in after if s >= 60)
+    assert after[first_new] <= before[1] + 1e-12  # starts from the bottom, as the first run's warm-up did
+    rates = [after[s] for s in sorted(after) if s >= 60]
+    top = rates.index(max(rates))
+    assert max(rates) == pytest.approx(peak, rel=0.05)  # the same peak
+    assert all(a <= b for a, b in zip(rates[:top], rates[1 : top + 1], strict=True))  # rises, then
+    assert all(a >= b for a, b in zip(rates[top:], rates[top + 1 :], strict=False))  # decays
+    assert rates[-1] < 0.01 * peak  # to the new end
+    assert logged(root)[max(logged(root))] != logged(uninterrupted)[max(logged(uninterrupted))]
+
+
 # ------------------------------------------------------------------------------------- atomic saves
 
 

@@ -579,10 +579,8 @@ class FlashGPT2LM(L.LightningModule):
                 f"the run now plans {int(total)} optimizer steps instead of {stored['end']} (trainer.max_steps, "
                 "max_epochs, the data or the number of devices changed): "
                 + (
-                    f"its learning-rate schedule had already ended at step {at_step}, so the further steps "
-                    "keep its final learning rate (0 for linear and cosine); to train on at a real learning rate, "
-                    "start a new run from the exported weights (--model.model_name_or_path <run>/model) with its "
-                    "own warm-up and schedule"
+                    f"its learning-rate schedule had ended at step {at_step}, so it runs once more over steps "
+                    f"{at_step + 1}-{int(total)}: its warm-up from 0, then its decay (a restart)"
                     if ended
                     else f"the rest of the learning-rate schedule from step {at_step} is stretched to end at step "
                     f"{int(total)}, continuing from the current learning rate without a jump"

@@ -78,10 +78,15 @@ def schedule_step(plan: dict[str, Any], step: float) -> float:
 
 def stretch_lr_plan(plan: dict[str, Any], at_step: int, new_end: int) -> dict[str, Any]:
     """The plan resumed at `at_step` to end at `new_end`: up to `at_step` unchanged (the LR there is the same: no
-    jump); the rest of the schedule, from where it stands, is stretched (or squeezed) to end at `new_end`. A
-    schedule that had already ended stays at its final value."""
+    jump); the rest of the schedule, from where it stands, is stretched (or squeezed) to end at `new_end`.
+
+    A schedule that had already ended (a finished run trained longer) runs once more over the new steps, warm-up
+    included: its final rate is 0 for linear and cosine, and continuing at 0 would train nothing. The warm-up
+    starts from 0, so the rate rises from where a linear or cosine schedule ended, without a jump."""
     here = schedule_step(plan, at_step)
     knots = [k for k in plan["knots"] if k[0] < at_step] + [[at_step, here]]
-    if here < plan["planned_steps"] and new_end > at_step:
+    if new_end > at_step:
+        if here >= plan["planned_steps"]:
+            knots.append([at_step, 0])  # the restart: schedule step 0 right after the resume step
         knots.append([new_end, plan["planned_steps"]])
     return {"planned_steps": plan["planned_steps"], "end": new_end, "knots": knots}
