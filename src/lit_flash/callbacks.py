@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lit_flash.distributed import gather_full_state_dict
 from lit_flash.export import check_export_target
+from lit_flash.limits import PositiveFloat, WindowInt
 
 
 class HFExport(L.Callback):
@@ -85,7 +86,7 @@ class TokenThroughput(ThroughputMonitor):
         peak_tflops: The card's peak for MFU (e.g. 790: bf16 on an H100/H200 as measured). Null: Lightning's table.
     """
 
-    def __init__(self, window_size: int = 2, peak_tflops: float | None = None) -> None:
+    def __init__(self, window_size: WindowInt = 2, peak_tflops: PositiveFloat | None = None) -> None:
         super().__init__(batch_size_fn=_batch_rows, length_fn=_batch_tokens, window_size=window_size)
         self.peak_tflops = peak_tflops
         self._pending_flops: dict[Any, float] = {}

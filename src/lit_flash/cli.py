@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -89,10 +90,22 @@ class OneLineErrorParser(LightningArgumentParser):
 
 
 def one_line_parser_error(message: str) -> str:
-    """jsonargparse's message, first line (the key) plus what was expected and given, e.g.
-    `Parser key "model.attn_implementation": Expected a typing.Literal['flash_attention_2', ...]. Got value: x`."""
+    """jsonargparse's message as one line: the key, then what was wrong with its value. A range type's reason
+    (`model.learning_rate: must be a finite number > 0, got '-1'`) is used as it is; a Union's many lines (one per
+    member type, `null` included) shrink to the reasons of its non-null members and the given value."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    details = [line for line in lines[1:] if line.startswith(("Expected", "Given value:", "Does not validate"))]
+    if not lines:
+        return "invalid arguments"
+    key = re.match(r'Parser key "([^"]+)"', lines[0])
+    # "Not of type X: reason" (a registered type's own reason); a union lists them as "- Not of type X: reason".
+    reasons = [m.group(1) for line in lines[1:] if (m := re.match(r"-?\s*Not of type \S+: (.*)", line))]
+    if key and reasons:
+        return f"{key.group(1)}: {'; or '.join(dict.fromkeys(reasons))}"
+    details = [line for line in lines[1:] if line.startswith(("Expected", "Given value:"))]
+    if key and any(line.startswith("Does not validate") for line in lines[1:]):
+        members = [line[2:] for line in lines[1:] if line.startswith("- ") and "NoneType" not in line]
+        return " ".join([f"{key.group(1)}:", *members[:2], *details[-1:]])
+    details += [line for line in lines[1:] if line.startswith("Does not validate")]
     details += [line for line in lines[1:] if "not expected" in line or "No action" in line][:1]
     return " ".join(lines[:1] + details) if details else " ".join(lines[:2])
 

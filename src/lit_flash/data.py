@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from lit_flash.distributed import shard_sampler
 from lit_flash.errors import LitFlashError
+from lit_flash.limits import NonNegativeInt, PositiveInt, SeedInt
 from lit_flash.resume import ResumableDataLoader, ResumableSampler
 
 IGNORE_INDEX = -100  # labels the loss skips (transformers' convention)
@@ -304,10 +305,10 @@ def prepare_dataset(
     dataset_config_name: str | None = "wikitext-2-raw-v1",
     text_files: dict[str, str | list[str]] | None = None,
     tokenizer_name: str = "openai-community/gpt2",
-    block_size: int = 1024,
+    block_size: PositiveInt = 1024,
     splits: list[str] | None = None,
     text_column: str = "text",
-    num_proc: int | None = None,
+    num_proc: PositiveInt | None = None,
 ) -> None:
     """Tokenize raw text into blocks and `save_to_disk` them, as the reference's `prepare_save_dataset.py` does.
 
@@ -385,18 +386,18 @@ class WikitextDataModule(L.LightningDataModule):
         text_files: dict[str, str | list[str]] | None = None,
         tokenized_dataset_load_dir: str | None = None,
         tokenizer_name: str | None = "openai-community/gpt2",
-        train_tokenizer_vocab_size: int | None = None,
-        block_size: int = 1024,
-        batch_size: int = 8,
-        eval_batch_size: int = 8,
-        num_workers: int = 0,
+        train_tokenizer_vocab_size: PositiveInt | None = None,
+        block_size: PositiveInt = 1024,
+        batch_size: PositiveInt = 8,
+        eval_batch_size: PositiveInt = 8,
+        num_workers: NonNegativeInt = 0,
         pin_memory: bool = True,
-        max_train_samples: int | None = None,
-        max_eval_samples: int | None = None,
+        max_train_samples: PositiveInt | None = None,
+        max_eval_samples: PositiveInt | None = None,
         cache_dir: str | None = None,
         text_column: str = "text",
-        num_proc: int | None = None,
-        seed: int = 42,
+        num_proc: PositiveInt | None = None,
+        seed: SeedInt = 42,
         streaming: bool = False,
         pad_last_batch: bool = False,
     ) -> None:

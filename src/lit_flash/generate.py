@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 
 from lit_flash.errors import LitFlashError
+from lit_flash.limits import NonNegativeFloat, OpenUnitFloat, PositiveInt, SeedInt
 from lit_flash.model import (
     AttnImplementation,
     flash_attention_unavailable_reason,
@@ -192,12 +193,12 @@ def generate_main(
     prompts: list[str] | None = None,
     prompts_file: str | None = None,
     input_str: str | None = None,
-    max_new_tokens: int = 100,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    batch_size: int = 8,
+    max_new_tokens: PositiveInt = 100,
+    temperature: NonNegativeFloat = 1.0,
+    top_k: PositiveInt | None = None,
+    top_p: OpenUnitFloat | None = None,
+    seed: SeedInt | None = None,
+    batch_size: PositiveInt = 8,
     output: str | None = None,
     device: str | None = None,
     attn_implementation: AttnImplementation | None = None,

@@ -22,6 +22,7 @@ from lit_flash.checkpointing import check_state_dict_fits
 from lit_flash.data import IGNORE_INDEX, perplexity
 from lit_flash.errors import LitFlashError, NonFiniteLossError
 from lit_flash.export import write_export
+from lit_flash.limits import DropoutFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lit_flash.optim import planned_optimizer_steps, weight_decay_groups
 
 AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
@@ -221,18 +222,18 @@ class FlashGPT2LM(L.LightningModule):
         attn_implementation: AttnImplementation = "flash_attention_2",
         attn_fallback: bool = True,
         sdpa_backends: list[SDPABackend] | None = None,
-        learning_rate: float = 5e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        warmup_steps: int = 0,
+        learning_rate: PositiveFloat = 5e-5,
+        weight_decay: NonNegativeFloat = 0.0,
+        betas: tuple[DropoutFloat, DropoutFloat] = (0.9, 0.999),
+        eps: NonNegativeFloat = 1e-8,
+        warmup_steps: NonNegativeInt = 0,
         lr_scheduler: LRSchedule = "linear",
-        dropout: float | None = None,
+        dropout: DropoutFloat | None = None,
         trust_remote_code: bool = False,
         compile: bool = False,
         compile_mode: CompileMode = "default",
         fused_cross_entropy: bool = False,
-        pad_vocab_to_multiple_of: int | None = None,
+        pad_vocab_to_multiple_of: PositiveInt | None = None,
         fused_adamw: bool | None = None,
         low_precision_residual: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
