@@ -15,14 +15,15 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from lit_flash.callbacks import HFExport, TokenThroughput
 from lit_flash.checkpointing import LOAD_ERRORS, AtomicCheckpointIO, load_error, resolve_ckpt_path
 from lit_flash.data import WikitextDataModule
 from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
-from lit_flash.model import FlashGPT2LM
+from lit_flash.limits import check_lightning_values
+from lit_flash.model import FlashGPT2LM, check_model_config
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
 from lit_flash.resume import ExactResume, last_checkpoint_path
 
@@ -132,6 +133,21 @@ class LitFlashCLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
+
+    def before_instantiate_classes(self) -> None:
+        # Lightning's Trainer and ModelCheckpoint values are Unions it checks (or not) deep inside: refuse an
+        # out-of-range one here, naming its key, before anything is built or written.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_lightning_values(config)
+        check_model_config(config["model"]["model_config"])
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except MisconfigurationException as err:
+            # A Trainer/callback combination Lightning refuses that the checks above do not know: still one line.
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LitFlashError(f"a trainer/checkpoint setting Lightning refuses: {first}") from err
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}

@@ -103,7 +103,7 @@ def _int_at_least(low: int) -> Callable[[Any], str | None]:
 def _clip_value(value: Any) -> str | None:
     # A negative clip value scales gradients by a negative factor: training silently runs uphill.
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-    return None if ok else "must be a finite number >= 0, or null for no clipping"
+    return None if ok else "must be a finite number >= 0"
 
 
 def _int_or_fraction(value: Any) -> str | None:
