@@ -101,6 +101,10 @@ def one_line_parser_error(message: str) -> str:
     # "Not of type X: reason" (a registered type's own reason); a union lists them as "- Not of type X: reason".
     reasons = [m.group(1) for line in lines[1:] if (m := re.match(r"-?\s*Not of type \S+: (.*)", line))]
     if key and reasons:
+        # A range type says "must be <range>, got <value>": as lit_flash's other lines, "key=value: must be ...".
+        got = re.match(r"(must be .*), got (.*)$", reasons[0])
+        if got:
+            return f"{key.group(1)}={got.group(2).strip(chr(39))}: {got.group(1)}"
         return f"{key.group(1)}: {'; or '.join(dict.fromkeys(reasons))}"
     details = [line for line in lines[1:] if line.startswith(("Expected", "Given value:"))]
     if key and any(line.startswith("Does not validate") for line in lines[1:]):
@@ -169,11 +173,21 @@ class LitFlashCLI(LightningCLI):
         return self._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads a given checkpoint file's hyperparameters here, with a bare torch.load.
+        # LightningCLI reads a given checkpoint file's hyperparameters here, with a bare torch.load, and lets them
+        # replace the user's model.* values. The user's own values are checked first (a bad one must not pass just
+        # because the checkpoint's replaces it), and each one replaced is said.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return super()._parse_ckpt_path()
+        user_model = self.config[subcommand]["model"].clone()
+        check_model_config(user_model.get("model_config"), from_scratch=user_model.get("model_name_or_path") is None)
+        check_is_lightning_checkpoint(ckpt_path)
         try:
             super()._parse_ckpt_path()
         except LOAD_ERRORS as err:
-            raise load_error(self.config[self.config.subcommand].get("ckpt_path"), err) from err
+            raise load_error(ckpt_path, err) from err
+        warn_replaced_model_values(user_model, self.config[subcommand]["model"], ckpt_path)
 
     def _resolve_ckpt_path(self) -> None:
         """`ckpt_path: auto` -> `last.ckpt` of this run's folder if there is one; never a fresh `fit` over old ones."""
@@ -197,6 +211,107 @@ class LitFlashCLI(LightningCLI):
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath:
             if checkpoint._last_global_step_saved != trainer.global_step:
                 trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"))
+
+
+def check_is_lightning_checkpoint(path: str | os.PathLike) -> None:
+    """Refuse a file that is not a Lightning checkpoint before Lightning reads it (a KeyError deep in its restore):
+    a safetensors file, a plain zip or pickle, text, or a torch file without Lightning's keys."""
+    import zipfile
+
+    import torch
+
+    kind = sniff_file_kind(path)
+    if kind is not None:
+        raise LitFlashError(
+            f"ckpt_path={path} is {kind}, not a Lightning checkpoint: give a .ckpt file lit_flash wrote "
+            "(e.g. <run>/checkpoints/last.ckpt); to start from Hugging Face weights use --model.model_name_or_path"
+        )
+    try:
+        # mmap: only the small dictionary is read, not the tensors (LightningCLI loads the file again anyway).
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except LOAD_ERRORS as err:
+        raise load_error(path, err) from err
+    keys = checkpoint if isinstance(checkpoint, dict) else {}
+    missing = [k for k in ("state_dict", "pytorch-lightning_version") if k not in keys]
+    if missing:
+        raise LitFlashError(
+            f"ckpt_path={path} is a torch file without Lightning's {missing}, not a Lightning checkpoint: "
+            "give a .ckpt file lit_flash wrote (e.g. <run>/checkpoints/last.ckpt)"
+        )
+
+
+def sniff_file_kind(path: str | os.PathLike) -> str | None:
+    """What a checkpoint-to-be is by its first bytes, when that is surely not a torch checkpoint; None otherwise."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "a safetensors file"  # an 8-byte header length, then the JSON header
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return None  # a damaged torch file: load_error says truncated or corrupted
+        # torch's zip checkpoints hold <name>/data.pkl; any other zip is some other archive
+        return None if any(n.endswith("data.pkl") for n in names) else "a zip archive"
+    if head.startswith((b"{", b"[")) or (head and all(32 <= b < 127 or b in b"\t\r\n" for b in head)):
+        return "a text file"
+    return None
+
+
+def warn_replaced_model_values(user: Any, used: Any, ckpt_path: str | os.PathLike) -> None:
+    """Say which model.* values the checkpoint's hyperparameters replaced (LightningCLI does it silently)."""
+    user_flat, used_flat = _flatten(user), _flatten(used)
+    for key, value in user_flat.items():
+        if key in used_flat and used_flat[key] != value:
+            sys.stderr.write(
+                f"lit_flash: model.{key}={value!r} is ignored: --ckpt_path {ckpt_path} was saved with "
+                f"model.{key}={used_flat[key]!r}, which is used\n"
+            )
+
+
+def _flatten(namespace: Any) -> dict[str, Any]:
+    as_dict = namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace or {})
+    flat: dict[str, Any] = {}
+    for key, value in as_dict.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in _flatten(value).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def check_config_files(args: list[str]) -> None:
+    """Each `--config FILE`: UTF-8 text holding a YAML mapping. jsonargparse would raise a UnicodeDecodeError
+    traceback for other bytes, and call an empty file or a list "Unexpected config"."""
+    import yaml
+
+    paths = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in paths:
+        if not os.path.isfile(path):
+            continue  # jsonargparse names a missing one
+        raw = Path(path).read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise LitFlashError(
+                f"--config {path}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}): "
+                "save it as UTF-8 (a YAML file)"
+            ) from None
+        try:
+            content = yaml.safe_load(text)
+        except yaml.YAMLError:
+            continue  # jsonargparse names the syntax error
+        if content is None:
+            raise LitFlashError(f"--config {path} is empty: give a YAML file with trainer:, model:, data: ... keys")
+        if not isinstance(content, dict):
+            raise LitFlashError(
+                f"--config {path}: holds a {type(content).__name__}, not a mapping: give a YAML file with "
+                "trainer:, model:, data: ... keys"
+            )
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -247,6 +362,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
             if not any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in args):
                 print(f"lit_flash: no --config given, running the offline demo ({config_path(DEFAULT_CONFIG)})")
             args[1:1] = ["--config", str(config_path(DEFAULT_CONFIG))]
+        check_config_files(args)
         return LitFlashCLI(
             FlashGPT2LM,
             WikitextDataModule,
