@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -22,7 +23,7 @@ from lit_flash.checkpointing import LOAD_ERRORS, AtomicCheckpointIO, load_error,
 from lit_flash.data import WikitextDataModule
 from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
-from lit_flash.limits import check_lightning_values
+from lit_flash.limits import RANGE_TYPES, check_lightning_values
 from lit_flash.model import FlashGPT2LM, check_model_config
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
 from lit_flash.resume import ExactResume, last_checkpoint_path
@@ -72,7 +73,7 @@ def _checkpoint_dir(root: str | None) -> str:
     return os.path.join(root or os.getcwd(), "checkpoints")
 
 
-class OneLineErrorParser(LightningArgumentParser):
+class _OneLineErrors:
     """Config mistakes (a typo'd key, a wrong type) as one line, not the whole usage text.
 
     Abbreviated options are off: `--trainer.max_step 3` would otherwise silently set `max_steps`, and a typo such
@@ -83,11 +84,19 @@ class OneLineErrorParser(LightningArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def error(self, message: str, *args: Any, **kwargs: Any) -> None:
         if os.environ.get("JSONARGPARSE_DEBUG"):
-            return super().error(message, *args, **kwargs)
+            return super().error(message, *args, **kwargs)  # type: ignore[misc]
         sys.stderr.write(f"error: {one_line_parser_error(message)}  (see --help)\n")
         raise SystemExit(2)
+
+
+class OneLineErrorParser(_OneLineErrors, LightningArgumentParser):
+    """The Trainer subcommands' parser."""
+
+
+class OneLineToolParser(_OneLineErrors, ArgumentParser):
+    """The parser of `prepare`, `generate` and `plot` (plain functions, not LightningCLI)."""
 
 
 def one_line_parser_error(message: str) -> str:
@@ -100,6 +109,13 @@ def one_line_parser_error(message: str) -> str:
     key = re.match(r'Parser key "([^"]+)"', lines[0])
     # "Not of type X: reason" (a registered type's own reason); a union lists them as "- Not of type X: reason".
     reasons = [m.group(1) for line in lines[1:] if (m := re.match(r"-?\s*Not of type \S+: (.*)", line))]
+    types = [m.group(1) for line in lines[1:] if (m := re.match(r"-?\s*Not of type (\S+):", line))]
+    given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
+    if key and types and types[0] in RANGE_TYPES and given is not None:
+        # A Union's member errors are rewritten by jsonargparse (it blanks the value inside them): say the range
+        # from the type itself.
+        nullable = any("NoneType" in line for line in lines[1:])
+        return f"{key.group(1)}={given}: must be {RANGE_TYPES[types[0]].__doc__}{', or null' if nullable else ''}"
     if key and reasons:
         # A range type says "must be <range>, got <value>": as lit_flash's other lines, "key=value: must be ...".
         got = re.match(r"(must be .*), got (.*)$", reasons[0])
@@ -353,7 +369,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
 
                 args = args[:1] + expand_prompts_flag(args[1:])
             function = getattr(importlib.import_module(module), name)
-            CLI(function, args=args[1:], as_positional=args[0] == "plot")
+            CLI(function, args=args[1:], as_positional=args[0] == "plot", parser_class=OneLineToolParser)
             return None
         if args and args[0] == "predict":
             raise LitFlashError("to generate text: python -m lit_flash generate --model_name_or_path <run>/model ...")

@@ -77,7 +77,11 @@ def number_type(
 
     kind = type(name, (base,), {"__doc__": wanted, "check": staticmethod(parse)})
     register_type(kind, serializer=base, deserializer=parse)
+    RANGE_TYPES[name] = kind
     return kind
+
+
+RANGE_TYPES: dict[str, type] = {}  # name -> range type: the parser's one-line error looks the range up by name
 
 
 PositiveInt = number_type("PositiveInt", int, low=1)
