@@ -319,8 +319,11 @@ def check_config_files(args: list[str]) -> None:
             ) from None
         try:
             content = yaml.safe_load(text)
-        except yaml.YAMLError:
-            continue  # jsonargparse names the syntax error
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise LitFlashError(f"--config {path}: not valid YAML{where} ({problem}): fix the file") from None
         if content is None:
             raise LitFlashError(f"--config {path} is empty: give a YAML file with trainer:, model:, data: ... keys")
         if not isinstance(content, dict):

@@ -99,6 +99,10 @@ def check_text_file(path: str | os.PathLike, flag: str) -> None:
     size = os.path.getsize(path)
     if size == 0:
         raise LitFlashError(f"{flag}: {path} is empty: give a file with text in it")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # also UTF-32's: their BOMs begin alike
+        raise LitFlashError(f"{flag}: {path} is UTF-16/32 text: convert it to UTF-8, e.g. iconv -f utf-16 -t utf-8")
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with open(path, "rb") as f:
