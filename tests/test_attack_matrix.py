@@ -199,6 +199,10 @@ def test_fit_values_out_of_range(user: dict[str, Path], data: st.DataObject) -> 
         ("model.betas", "[1.5, 0.9]"),
         ("model.betas", "[0.9, -0.1]"),
         ("model.betas", "[0.9, nan]"),
+        ("seed_everything", "-1"),
+        ("seed_everything", str(2**32)),
+        ("seed_everything", "abc"),
+        ("trainer.strategy", "no_such_strategy"),
     ],
 )
 def test_trainer_union_values_out_of_range(user: dict[str, Path], key: str, value: str) -> None:
@@ -250,6 +254,7 @@ def test_model_sizes_that_cannot_be_built(user: dict[str, Path], key: str, value
         ("--model.model_config.model_type=not_a_model", "model_type"),
         ("--model.model_config=7", "model.model_config"),
         ("--model.model_config.n_positions=8", "data.block_size"),  # the context is shorter than a row
+        ("--model.model_name_or_path=/no/such/model", "model.model_name_or_path"),
     ],
 )
 def test_model_config_values(user: dict[str, Path], setting: str, name: str) -> None:

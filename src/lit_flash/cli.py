@@ -145,6 +145,11 @@ class LitFlashCLI(LightningCLI):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             super().parse_arguments(parser, args)
+        # Lightning's Trainer and ModelCheckpoint values (and seed_everything, which LightningCLI applies right after
+        # parsing) are Unions it checks (or not) deep inside: refuse an out-of-range one here, naming its key,
+        # before anything is seeded, built or written.
+        subcommand = self.config.get("subcommand")
+        check_lightning_values(self.config[subcommand] if subcommand else self.config)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -155,11 +160,9 @@ class LitFlashCLI(LightningCLI):
         parser.add_lightning_class_args(TokenThroughput, "throughput")
 
     def before_instantiate_classes(self) -> None:
-        # Lightning's Trainer and ModelCheckpoint values are Unions it checks (or not) deep inside: refuse an
-        # out-of-range one here, naming its key, before anything is built or written.
+        # The model's shape, checked before it is built (transformers would raise deep inside its __init__).
         config = self.config[self.subcommand] if self.subcommand else self.config
-        check_lightning_values(config)
-        check_model_config(config["model"]["model_config"])
+        check_model_config(config["model"]["model_config"], from_scratch=config["model"]["model_name_or_path"] is None)
 
     def instantiate_classes(self) -> None:
         try:
@@ -186,7 +189,15 @@ class LitFlashCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         if config["logger"] is False:  # nothing to log the learning rate to: Lightning would refuse to start
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-        return self._instantiate_trainer(config, callbacks)
+        try:
+            return self._instantiate_trainer(config, callbacks)
+        except LitFlashError:
+            raise
+        except (MisconfigurationException, ValueError, ImportError) as err:
+            # Lightning refuses a trainer setting lit_flash does not check itself (an unknown strategy name, an
+            # accelerator whose package is missing): its own reason, on one line, instead of a traceback.
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LitFlashError(f"a trainer.* setting Lightning refuses: {first}") from err
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads a given checkpoint file's hyperparameters here, with a bare torch.load, and lets them

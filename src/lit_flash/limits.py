@@ -160,7 +160,16 @@ def _optional(check: Callable[[Any], str | None], null_means: str) -> Callable[[
     return optional_check
 
 
+def _seed(value: Any) -> str | None:
+    # true: a random seed (LightningCLI's own); an int goes to numpy, which takes 0 .. 2**32-1 only.
+    if isinstance(value, bool) or value is None:
+        return None
+    ok = isinstance(value, int) and 0 <= value <= 2**32 - 1
+    return None if ok else "must be an integer in [0, 4294967295], or true for a random seed"
+
+
 LIGHTNING_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "seed_everything": _seed,
     "trainer.max_steps": _int_at_least(-1),
     "trainer.min_steps": _optional(_int_at_least(0), "no minimum"),
     "trainer.max_epochs": _optional(_int_at_least(-1), "Lightning's default"),

@@ -394,6 +394,9 @@ class FlashGPT2LM(L.LightningModule):
                 raise LitFlashError(f"{flag}: {unknown} is not a setting of {model_type} models")
             config = AutoConfig.for_model(model_type, **as_declared_types(overrides, defaults))
             return AutoModelForCausalLM.from_config(config, **common)
+        from lit_flash.generate import check_model_source
+
+        check_model_source(h.model_name_or_path, "model.model_name_or_path")
         try:
             # fp32 master weights: Lightning's 16-mixed autocasts; fp16 weights would break its GradScaler.
             model = AutoModelForCausalLM.from_pretrained(
