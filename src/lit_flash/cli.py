@@ -197,7 +197,10 @@ class LitFlashCLI(LightningCLI):
             # Lightning refuses a trainer setting lit_flash does not check itself (an unknown strategy name, an
             # accelerator whose package is missing): its own reason, on one line, instead of a traceback.
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise LitFlashError(f"a trainer.* setting Lightning refuses: {first}") from err
+            named = [k for k in ("strategy", "accelerator", "devices", "precision", "plugins", "num_nodes")
+                     if re.search(rf"\b{k}\b", first) and config.get(k) is not None]
+            where = f"trainer.{named[0]}={config[named[0]]!r}" if named else "a trainer.* setting"
+            raise LitFlashError(f"{where}: Lightning refuses it ({first[:200]})") from err
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads a given checkpoint file's hyperparameters here, with a bare torch.load, and lets them
