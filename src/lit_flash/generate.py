@@ -174,13 +174,14 @@ def check_model_source(source: str, flag: str, needs_config: bool = True) -> Non
     local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
     if not local:
         return  # a hub id
+    given = f"{flag} {source}" if flag.startswith("--") else f"{flag}={source}"  # a tool's flag, or a config key
     if not path.exists():
-        raise LitFlashError(f"{flag} {source}: no such folder (give a run's exported model folder, <run>/model)")
+        raise LitFlashError(f"{given}: no such folder (give a run's exported model folder, <run>/model)")
     if not path.is_dir():
-        raise LitFlashError(f"{flag} {source} is a file: give the folder holding it (a run's <run>/model)")
+        raise LitFlashError(f"{given} is a file: give the folder holding it (a run's <run>/model)")
     if needs_config and not (path / "config.json").is_file():
         raise LitFlashError(
-            f"{flag} {source} holds no config.json, so it is not a saved model: give a run's exported model folder "
+            f"{given} holds no config.json, so it is not a saved model: give a run's exported model folder "
             "(<run>/model)"
         )
 
