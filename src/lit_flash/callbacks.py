@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lit_flash.distributed import gather_full_state_dict
 from lit_flash.export import check_export_target
 from lit_flash.lightning_adapters import is_log_step, steps_optimizer
+from lit_flash.limits import PositiveFloat, WindowInt
 
 
 class HFExport(L.Callback):
@@ -108,7 +109,7 @@ class TokenThroughput(L.Callback):
         peak_tflops: The card's peak for MFU (e.g. the bf16 peak of your GPU). Null: Lightning's table.
     """
 
-    def __init__(self, window_size: int = 2, peak_tflops: float | None = None) -> None:
+    def __init__(self, window_size: WindowInt = 2, peak_tflops: PositiveFloat | None = None) -> None:
         self.window_size = window_size
         self.peak_tflops = peak_tflops
         self._stages: dict[RunningStage, _StageCount] = {}

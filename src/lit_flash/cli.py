@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -16,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from lit_flash import interrupt
 from lit_flash.callbacks import HFExport, TokenThroughput
@@ -25,8 +27,9 @@ from lit_flash.data import WikitextDataModule
 from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
 from lit_flash.lightning_adapters import last_saved_step
+from lit_flash.limits import RANGE_TYPES, check_lightning_values
 from lit_flash.lock import acquire_run_lock, release_all
-from lit_flash.model import FlashGPT2LM
+from lit_flash.model import FlashGPT2LM, check_model_config
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
 from lit_flash.resume import ExactResume, last_checkpoint_path
 
@@ -102,7 +105,7 @@ WEIGHTS_ONLY_HELP = (
 )
 
 
-class OneLineErrorParser(LightningArgumentParser):
+class _OneLineErrors:
     """Config mistakes (a typo'd key, a wrong type) as one line, not the whole usage text.
 
     Abbreviated options are off: `--trainer.max_step 3` would otherwise silently set `max_steps`, and a typo such
@@ -112,6 +115,16 @@ class OneLineErrorParser(LightningArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str, *args: Any, **kwargs: Any) -> None:
+        if os.environ.get("JSONARGPARSE_DEBUG"):
+            return super().error(message, *args, **kwargs)  # type: ignore[misc]
+        sys.stderr.write(f"error: {one_line_parser_error(message)}  (see --help)\n")
+        raise SystemExit(2)
+
+
+class OneLineErrorParser(_OneLineErrors, LightningArgumentParser):
+    """The Trainer subcommands' parser."""
 
     def add_method_arguments(self, class_type: type, method_name: str, *args: Any, **kwargs: Any) -> list[str]:
         """The trainer subcommands' `--ckpt_path` and `--weights_only`, with lit_flash's meaning of their values
@@ -130,18 +143,39 @@ class OneLineErrorParser(LightningArgumentParser):
             group.add_argument("--weights_only", type=bool | None, default=None, help=ours["weights_only"])
         return added + list(ours)
 
-    def error(self, message: str, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        if os.environ.get("JSONARGPARSE_DEBUG"):
-            return super().error(message, *args, **kwargs)
-        sys.stderr.write(f"error: {one_line_parser_error(message)}  (see --help)\n")
-        raise SystemExit(2)
+
+class OneLineToolParser(_OneLineErrors, ArgumentParser):
+    """The parser of `prepare`, `generate` and `plot` (plain functions, not LightningCLI)."""
 
 
 def one_line_parser_error(message: str) -> str:
-    """jsonargparse's message, first line (the key) plus what was expected and given, e.g.
-    `Parser key "model.attn_implementation": Expected a typing.Literal['flash_attention_2', ...]. Got value: x`."""
+    """jsonargparse's message as one line: the key, then what was wrong with its value. A range type's reason
+    (`model.learning_rate: must be a finite number > 0, got '-1'`) is used as it is; a Union's many lines (one per
+    member type, `null` included) shrink to the reasons of its non-null members and the given value."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    details = [line for line in lines[1:] if line.startswith(("Expected", "Given value:", "Does not validate"))]
+    if not lines:
+        return "invalid arguments"
+    key = re.match(r'Parser key "([^"]+)"', lines[0])
+    # "Not of type X: reason" (a registered type's own reason); a union lists them as "- Not of type X: reason".
+    reasons = [m.group(1) for line in lines[1:] if (m := re.match(r"-?\s*Not of type \S+: (.*)", line))]
+    types = [m.group(1) for line in lines[1:] if (m := re.match(r"-?\s*Not of type (\S+):", line))]
+    given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
+    if key and types and types[0] in RANGE_TYPES and given is not None:
+        # A Union's member errors are rewritten by jsonargparse (it blanks the value inside them): say the range
+        # from the type itself.
+        nullable = any("NoneType" in line for line in lines[1:])
+        return f"{key.group(1)}={given}: must be {RANGE_TYPES[types[0]].__doc__}{', or null' if nullable else ''}"
+    if key and reasons:
+        # A range type says "must be <range>, got <value>": as lit_flash's other lines, "key=value: must be ...".
+        got = re.match(r"(must be .*), got (.*)$", reasons[0])
+        if got:
+            return f"{key.group(1)}={got.group(2).strip(chr(39))}: {got.group(1)}"
+        return f"{key.group(1)}: {'; or '.join(dict.fromkeys(reasons))}"
+    details = [line for line in lines[1:] if line.startswith(("Expected", "Given value:"))]
+    if key and any(line.startswith("Does not validate") for line in lines[1:]):
+        members = [line[2:] for line in lines[1:] if line.startswith("- ") and "NoneType" not in line]
+        return " ".join([f"{key.group(1)}:", *members[:2], *details[-1:]])
+    details += [line for line in lines[1:] if line.startswith("Does not validate")]
     details += [line for line in lines[1:] if "not expected" in line or "No action" in line][:1]
     return " ".join(lines[:1] + details) if details else " ".join(lines[:2])
 
@@ -160,6 +194,11 @@ class LitFlashCLI(LightningCLI):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             super().parse_arguments(parser, args)
+        # Lightning's Trainer and ModelCheckpoint values (and seed_everything, which LightningCLI applies right after
+        # parsing) are Unions it checks (or not) deep inside: refuse an out-of-range one here, naming its key,
+        # before anything is seeded, built or written.
+        subcommand = self.config.get("subcommand")
+        check_lightning_values(self.config[subcommand] if subcommand else self.config)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -178,6 +217,19 @@ class LitFlashCLI(LightningCLI):
             if key in parser.groups:
                 parser.groups[key].title = title
 
+    def before_instantiate_classes(self) -> None:
+        # The model's shape, checked before it is built (transformers would raise deep inside its __init__).
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_model_config(config["model"]["model_config"], from_scratch=config["model"]["model_name_or_path"] is None)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except MisconfigurationException as err:
+            # A Trainer/callback combination Lightning refuses that the checks above do not know: still one line.
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LitFlashError(f"a trainer/checkpoint setting Lightning refuses: {first}") from err
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         device_type = trainer_device_type(config.get("accelerator"))
@@ -195,14 +247,35 @@ class LitFlashCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         if config["logger"] is False:  # nothing to log the learning rate to: Lightning would refuse to start
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-        return self._instantiate_trainer(config, callbacks)
+        try:
+            return self._instantiate_trainer(config, callbacks)
+        except LitFlashError:
+            raise
+        except (MisconfigurationException, ValueError, ImportError) as err:
+            # Lightning refuses a trainer setting lit_flash does not check itself (an unknown strategy name, an
+            # accelerator whose package is missing): its own reason, on one line, instead of a traceback.
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            named = [k for k in ("strategy", "accelerator", "devices", "precision", "plugins", "num_nodes")
+                     if re.search(rf"\b{k}\b", first) and config.get(k) is not None]
+            where = f"trainer.{named[0]}={config[named[0]]!r}" if named else "a trainer.* setting"
+            raise LitFlashError(f"{where}: Lightning refuses it ({first[:200]})") from err
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads a given checkpoint file's hyperparameters here, with a bare torch.load.
+        # LightningCLI reads a given checkpoint file's hyperparameters here, with a bare torch.load, and lets them
+        # replace the user's model.* values. The user's own values are checked first (a bad one must not pass just
+        # because the checkpoint's replaces it), and each one replaced is said.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return super()._parse_ckpt_path()
+        user_model = self.config[subcommand]["model"].clone()
+        check_model_config(user_model.get("model_config"), from_scratch=user_model.get("model_name_or_path") is None)
+        check_is_lightning_checkpoint(ckpt_path)
         try:
             super()._parse_ckpt_path()
         except LOAD_ERRORS as err:
-            raise load_error(self.config[self.config.subcommand].get("ckpt_path"), err) from err
+            raise load_error(ckpt_path, err) from err
+        warn_replaced_model_values(user_model, self.config[subcommand]["model"], ckpt_path)
 
     def _resolve_ckpt_path(self) -> None:
         """`ckpt_path: auto` -> `last.ckpt` of this run's folder if there is one; never a fresh `fit` over old ones."""
@@ -236,6 +309,108 @@ class LitFlashCLI(LightningCLI):
                 trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"))
 
 
+def check_is_lightning_checkpoint(path: str | os.PathLike) -> None:
+    """Refuse a file that is not a Lightning checkpoint before Lightning reads it (a KeyError deep in its restore):
+    a safetensors file, a plain zip or pickle, text, or a torch file without Lightning's keys."""
+    import zipfile
+
+    import torch
+
+    kind = sniff_file_kind(path)
+    if kind is not None:
+        raise LitFlashError(
+            f"ckpt_path={path} is {kind}, not a Lightning checkpoint: give a .ckpt file lit_flash wrote "
+            "(e.g. <run>/checkpoints/last.ckpt); to start from Hugging Face weights use --model.model_name_or_path"
+        )
+    try:
+        # mmap: only the small dictionary is read, not the tensors (LightningCLI loads the file again anyway).
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except LOAD_ERRORS as err:
+        raise load_error(path, err) from err
+    keys = checkpoint if isinstance(checkpoint, dict) else {}
+    missing = [k for k in ("state_dict", "pytorch-lightning_version") if k not in keys]
+    if missing:
+        raise LitFlashError(
+            f"ckpt_path={path} is a torch file without Lightning's {missing}, not a Lightning checkpoint: "
+            "give a .ckpt file lit_flash wrote (e.g. <run>/checkpoints/last.ckpt)"
+        )
+
+
+def sniff_file_kind(path: str | os.PathLike) -> str | None:
+    """What a checkpoint-to-be is by its first bytes, when that is surely not a torch checkpoint; None otherwise."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "a safetensors file"  # an 8-byte header length, then the JSON header
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return None  # a damaged torch file: load_error says truncated or corrupted
+        # torch's zip checkpoints hold <name>/data.pkl; any other zip is some other archive
+        return None if any(n.endswith("data.pkl") for n in names) else "a zip archive"
+    if head.startswith((b"{", b"[")) or (head and all(32 <= b < 127 or b in b"\t\r\n" for b in head)):
+        return "a text file"
+    return None
+
+
+def warn_replaced_model_values(user: Any, used: Any, ckpt_path: str | os.PathLike) -> None:
+    """Say which model.* values the checkpoint's hyperparameters replaced (LightningCLI does it silently)."""
+    user_flat, used_flat = _flatten(user), _flatten(used)
+    for key, value in user_flat.items():
+        if key in used_flat and used_flat[key] != value:
+            sys.stderr.write(
+                f"lit_flash: model.{key}={value!r} is ignored: --ckpt_path {ckpt_path} was saved with "
+                f"model.{key}={used_flat[key]!r}, which is used\n"
+            )
+
+
+def _flatten(namespace: Any) -> dict[str, Any]:
+    as_dict = namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace or {})
+    flat: dict[str, Any] = {}
+    for key, value in as_dict.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in _flatten(value).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def check_config_files(args: list[str]) -> None:
+    """Each `--config FILE`: UTF-8 text holding a YAML mapping. jsonargparse would raise a UnicodeDecodeError
+    traceback for other bytes, and call an empty file or a list "Unexpected config"."""
+    import yaml
+
+    paths = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in paths:
+        if not os.path.isfile(path):
+            continue  # jsonargparse names a missing one
+        raw = Path(path).read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise LitFlashError(
+                f"--config {path}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}): "
+                "save it as UTF-8 (a YAML file)"
+            ) from None
+        try:
+            content = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise LitFlashError(f"--config {path}: not valid YAML{where} ({problem}): fix the file") from None
+        if content is None:
+            raise LitFlashError(f"--config {path} is empty: give a YAML file with trainer:, model:, data: ... keys")
+        if not isinstance(content, dict):
+            raise LitFlashError(
+                f"--config {path}: holds a {type(content).__name__}, not a mapping: give a YAML file with "
+                "trainer:, model:, data: ... keys"
+            )
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -277,7 +452,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
 
                 args = args[:1] + expand_prompts_flag(args[1:])
             function = getattr(importlib.import_module(module), name)
-            CLI(function, args=args[1:], as_positional=args[0] == "plot")
+            CLI(function, args=args[1:], as_positional=args[0] == "plot", parser_class=OneLineToolParser)
             return None
         if args and args[0] == "predict":
             raise LitFlashError("to generate text: python -m lit_flash generate --model_name_or_path <run>/model ...")
@@ -286,6 +461,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
             if not any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in args):
                 print(f"lit_flash: no --config given, running the offline demo ({config_path(DEFAULT_CONFIG)})")
             args[1:1] = ["--config", str(config_path(DEFAULT_CONFIG))]
+        check_config_files(args)
         previous = interrupt.install()
         try:
             cli = LitFlashCLI(

@@ -8,6 +8,7 @@ same format, so every path (hub, local files, `/input`) ends in the one loader, 
 
 from __future__ import annotations
 
+import codecs
 import functools
 import glob
 import hashlib
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 from lit_flash.distributed import shard_sampler
 from lit_flash.errors import LitFlashError
 from lit_flash.interrupt import ignore_sigint_in_worker
+from lit_flash.limits import NonNegativeInt, PositiveInt, SeedInt
 from lit_flash.resume import ResumableDataLoader, ResumableSampler
 
 IGNORE_INDEX = -100  # labels the loss skips (transformers' convention)
@@ -91,6 +93,32 @@ def resolve_text_files(text_files: dict[str, str | list[str]]) -> dict[str, list
             files.extend(matches)
         resolved[split] = files
     return resolved
+
+
+def check_text_file(path: str | os.PathLike, flag: str) -> None:
+    """A text input is UTF-8 text with something in it: an empty file, a binary one (NUL bytes) or another encoding
+    would otherwise fail inside `datasets` as a traceback, or tokenize to nothing without a word."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise LitFlashError(f"{flag}: {path} is empty: give a file with text in it")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # also UTF-32's: their BOMs begin alike
+        raise LitFlashError(f"{flag}: {path} is UTF-16/32 text: convert it to UTF-8, e.g. iconv -f utf-16 -t utf-8")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):  # whole file, a MiB at a time: a bad byte may sit anywhere
+            if b"\0" in chunk:
+                raise LitFlashError(f"{flag}: {path} is a binary file (NUL bytes), not text: give a UTF-8 text file")
+            try:
+                decoder.decode(chunk, final=len(chunk) < 1 << 20)
+            except UnicodeDecodeError as err:
+                raise LitFlashError(
+                    f"{flag}: {path} is not UTF-8 text (byte {chunk[err.start]:#04x} at offset {offset + err.start}):"
+                    " convert it, e.g. iconv -f latin1 -t utf-8"
+                ) from None
+            offset += len(chunk)
 
 
 def collate_blocks(rows: list[dict[str, torch.Tensor]], pad_rows_to: int | None = None) -> dict[str, torch.Tensor]:
@@ -176,9 +204,19 @@ def load_raw_text(
         # Each row keeps its "\n", as wikitext's rows on the hub do and as HF's run_clm reads text files: without it
         # the lines of a file run together ("return 1x = f()").
         files = resolve_text_files(text_files)
+        for split, paths in files.items():
+            for path in paths:
+                check_text_file(path, f"data.text_files[{split!r}]")
         raw = datasets.load_dataset("text", data_files=files, streaming=streaming, keep_linebreaks=True)
     elif dataset_name:
-        raw = datasets.load_dataset(dataset_name, dataset_config_name, streaming=streaming)
+        try:
+            raw = datasets.load_dataset(dataset_name, dataset_config_name, streaming=streaming)
+        except (ConnectionError, OSError, ValueError) as err:  # offline, no such dataset or configuration
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise LitFlashError(
+                f"data.dataset_name={dataset_name} ({dataset_config_name}): cannot load it ({first}); offline, give "
+                "data.text_files or data.tokenized_dataset_load_dir"
+            ) from err
     else:
         raise LitFlashError("no data source: set data.dataset_name, data.text_files or data.tokenized_dataset_load_dir")
     columns = next(iter(raw.values())).column_names  # None for a stream that does not list its columns
@@ -349,10 +387,10 @@ def prepare_dataset(
     dataset_config_name: str | None = "wikitext-2-raw-v1",
     text_files: dict[str, str | list[str]] | None = None,
     tokenizer_name: str = "openai-community/gpt2",
-    block_size: int = 1024,
+    block_size: PositiveInt = 1024,
     splits: list[str] | None = None,
     text_column: str = "text",
-    num_proc: int | None = None,
+    num_proc: PositiveInt | None = None,
 ) -> None:
     """Tokenize raw text into blocks and `save_to_disk` them, as the reference's `prepare_save_dataset.py` does.
 
@@ -371,6 +409,8 @@ def prepare_dataset(
     """
     from transformers import AutoTokenizer
 
+    if Path(save_dir).exists() and not Path(save_dir).is_dir():
+        raise LitFlashError(f"--save_dir {save_dir} is a file: choose a new folder")
     if Path(save_dir).exists() and any(Path(save_dir).iterdir()):
         raise LitFlashError(f"--save_dir {save_dir} exists and is not empty: choose a new folder")
     splits = splits or ["train", "test"]
@@ -379,9 +419,20 @@ def prepare_dataset(
     if missing:
         raise LitFlashError(f"--splits: {missing} not in the source (it has {sorted(raw)})")
     raw = type(raw)({s: raw[s] for s in splits})
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    except (OSError, ValueError) as err:  # ValueError: a folder transformers cannot make a tokenizer of
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LitFlashError(f"--tokenizer_name {tokenizer_name}: cannot load the tokenizer ({first})") from err
     block_size = min(block_size, tokenizer.model_max_length)
-    save_dataset_dict(tokenize_and_group(raw, tokenizer, block_size, num_proc), save_dir)
+    blocks = tokenize_and_group(raw, tokenizer, block_size, num_proc)
+    empty = [split for split in splits if len(blocks[split]) == 0]
+    if empty:  # saving it would hand fit a dataset it refuses later, far from the cause
+        raise LitFlashError(
+            f"--text_files: split {empty[0]!r} holds fewer than --block_size={block_size} tokens of text: "
+            "give more text or a smaller --block_size"
+        )
+    save_dataset_dict(blocks, save_dir)
 
 
 # ------------------------------------------------------------------------------------------- the DataModule
@@ -430,18 +481,18 @@ class WikitextDataModule(L.LightningDataModule):
         text_files: dict[str, str | list[str]] | None = None,
         tokenized_dataset_load_dir: str | None = None,
         tokenizer_name: str | None = "openai-community/gpt2",
-        train_tokenizer_vocab_size: int | None = None,
-        block_size: int = 1024,
-        batch_size: int = 8,
-        eval_batch_size: int = 8,
-        num_workers: int = 0,
+        train_tokenizer_vocab_size: PositiveInt | None = None,
+        block_size: PositiveInt = 1024,
+        batch_size: PositiveInt = 8,
+        eval_batch_size: PositiveInt = 8,
+        num_workers: NonNegativeInt = 0,
         pin_memory: bool = True,
-        max_train_samples: int | None = None,
-        max_eval_samples: int | None = None,
+        max_train_samples: PositiveInt | None = None,
+        max_eval_samples: PositiveInt | None = None,
         cache_dir: str | None = None,
         text_column: str = "text",
-        num_proc: int | None = None,
-        seed: int = 42,
+        num_proc: PositiveInt | None = None,
+        seed: SeedInt = 42,
         streaming: bool = False,
         pad_last_batch: bool = False,
     ) -> None:
@@ -534,7 +585,7 @@ class WikitextDataModule(L.LightningDataModule):
             return None
         try:
             return AutoTokenizer.from_pretrained(name)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: a folder transformers cannot make a tokenizer of
             first = str(err).splitlines()[0]
             raise LitFlashError(f"data.tokenizer_name={name}: cannot load the tokenizer ({first})") from err
 

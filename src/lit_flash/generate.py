@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 
 from lit_flash.errors import LitFlashError
+from lit_flash.limits import NonNegativeFloat, OpenUnitFloat, PositiveInt, SeedInt
 
 # Inference imports no training code: the flash-attention helpers still live in model.py (beside the
 # LightningModule, so importing them loads Lightning) and are imported where a model is loaded. Issue 17 phase 2
@@ -150,9 +151,12 @@ def load_for_generation(
     else:
         attn_implementation = resolve_attn_implementation(attn_implementation, fallback=False, device=target)
     source, flag = (model_name_or_path, "--model_name_or_path") if tokenizer is None else (tokenizer, "--tokenizer")
+    check_model_source(model_name_or_path, "--model_name_or_path")
+    if tokenizer is not None:
+        check_model_source(tokenizer, "--tokenizer", needs_config=False)
     try:
         loaded_tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a folder transformers cannot make a tokenizer of
         first = str(err).splitlines()[0]
         raise LitFlashError(f"{flag} {source}: cannot load it ({first})") from err
     _check_has_tokenizer(loaded_tokenizer, source, flag)
@@ -164,6 +168,39 @@ def load_for_generation(
         first = str(err).splitlines()[0]
         raise LitFlashError(f"--model_name_or_path {model_name_or_path}: cannot load it ({first})") from err
     return model.to(target).eval(), loaded_tokenizer
+
+
+def check_model_source(source: str, flag: str, needs_config: bool = True) -> None:
+    """A local path must be a model folder: transformers takes anything else for a hub id and says so confusingly
+    (`Repo id must be in the form ...`), or fails inside a tokenizer conversion."""
+    path = Path(source).expanduser()
+    local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if not local:
+        return  # a hub id
+    given = f"{flag} {source}" if flag.startswith("--") else f"{flag}={source}"  # a tool's flag, or a config key
+    if not path.exists():
+        raise LitFlashError(f"{given}: no such folder (give a run's exported model folder, <run>/model)")
+    if not path.is_dir():
+        raise LitFlashError(f"{given} is a file: give the folder holding it (a run's <run>/model)")
+    if needs_config and not (path / "config.json").is_file():
+        raise LitFlashError(
+            f"{given} holds no config.json, so it is not a saved model: give a run's exported model folder "
+            "(<run>/model)"
+        )
+
+
+def check_device(device: str | None) -> None:
+    """`--device`: a torch device this machine has."""
+    if device is None:
+        return
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LitFlashError(f"--device {device}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise LitFlashError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise LitFlashError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
 
 
 def expand_prompts_flag(args: list[str]) -> list[str]:
@@ -184,9 +221,12 @@ def expand_prompts_flag(args: list[str]) -> list[str]:
 
 def read_prompts(prompts_file: str | Path) -> list[str]:
     """One prompt per line; blank lines are skipped."""
+    from lit_flash.data import check_text_file
+
     path = Path(prompts_file)
     if not path.is_file():
         raise LitFlashError(f"--prompts_file {path}: no such file")
+    check_text_file(path, "--prompts_file")
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -195,12 +235,12 @@ def generate_main(
     prompts: list[str] | None = None,
     prompts_file: str | None = None,
     input_str: str | None = None,
-    max_new_tokens: int = 100,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    batch_size: int = 8,
+    max_new_tokens: PositiveInt = 100,
+    temperature: NonNegativeFloat = 1.0,
+    top_k: PositiveInt | None = None,
+    top_p: OpenUnitFloat | None = None,
+    seed: SeedInt | None = None,
+    batch_size: PositiveInt = 8,
     output: str | None = None,
     device: str | None = None,
     attn_implementation: AttnImplementation | None = None,
@@ -235,6 +275,7 @@ def generate_main(
     if output is not None and Path(output).exists():
         raise LitFlashError(f"--output {output} exists: choose another file or remove it yourself")
     _check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the (slow) model load
+    check_device(device)
     model, loaded_tokenizer = load_for_generation(model_name_or_path, device, attn_implementation, dtype, tokenizer)
     completions = generate(
         model, loaded_tokenizer, texts, max_new_tokens, temperature, top_k, top_p, seed=seed, batch_size=batch_size

@@ -25,6 +25,7 @@ from lit_flash.data import IGNORE_INDEX, perplexity
 from lit_flash.errors import LitFlashError, NonFiniteLossError
 from lit_flash.export import write_export
 from lit_flash.lightning_adapters import attached_trainer, is_log_step
+from lit_flash.limits import DropoutFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lit_flash.optim import (
     new_lr_plan,
     planned_optimizer_steps,
@@ -106,6 +107,93 @@ def check_data_fits_model(
             f"data.tokenizer_name: the tokenizer has {tokenizer_size} tokens but the model only {vocab}: "
             "use the model's own tokenizer or set model.model_config.vocab_size"
         )
+
+
+# A model's sizes under transformers' generic names (GPT-2 maps n_embd -> hidden_size etc. in `attribute_map`).
+_SIZE_NAMES = ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def check_model_config(model_config: Any, from_scratch: bool = True) -> None:
+    """Refuse `model.model_config` values no model can be built from, naming the key, before anything is built:
+    sizes below 1 or not integers, dropout outside [0, 1), and (from scratch, where every size is known) a width
+    the heads do not divide. transformers would raise deep inside the model's `__init__`, or build a model that
+    cannot train (zero layers, an empty vocabulary)."""
+    if model_config is None:
+        return
+    if not isinstance(model_config, dict):
+        raise LitFlashError(f"model.model_config must be a mapping of config keys to values, got {model_config!r}")
+    from transformers import AutoConfig
+
+    given = dict(model_config)
+    model_type = given.pop("model_type", "gpt2")
+    try:
+        defaults = AutoConfig.for_model(model_type)
+    except (ValueError, KeyError, TypeError) as err:
+        raise LitFlashError(f"model.model_config.model_type={model_type!r}: not a transformers model type") from err
+    own_name = dict(getattr(defaults, "attribute_map", {}))  # generic name -> this model type's own
+
+    def key_of(generic: str) -> str:  # the name the user wrote, or else the model's own name for it
+        return generic if generic in given else own_name.get(generic, generic)
+
+    for generic in _SIZE_NAMES:
+        key = key_of(generic)
+        if key in given and not _is_count(given[key]):
+            raise LitFlashError(f"model.model_config.{key}={given[key]!r}: must be an integer >= 1")
+    for key in ("n_inner", "intermediate_size"):  # the MLP width: null means 4 x the width
+        if given.get(key) is not None and not _is_count(given[key]):
+            raise LitFlashError(f"model.model_config.{key}={given[key]!r}: must be an integer >= 1, or null")
+    for key, value in given.items():
+        if ("pdrop" in key or key.endswith("dropout")) and not _is_fraction_below_one(value):
+            raise LitFlashError(f"model.model_config.{key}={value!r}: must be a dropout probability in [0, 1)")
+        problem = _type_problem(value, getattr(defaults, key, None))
+        if problem:
+            raise LitFlashError(f"model.model_config.{key}={value!r}: {problem}")
+        if ("epsilon" in key or key.endswith("_eps")) and not value > 0:
+            raise LitFlashError(f"model.model_config.{key}={value!r}: must be a number > 0")
+    if not from_scratch:  # a pretrained model's other sizes are unknown until it loads
+        return
+    try:
+        config = AutoConfig.for_model(model_type, **as_declared_types(given, defaults))
+    except Exception as err:  # noqa: BLE001 - any refusal of the config (huggingface_hub's strict dataclasses raise
+        # their own Exception subclass) is a bad model_config, said in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LitFlashError(f"model.model_config: cannot build a {model_type} config ({first})") from err
+    width, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if _is_count(width) and _is_count(heads) and width % heads:
+        raise LitFlashError(
+            f"model.model_config.{key_of('hidden_size')}={width} is not divisible by "
+            f"model.model_config.{key_of('num_attention_heads')}={heads}: choose a head count that divides the width"
+        )
+
+
+def _type_problem(value: Any, default: Any) -> str | None:
+    """What is wrong with `value` for a config key whose default is `default` (its declared kind), if anything."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
+    if isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "must be a finite number"
+    return None
+
+
+def as_declared_types(given: dict[str, Any], defaults: Any) -> dict[str, Any]:
+    """`layer_norm_epsilon: 1` is a float the YAML wrote as an int; transformers' strict configs refuse the int."""
+    return {
+        key: float(value)
+        if isinstance(getattr(defaults, key, None), float) and isinstance(value, int) and not isinstance(value, bool)
+        else value
+        for key, value in given.items()
+    }
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 2**63 - 1
+
+
+def _is_fraction_below_one(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
 
 
 def check_skip_supported(on_nonfinite: str, precision: str, strategy: Any) -> None:
@@ -230,18 +318,18 @@ class FlashGPT2LM(L.LightningModule):
         attn_implementation: AttnImplementation = "flash_attention_2",
         attn_fallback: bool = True,
         sdpa_backends: list[SDPABackend] | None = None,
-        learning_rate: float = 5e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        warmup_steps: int = 0,
+        learning_rate: PositiveFloat = 5e-5,
+        weight_decay: NonNegativeFloat = 0.0,
+        betas: tuple[DropoutFloat, DropoutFloat] = (0.9, 0.999),
+        eps: NonNegativeFloat = 1e-8,
+        warmup_steps: NonNegativeInt = 0,
         lr_scheduler: LRSchedule = "linear",
-        dropout: float | None = None,
+        dropout: DropoutFloat | None = None,
         trust_remote_code: bool = False,
         compile: bool = False,
         compile_mode: CompileMode = "default",
         fused_cross_entropy: bool = False,
-        pad_vocab_to_multiple_of: int | None = None,
+        pad_vocab_to_multiple_of: PositiveInt | None = None,
         fused_adamw: bool | None = None,
         low_precision_residual: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
@@ -305,14 +393,18 @@ class FlashGPT2LM(L.LightningModule):
         if h.model_name_or_path is None:
             if not h.model_config:
                 raise LitFlashError("model.model_name_or_path is null: give model.model_config to build a model")
+            check_model_config(h.model_config)
             model_type = overrides.pop("model_type", "gpt2")
             defaults = AutoConfig.for_model(model_type)  # a config keeps unknown keys as attributes: typos pass
             unknown = sorted(k for k in overrides if not hasattr(defaults, k))
             if unknown:
                 flag = "model.model_config" if set(unknown) & set(h.model_config) else "model.dropout (GPT-2's keys)"
                 raise LitFlashError(f"{flag}: {unknown} is not a setting of {model_type} models")
-            config = AutoConfig.for_model(model_type, **overrides)
+            config = AutoConfig.for_model(model_type, **as_declared_types(overrides, defaults))
             return AutoModelForCausalLM.from_config(config, **common)
+        from lit_flash.generate import check_model_source
+
+        check_model_source(h.model_name_or_path, "model.model_name_or_path")
         try:
             # fp32 master weights: Lightning's 16-mixed autocasts; fp16 weights would break its GradScaler.
             model = AutoModelForCausalLM.from_pretrained(

@@ -38,8 +38,18 @@ def find_metrics_csv(path: str | Path) -> Path:
 
 
 def _read_csv(path: Path) -> dict[str, tuple[list[int], list[float]]]:
+    try:
+        return _read_csv_rows(path)
+    except (UnicodeDecodeError, ValueError, csv.Error) as err:  # not text, a cell not a number, a broken row
+        reason = type(err).__name__ if isinstance(err, UnicodeDecodeError) else str(err).splitlines()[0][:120]
+        raise LitFlashError(
+            f"{path}: not a Lightning metrics.csv ({reason}): give a run folder or the metrics.csv its CSVLogger wrote"
+        ) from None
+
+
+def _read_csv_rows(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     series: dict[str, tuple[list[int], list[float]]] = {}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             step = row.get("step")
             for name, value in row.items():

@@ -1,0 +1,217 @@
+"""Range types for the CLI's numeric settings, and the checks of the Trainer values lit_flash's configs set.
+
+A range type is the annotation of an `__init__` argument (`batch_size: PositiveInt`): jsonargparse then refuses an
+out-of-range value while parsing, with a message that names the key, and `--help` shows the range in the type's
+name. Each type is registered with a deserializer that returns a plain `int`/`float`, never an instance of the
+type: the parsed values go into checkpoints as hyperparameters, and a `weights_only` load accepts builtins only.
+In Python (no parser) the annotations check nothing; the classes keep their own checks where they had them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from jsonargparse.typing import register_type
+
+from lit_flash.errors import LitFlashError
+
+INT64_MAX = 2**63 - 1  # torch and numpy store counts and seeds as int64: a larger value overflows later, deep inside
+
+
+def _as_int(value: Any) -> int:
+    # YAML `true` is a bool, and bool is an int to Python: refuse it rather than count it as 1.
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ValueError(f"{value!r} is not an integer")
+    if isinstance(value, str):
+        value = value.strip()
+    return int(value)  # "1.5", "1e3", "abc" raise ValueError
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    result = float(value)  # "nan", "inf", "1e400" parse: refused just below
+    if not math.isfinite(result):
+        raise ValueError(f"{value!r} is not a finite number")
+    return result
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high}")
+    return " and ".join(parts)
+
+
+def number_type(
+    name: str,
+    base: type,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> type:
+    """A registered jsonargparse type `name`: a `base` (int or float) in the range; its values parse to `base`."""
+    wanted = f"{'an integer' if base is int else 'a finite number'} {_range_text(low, high, low_open, high_open)}"
+    if base is int and high is None:
+        high = INT64_MAX  # not in the message: only a value past int64 meets it, and that one is shown
+
+    def deserialize(value: Any) -> Any:
+        number = (_as_int if base is int else _as_float)(value)
+        too_low = low is not None and (number <= low if low_open else number < low)
+        too_high = high is not None and (number >= high if high_open else number > high)
+        if too_low or too_high:
+            raise ValueError(f"must be {wanted}, got {value!r}")
+        return number
+
+    def parse(value: Any) -> Any:
+        try:
+            return deserialize(value)
+        except (TypeError, ValueError) as err:
+            message = str(err) if str(err).startswith("must be") else f"must be {wanted}, got {value!r}"
+            raise ValueError(message) from None
+
+    kind = type(name, (base,), {"__doc__": wanted, "check": staticmethod(parse)})
+    register_type(kind, serializer=base, deserializer=parse)
+    RANGE_TYPES[name] = kind
+    return kind
+
+
+RANGE_TYPES: dict[str, type] = {}  # name -> range type: the parser's one-line error looks the range up by name
+
+
+PositiveInt = number_type("PositiveInt", int, low=1)
+NonNegativeInt = number_type("NonNegativeInt", int, low=0)
+WindowInt = number_type("IntAtLeast2", int, low=2)
+SeedInt = number_type("SeedInt", int, low=0, high=2**32 - 1)  # numpy's and Lightning's seed range
+PositiveFloat = number_type("PositiveFloat", float, low=0, low_open=True)
+NonNegativeFloat = number_type("NonNegativeFloat", float, low=0)
+UnitFloat = number_type("FloatIn0To1", float, low=0, high=1)
+DropoutFloat = number_type("FloatFrom0Below1", float, low=0, high=1, high_open=True)  # 1 drops everything
+OpenUnitFloat = number_type("FloatAbove0To1", float, low=0, high=1, low_open=True)
+
+
+# -- Trainer and ModelCheckpoint values: Lightning's own Union annotations, so checked after parsing instead.
+def _int_at_least(low: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= INT64_MAX
+        return None if ok else f"must be an integer >= {low}"
+
+    return check
+
+
+def _clip_value(value: Any) -> str | None:
+    # A negative clip value scales gradients by a negative factor: training silently runs uphill.
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return None if ok else "must be a finite number >= 0"
+
+
+def _int_or_fraction(value: Any) -> str | None:
+    # Lightning's meaning: an int counts batches, a float is a fraction of the epoch.
+    if isinstance(value, bool):
+        return "must be a number of batches (an integer >= 1) or a fraction of the epoch in (0, 1]"
+    if isinstance(value, int):
+        return None if 1 <= value <= INT64_MAX else "must be a number of batches >= 1, or a fraction in (0, 1]"
+    if isinstance(value, float) and math.isfinite(value) and 0 < value <= 1:
+        return None
+    return "must be a number of batches (an integer >= 1) or a fraction of the epoch in (0, 1]"
+
+
+def _limit_batches(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "must be a number of batches (an integer >= 0) or a fraction in [0, 1]"
+    if isinstance(value, int):
+        return None if 0 <= value <= INT64_MAX else "must be a number of batches >= 0, or a fraction in [0, 1]"
+    if isinstance(value, float) and math.isfinite(value) and 0 <= value <= 1:
+        return None
+    return "must be a number of batches (an integer >= 0) or a fraction in [0, 1]"
+
+
+def _devices(value: Any) -> str | None:
+    # "auto", a count, -1 (all), or a list of indices; 0 devices cannot train.
+    if isinstance(value, bool):
+        return "must be a count >= 1, -1 for all, 'auto', or a list of device indices"
+    if isinstance(value, int):
+        return None if value >= 1 or value == -1 else "must be a count >= 1, -1 for all, or 'auto'"
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "auto" or text == "-1":
+            return None
+        if text.lstrip("-").isdigit():
+            return _devices(int(text))
+        parts = [p.strip() for p in text.strip("[]").split(",") if p.strip()]
+        ok = bool(parts) and all(p.isdigit() for p in parts)
+        return None if ok else "must be a count >= 1, -1 for all, 'auto', or device indices such as '0,1'"
+    if isinstance(value, list | tuple):
+        ok = bool(value) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        return None if ok else "must be a non-empty list of device indices >= 0"
+    return "must be a count >= 1, -1 for all, 'auto', or a list of device indices"
+
+
+def _optional(check: Callable[[Any], str | None], null_means: str) -> Callable[[Any], str | None]:
+    def optional_check(value: Any) -> str | None:
+        problem = check(value) if value is not None else None
+        return None if problem is None else f"{problem}, or null for {null_means}"
+
+    return optional_check
+
+
+def _seed(value: Any) -> str | None:
+    # true: a random seed (LightningCLI's own); an int goes to numpy, which takes 0 .. 2**32-1 only.
+    if isinstance(value, bool) or value is None:
+        return None
+    ok = isinstance(value, int) and 0 <= value <= 2**32 - 1
+    return None if ok else "must be an integer in [0, 4294967295], or true for a random seed"
+
+
+LIGHTNING_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "seed_everything": _seed,
+    "trainer.max_steps": _int_at_least(-1),
+    "trainer.min_steps": _optional(_int_at_least(0), "no minimum"),
+    "trainer.max_epochs": _optional(_int_at_least(-1), "Lightning's default"),
+    "trainer.min_epochs": _optional(_int_at_least(0), "no minimum"),
+    "trainer.val_check_interval": _optional(_int_or_fraction, "once per epoch"),
+    "trainer.check_val_every_n_epoch": _optional(_int_at_least(1), "validating by steps only"),
+    "trainer.accumulate_grad_batches": _int_at_least(1),
+    "trainer.gradient_clip_val": _optional(_clip_value, "no clipping"),
+    "trainer.log_every_n_steps": _optional(_int_at_least(0), "Lightning's default"),
+    "trainer.num_sanity_val_steps": _optional(_int_at_least(-1), "Lightning's default"),
+    "trainer.limit_train_batches": _optional(_limit_batches, "all batches"),
+    "trainer.limit_val_batches": _optional(_limit_batches, "all batches"),
+    "trainer.limit_test_batches": _optional(_limit_batches, "all batches"),
+    "trainer.num_nodes": _int_at_least(1),
+    "trainer.devices": _devices,
+    "checkpoint.every_n_train_steps": _optional(_int_at_least(0), "no step checkpoints"),
+    "checkpoint.every_n_epochs": _optional(_int_at_least(0), "Lightning's default"),
+    "checkpoint.save_top_k": _int_at_least(-1),
+    "throughput.window_size": _int_at_least(2),
+}
+
+
+def check_lightning_values(config: Mapping[str, Any] | Any) -> None:
+    """Refuse an out-of-range Trainer or ModelCheckpoint value before Lightning sees it (it raises a traceback,
+    divides by zero, or - for a negative clip value - trains uphill). `config`: the subcommand's parsed namespace."""
+    for key, check in LIGHTNING_CHECKS.items():
+        value = _get(config, key)
+        if value is _MISSING:
+            continue
+        problem = check(value)
+        if problem is not None:
+            raise LitFlashError(f"{key}={value!r}: {problem}")
+
+
+_MISSING = object()
+
+
+def _get(config: Any, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError):
+            return _MISSING
+    return node

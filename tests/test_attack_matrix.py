@@ -1,0 +1,567 @@
+"""The attack matrix, by class of bad input: every case goes through the CLI and must end with exit status 2, one
+`error:` line (the last on stderr) naming the key or file to fix, no traceback, and every file the user had left
+byte for byte as it was. A correct run and a resume afterwards still work.
+
+Classes: values out of range for each numeric option (generated: hypothesis, derandomized), config files that are
+not YAML mappings in UTF-8, checkpoints not written by Lightning, text inputs that are not text, model shapes that
+cannot be built (generated), generate/plot/prepare edge cases, and a bad `--model.*` value beside `--ckpt_path`.
+Cases run in-process (`cli_main`); a few run `python -m lit_flash` to prove the real entry point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _helpers import BLOCK, cli_command, cli_env, make_dataset, snapshot, tiny_run_config, write_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lit_flash.cli import cli_main
+
+
+def generated(max_examples: int) -> settings:
+    """Hypothesis settings: the same cases on every CI run (derandomized, no example database), no deadline (a
+    case runs the CLI), the module-scoped `user` fixture shared by all examples."""
+    return settings(
+        max_examples=max_examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
+# -- running the CLI and judging its answer
+def run(args: list[str]) -> tuple[int, str]:
+    """`cli_main(args)` in-process: (exit status, stderr). A normal return is status 0."""
+    err = io.StringIO()
+    argv = sys.argv
+    sys.argv = argv[:1]  # pytest's own arguments are not the CLI's
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            cli_main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, err.getvalue()
+
+
+def assert_one_error_line(code: int, err: str, *names: str) -> None:
+    """Exit 2; the last non-empty stderr line is the only `error:` line and names each of `names`; no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert lines and lines[-1].startswith("error:"), err
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]], err
+    assert "\n" not in lines[-1]
+    for name in names:
+        assert name in lines[-1], (name, lines[-1])
+
+
+def assert_refused_and_unchanged(root: Path, args: list[str], *names: str) -> None:
+    before = snapshot(root)
+    code, err = run(args)
+    assert_one_error_line(code, err, *names)
+    after = snapshot(root)
+    assert {path: after.get(path) for path in before} == before, "a user file was changed or deleted"
+
+
+# -- the user's things: a dataset, a config that trains, a finished run with its checkpoint and export
+@pytest.fixture(scope="module")
+def user(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("user")
+    data = make_dataset(root / "data", n_train=16, n_val=8)
+    config = tiny_run_config(root / "run", data, trainer={"max_steps": 2, "val_check_interval": 2})
+    write_config(root / "config.yaml", config)
+    code, err = run(["fit", "--config", str(root / "config.yaml")])
+    assert code == 0, err
+    ckpt = root / "run" / "checkpoints" / "last.ckpt"
+    return {"root": root, "config": root / "config.yaml", "run": root / "run", "ckpt": ckpt}
+
+
+def fit_args(user: dict[str, Path], *extra: str) -> list[str]:
+    # A fresh output folder: the finished run must not be what refuses (fresh fit over an earlier run).
+    return ["fit", "--config", str(user["config"]), f"--trainer.default_root_dir={user['root'] / 'fresh'}", *extra]
+
+
+# -- class 1: numeric values out of range (generated)
+# key -> (kind, low, high): "int" counts, "float" finite numbers; None = unbounded on that side; open bounds as
+# (value, False). Every numeric __init__ argument of the model, data module and callbacks, and the Trainer and
+# ModelCheckpoint values lit_flash's configs set.
+INT, FLOAT = "int", "float"
+FIT_RANGES: dict[str, tuple[str, Any, Any]] = {
+    "data.block_size": (INT, 1, None),
+    "data.batch_size": (INT, 1, None),
+    "data.eval_batch_size": (INT, 1, None),
+    "data.num_workers": (INT, 0, None),
+    "data.max_train_samples": (INT, 1, None),
+    "data.max_eval_samples": (INT, 1, None),
+    "data.num_proc": (INT, 1, None),
+    "data.seed": (INT, 0, 2**32 - 1),
+    "data.train_tokenizer_vocab_size": (INT, 1, None),
+    "model.warmup_steps": (INT, 0, None),
+    "model.pad_vocab_to_multiple_of": (INT, 1, None),
+    "model.learning_rate": (FLOAT, (0, False), None),
+    "model.weight_decay": (FLOAT, 0, None),
+    "model.eps": (FLOAT, 0, None),
+    "model.dropout": (FLOAT, 0, (1, False)),
+    "throughput.window_size": (INT, 2, None),
+    "throughput.peak_tflops": (FLOAT, (0, False), None),
+    "trainer.max_steps": (INT, -1, None),
+    "trainer.max_epochs": (INT, -1, None),
+    "trainer.min_steps": (INT, 0, None),
+    "trainer.accumulate_grad_batches": (INT, 1, None),
+    "trainer.gradient_clip_val": (FLOAT, 0, None),
+    "trainer.log_every_n_steps": (INT, 0, None),
+    "trainer.check_val_every_n_epoch": (INT, 1, None),
+    "trainer.num_sanity_val_steps": (INT, -1, None),
+    "trainer.num_nodes": (INT, 1, None),
+    "checkpoint.every_n_train_steps": (INT, 0, None),
+    "checkpoint.save_top_k": (INT, -1, None),
+    "checkpoint.every_n_epochs": (INT, 0, None),
+}
+GENERATE_RANGES: dict[str, tuple[str, Any, Any]] = {
+    "max_new_tokens": (INT, 1, None),
+    "temperature": (FLOAT, 0, None),
+    "top_k": (INT, 1, None),
+    "top_p": (FLOAT, (0, False), 1),
+    "seed": (INT, 0, 2**32 - 1),
+    "batch_size": (INT, 1, None),
+}
+NOT_NUMBERS = ["true", "false", "abc", "[1, 2]", "{a: 1}", "nan", "inf", "-inf", "1e400"]
+
+
+def _bound(bound: Any) -> tuple[float, bool]:
+    return (bound[0], False) if isinstance(bound, tuple) else (bound, True)
+
+
+@st.composite
+def bad_value(draw: st.DrawFn, spec: tuple[str, Any, Any]) -> str:
+    """A command-line value outside `spec`: below or above the range, a non-integer for a count, a bool, NaN or
+    inf, a value past int64, or not a number at all."""
+    kind, low, high = spec
+    choices: list[st.SearchStrategy[str]] = [st.sampled_from(NOT_NUMBERS)]
+    if low is not None:
+        value, closed = _bound(low)
+        if kind == INT:
+            choices.append(st.integers(max_value=int(value) - 1, min_value=-(2**70)).map(str))
+        else:
+            finite = st.floats(max_value=value, allow_nan=False, allow_infinity=False)
+            choices.append(finite.filter(lambda x: x < value if closed else x <= value).map(repr))
+    if high is not None:
+        value, closed = _bound(high)
+        if kind == INT:
+            choices.append(st.integers(min_value=int(value) + 1, max_value=2**70).map(str))
+        else:
+            finite = st.floats(min_value=value, allow_nan=False, allow_infinity=False)
+            choices.append(finite.filter(lambda x: x > value if closed else x >= value).map(repr))
+    if kind == INT:
+        choices.append(st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: x != int(x)).map(repr))
+        choices.append(st.integers(min_value=2**63, max_value=2**80).map(str))  # past int64
+    return draw(st.one_of(choices))
+
+
+@generated(60)
+@given(data=st.data())
+def test_fit_values_out_of_range(user: dict[str, Path], data: st.DataObject) -> None:
+    key = data.draw(st.sampled_from(sorted(FIT_RANGES)), label="key")
+    value = data.draw(bad_value(FIT_RANGES[key]), label="value")
+    assert_refused_and_unchanged(user["root"], fit_args(user, f"--{key}={value}"), key)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("trainer.val_check_interval", "0"),
+        ("trainer.val_check_interval", "-1"),
+        ("trainer.val_check_interval", "1.5"),
+        ("trainer.val_check_interval", "nan"),
+        ("trainer.limit_train_batches", "-1"),
+        ("trainer.limit_val_batches", "2.5"),
+        ("trainer.limit_test_batches", "-0.5"),
+        ("trainer.devices", "0"),
+        ("trainer.devices", "-2"),
+        ("trainer.devices", "[]"),
+        ("model.betas", "[1.5, 0.9]"),
+        ("model.betas", "[0.9, -0.1]"),
+        ("model.betas", "[0.9, nan]"),
+        ("seed_everything", "-1"),
+        ("seed_everything", str(2**32)),
+        ("seed_everything", "abc"),
+        ("trainer.strategy", "no_such_strategy"),
+    ],
+)
+def test_trainer_union_values_out_of_range(user: dict[str, Path], key: str, value: str) -> None:
+    # Lightning types these as unions (a count or a fraction, a count or a list): checked by lit_flash by value.
+    assert_refused_and_unchanged(user["root"], fit_args(user, f"--{key}={value}"), key)
+
+
+@generated(40)
+@given(data=st.data())
+def test_generate_values_out_of_range(user: dict[str, Path], data: st.DataObject) -> None:
+    key = data.draw(st.sampled_from(sorted(GENERATE_RANGES)), label="key")
+    value = data.draw(bad_value(GENERATE_RANGES[key]), label="value")
+    args = ["generate", "--model_name_or_path", str(user["run"] / "model"), "--prompts", "hi", f"--{key}={value}"]
+    assert_refused_and_unchanged(user["root"], args, key)
+
+
+@pytest.mark.parametrize(("key", "value"), [("block_size", "0"), ("block_size", "-3"), ("num_proc", "0")])
+def test_prepare_values_out_of_range(user: dict[str, Path], key: str, value: str) -> None:
+    args = ["prepare", "--save_dir", str(user["root"] / "prepared"), f"--{key}={value}"]
+    assert_refused_and_unchanged(user["root"], args, key)
+    assert not (user["root"] / "prepared").exists()
+
+
+# -- class 2: model shapes that cannot be built (generated), checked before anything is built
+@generated(15)
+@given(width=st.integers(1, 512), heads=st.integers(1, 64))
+def test_width_not_divisible_by_heads(user: dict[str, Path], width: int, heads: int) -> None:
+    if width % heads == 0:
+        width += 1 if heads > 1 else 0
+    if width % heads == 0:
+        return  # heads == 1 divides everything: a buildable shape
+    args = fit_args(user, f"--model.model_config.n_embd={width}", f"--model.model_config.n_head={heads}")
+    assert_refused_and_unchanged(user["root"], args, "model.model_config.n_embd", "model.model_config.n_head")
+
+
+@pytest.mark.parametrize("key", ["n_layer", "n_head", "n_embd", "vocab_size", "n_positions", "n_inner"])
+@pytest.mark.parametrize("value", ["0", "-4", "true", "2.5", "1e400"])
+def test_model_sizes_that_cannot_be_built(user: dict[str, Path], key: str, value: str) -> None:
+    assert_refused_and_unchanged(user["root"], fit_args(user, f"--model.model_config.{key}={value}"), key)
+
+
+@pytest.mark.parametrize(
+    ("setting", "name"),
+    [
+        ("--model.model_config.resid_pdrop=1.5", "resid_pdrop"),
+        ("--model.model_config.attn_pdrop=-0.1", "attn_pdrop"),
+        ("--model.model_config.layer_norm_epsilon=-1", "layer_norm_epsilon"),
+        ("--model.model_config.scale_attn_weights=3", "scale_attn_weights"),
+        ("--model.model_config.model_type=not_a_model", "model_type"),
+        ("--model.model_config=7", "model.model_config"),
+        ("--model.model_config.n_positions=8", "data.block_size"),  # the context is shorter than a row
+        ("--model.model_name_or_path=/no/such/model", "model.model_name_or_path"),
+    ],
+)
+def test_model_config_values(user: dict[str, Path], setting: str, name: str) -> None:
+    assert_refused_and_unchanged(user["root"], fit_args(user, setting), name)
+
+
+# -- class 3: files that are not what they claim
+def _write(path: Path, content: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+def _safetensors(path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.zeros(2)}, str(path))
+    return path
+
+
+def _zip(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "hello")
+    return path
+
+
+def _torch_save(obj: Any) -> Callable[[Path], Path]:
+    def make(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, path)
+        return path
+
+    return make
+
+
+def _hf_trainer_folder(path: Path) -> Path:
+    _write(path / "trainer_state.json", "{}")
+    _write(path / "config.json", "{}")
+    _safetensors(path / "model.safetensors")
+    return path
+
+
+def _empty_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+CONFIG_FILES: dict[str, Callable[[Path], Path]] = {
+    "latin-1 text": lambda p: _write(p, "trainer:\n  max_steps: 1  # caf\xe9\n".encode("latin-1")),
+    "utf-16 text": lambda p: _write(p, "trainer:\n  max_steps: 1\n".encode("utf-16")),
+    "random bytes": lambda p: _write(p, bytes(range(256)) * 4),
+    "empty": lambda p: _write(p, ""),
+    "a list": lambda p: _write(p, "- trainer\n- model\n"),
+    "a scalar": lambda p: _write(p, "hello\n"),
+    "broken YAML": lambda p: _write(p, "trainer: {max_steps: [\n"),
+    "a folder": _empty_folder,
+    "a checkpoint": _torch_save({"a": 1}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIG_FILES))
+def test_config_file_that_is_not_a_yaml_mapping(user: dict[str, Path], kind: str) -> None:
+    path = CONFIG_FILES[kind](user["root"] / "configs" / kind.replace(" ", "_"))
+    args = ["fit", "--config", str(user["config"]), "--config", str(path)]
+    assert_refused_and_unchanged(user["root"], args, str(path))
+
+
+CHECKPOINT_FILES: dict[str, Callable[[Path], Path]] = {
+    "random bytes": lambda p: _write(p, os.urandom(4096)),
+    "empty file": lambda p: _write(p, b""),
+    "text": lambda p: _write(p, "state_dict: none\n"),
+    "a zip": _zip,
+    "a plain pickle": lambda p: _write(p, pickle.dumps({"state_dict": {}})),
+    "a torch dict": _torch_save({"weights": torch.zeros(2)}),
+    "a torch list": _torch_save([1, 2, 3]),
+    "a torch dict without a version": _torch_save({"state_dict": {}}),
+    "a safetensors file": _safetensors,
+    "an empty folder": _empty_folder,
+    "a HF Trainer folder": _hf_trainer_folder,
+}
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+@pytest.mark.parametrize("kind", sorted(CHECKPOINT_FILES))
+def test_checkpoint_not_written_by_lightning(user: dict[str, Path], kind: str, subcommand: str) -> None:
+    path = CHECKPOINT_FILES[kind](user["root"] / "ckpts" / subcommand / kind.replace(" ", "_"))
+    args = [*fit_args(user, "--ckpt_path", str(path))]
+    args[0] = subcommand
+    assert_refused_and_unchanged(user["root"], args, str(path))
+
+
+TEXT_FILES: dict[str, Callable[[Path], Path]] = {
+    "latin-1": lambda p: _write(p, "caf\xe9 au lait\n".encode("latin-1") * 50),
+    "utf-16": lambda p: _write(p, "some text\n".encode("utf-16") * 50),
+    "binary": lambda p: _write(p, bytes(range(256)) * 8),
+    "empty": lambda p: _write(p, ""),
+    "a safetensors file": _safetensors,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tokenizer_dir: Path) -> Path:
+    return tokenizer_dir
+
+
+@pytest.mark.parametrize("kind", sorted(TEXT_FILES))
+def test_text_file_that_is_not_text(user: dict[str, Path], tokenizer_folder: Path, kind: str) -> None:
+    path = TEXT_FILES[kind](user["root"] / "texts" / f"{kind.replace(' ', '_')}.txt")
+    good = _write(user["root"] / "texts" / "good.txt", "one two three four five six seven\n" * 100)
+    files = f"--data.text_files={{train: {path}, test: {good}}}"
+    args = fit_args(user, "--data.tokenized_dataset_load_dir=null", f"--data.tokenizer_name={tokenizer_folder}", files,
+                    f"--data.cache_dir={user['root'] / 'cache'}")
+    assert_refused_and_unchanged(user["root"], args, str(path))
+    prepare = ["prepare", "--save_dir", str(user["root"] / "prepared"), f"--tokenizer_name={tokenizer_folder}",
+               f"--text_files={{train: {path}}}", "--splits=[train]"]
+    assert_refused_and_unchanged(user["root"], prepare, str(path))
+    prompts = ["generate", "--model_name_or_path", str(user["run"] / "model"), "--prompts_file", str(path)]
+    assert_refused_and_unchanged(user["root"], prompts, str(path))
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (lambda root: root / "nowhere", "no such folder"),
+        (lambda root: _empty_folder(root / "models" / "empty"), "config.json"),
+        (lambda root: _safetensors(root / "models" / "a.safetensors"), "is a file"),
+        (lambda root: _zip(root / "models" / "a.zip"), "is a file"),
+    ],
+    ids=["missing", "empty folder", "a safetensors file", "a zip"],
+)
+def test_generate_model_of_the_wrong_kind(user: dict[str, Path], make: Callable[[Path], Path], what: str) -> None:
+    path = make(user["root"])
+    args = ["generate", "--model_name_or_path", str(path), "--prompts", "hi"]
+    assert_refused_and_unchanged(user["root"], args, str(path), what)
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda root: _write(root / "plots" / "junk.csv", b"\xff\xfe\x00garbage"), "junk.csv"),
+        (lambda root: _write(root / "plots" / "words.csv", "step,train_loss\nabc,xyz\n"), "words.csv"),
+        (lambda root: _write(root / "plots" / "empty.csv", ""), "empty.csv"),
+        (lambda root: _write(root / "plots" / "no_metrics/logs/version_0/metrics.csv", "epoch,step\n"), "metrics.csv"),
+        (lambda root: _empty_folder(root / "plots" / "empty_run"), "empty_run"),
+        (lambda root: root / "plots" / "missing_run", "missing_run"),
+    ],
+    ids=["binary csv", "non-numbers", "empty csv", "run without metrics", "empty folder", "missing folder"],
+)
+def test_plot_input_of_the_wrong_kind(user: dict[str, Path], make: Callable[[Path], Path], name: str) -> None:
+    path = make(user["root"])
+    assert_refused_and_unchanged(user["root"], ["plot", str(path), "--output", str(user["root"] / "x.png")], name)
+    assert not (user["root"] / "x.png").exists()
+
+
+# -- class 4: generate / plot / prepare edge cases
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
+    """A tiny saved GPT-2 with the session's tokenizer beside it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("hf_model")
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=BLOCK, n_embd=32, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("extra", "name"),
+    [
+        (["--prompts", ""], "prompt 0 is empty"),
+        (["--input_str", ""], "prompt 0 is empty"),
+        (["--prompts", "a", "--max_new_tokens", "0"], "max_new_tokens"),
+        (["--prompts", "a", "--max_new_tokens", "-5"], "max_new_tokens"),
+        (["--prompts", "a", "--max_new_tokens", str(10 * BLOCK)], "max_new_tokens"),
+        (["--prompts", "a", "--temperature", "-1"], "temperature"),
+        (["--prompts", "a", "--temperature", "nan"], "temperature"),
+        (["--prompts", "a", "--top_k", "0"], "top_k"),
+        (["--prompts", "a", "--top_p", "0"], "top_p"),
+        (["--prompts", "a", "--device", "banana"], "--device"),
+        ([], "no prompts"),
+        (["--prompts", "a", "--no_such_option", "1"], "no_such_option"),
+        (["--prompts", "a", "--tokenizer", "/nowhere/tok"], "--tokenizer"),
+    ],
+)
+def test_generate_edge_cases(user: dict[str, Path], model_folder: Path, extra: list[str], name: str) -> None:
+    assert_refused_and_unchanged(model_folder, ["generate", "--model_name_or_path", str(model_folder), *extra], name)
+
+
+def test_generate_output_that_exists(model_folder: Path, tmp_path: Path) -> None:
+    out = _write(tmp_path / "out.jsonl", "mine")
+    args = ["generate", "--model_name_or_path", str(model_folder), "--prompts", "a", "--output", str(out)]
+    assert_refused_and_unchanged(tmp_path, args, str(out))
+
+
+def test_temperature_zero_is_greedy_and_works(model_folder: Path, tmp_path: Path) -> None:
+    # Not an error: 0 is greedy decoding (documented); the same completion twice.
+    outputs = []
+    for name in ("a.jsonl", "b.jsonl"):
+        args = ["generate", "--model_name_or_path", str(model_folder), "--prompts", "one two", "--temperature", "0",
+                "--max_new_tokens", "3", "--output", str(tmp_path / name)]
+        code, err = run(args)
+        assert code == 0, err
+        outputs.append((tmp_path / name).read_text())
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "name"),
+    [
+        (["--splits", "[nope]"], "--splits"),
+        (["--tokenizer_name", "/nowhere/tokenizer"], "--tokenizer_name"),
+        (["--block_size", "100000"], "--block_size"),
+    ],
+)
+def test_prepare_edge_cases(user: dict[str, Path], tokenizer_folder: Path, extra: list[str], name: str) -> None:
+    text = _write(user["root"] / "texts" / "small.txt", "one two three\n" * 20)
+    args = ["prepare", "--save_dir", str(user["root"] / "prepared"), f"--tokenizer_name={tokenizer_folder}",
+            f"--text_files={{train: {text}}}", "--splits=[train]", *extra]
+    assert_refused_and_unchanged(user["root"], args, name)
+    assert not (user["root"] / "prepared").exists()
+
+
+def test_prepare_into_a_file(user: dict[str, Path], tokenizer_folder: Path) -> None:
+    target = _write(user["root"] / "notes.md", "mine")
+    args = ["prepare", "--save_dir", str(target), f"--tokenizer_name={tokenizer_folder}"]
+    assert_refused_and_unchanged(user["root"], args, str(target))
+
+
+# -- class 5: a bad --model.* value beside an explicit --ckpt_path (the checkpoint's hparams replace the user's)
+@pytest.mark.parametrize(
+    ("setting", "name"),
+    [
+        ("--model.model_config.n_head=3", "model.model_config.n_head"),
+        ("--model.model_config.n_layer=0", "model.model_config.n_layer"),
+        ("--model.learning_rate=-1", "model.learning_rate"),
+        ("--model.dropout=nan", "model.dropout"),
+    ],
+)
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_bad_model_value_beside_ckpt_path_is_refused(
+    user: dict[str, Path], setting: str, name: str, subcommand: str
+) -> None:
+    args = [subcommand, "--config", str(user["config"]), "--ckpt_path", str(user["ckpt"]), setting]
+    assert_refused_and_unchanged(user["root"], args, name)
+
+
+def test_replaced_model_value_is_said_then_resume_works(user: dict[str, Path]) -> None:
+    """After all the refused cases above, the user's run still resumes; a model value the checkpoint overrides is
+    named on stderr instead of being dropped silently."""
+    before = snapshot(user["root"] / "data")
+    code, err = run(["fit", "--config", str(user["config"]), "--trainer.max_steps=3", "--ckpt_path", str(user["ckpt"]),
+                     "--model.learning_rate=0.5", "--export.dirname=null"])
+    assert code == 0, err
+    assert "model.learning_rate=0.5 is ignored" in err
+    assert torch.load(user["ckpt"], weights_only=True)["global_step"] == 3
+    assert snapshot(user["root"] / "data") == before
+
+
+# -- the real entry point: a few cases as the shell runs them, started together (each imports torch)
+def test_real_entry_point(user: dict[str, Path], tmp_path: Path) -> None:
+    bad_ckpt = _zip(tmp_path / "model.ckpt")
+    latin = _write(tmp_path / "latin.yaml", "trainer:\n  max_steps: 1 # \xe9\n".encode("latin-1"))
+    # Two processes (each imports torch and Lightning): a Trainer subcommand and a tool, each with a file and a value.
+    cases = {
+        "fit": (["fit", "--config", str(latin), "--data.batch_size=0"], str(latin)),
+        "generate": (["generate", "--model_name_or_path", str(bad_ckpt), "--prompts", "a"], str(bad_ckpt)),
+    }
+    before = snapshot(user["root"])
+    procs = {
+        name: subprocess.Popen(cli_command(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        for name, (args, _) in cases.items()
+    }
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=240)
+        assert_one_error_line(proc.returncode, err, cases[name][1])
+    assert {path: snapshot(user["root"]).get(path) for path in before} == before
+
+
+def test_matrix_covers_every_numeric_init_argument() -> None:
+    """A new numeric option must join the matrix: every int/float argument of the CLI's classes is listed."""
+    import inspect
+
+    from lit_flash.callbacks import TokenThroughput
+    from lit_flash.data import WikitextDataModule
+    from lit_flash.generate import generate_main
+    from lit_flash.model import FlashGPT2LM
+
+    def numeric(function: Callable, prefix: str) -> set[str]:
+        names = set()
+        for name, parameter in inspect.signature(function).parameters.items():
+            default = parameter.default
+            if isinstance(default, int | float) and not isinstance(default, bool) and math.isfinite(default):
+                names.add(prefix + name)
+            elif default is None and any(t in str(parameter.annotation) for t in ("Int", "Float", "int", "float")):
+                names.add(prefix + name)
+        return names
+
+    listed = set(FIT_RANGES) | {f"generate.{k}" for k in GENERATE_RANGES} | {"model.betas"}
+    wanted = (
+        numeric(FlashGPT2LM.__init__, "model.")
+        | numeric(WikitextDataModule.__init__, "data.")
+        | numeric(TokenThroughput.__init__, "throughput.")
+        | numeric(generate_main, "generate.")
+    )
+    assert wanted - listed == set()
+
