@@ -565,3 +565,17 @@ def test_matrix_covers_every_numeric_init_argument() -> None:
     )
     assert wanted - listed == set()
 
+
+
+def test_more_cpu_devices_than_cores_is_refused_before_any_process_starts(tmp_path, capsys):
+    """`--trainer.devices 64` on CPU started 64 training processes (one per device) and exhausted the memory."""
+    from lit_flash.cli import cli_main
+
+    too_many = (os.cpu_count() or 1) + 1
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--trainer.accelerator", "cpu", "--trainer.devices", str(too_many),
+                  "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: trainer.devices=") and "cores" in err[-1]
+    assert not (tmp_path / "run").exists()

@@ -202,6 +202,24 @@ def check_lightning_values(config: Mapping[str, Any] | Any) -> None:
         problem = check(value)
         if problem is not None:
             raise LitFlashError(f"{key}={value!r}: {problem}")
+    check_cpu_processes(_get(config, "trainer.accelerator"), _get(config, "trainer.devices"))
+
+
+def check_cpu_processes(accelerator: Any, devices: Any) -> None:
+    """On CPU every device is a process Lightning starts: a typo such as `devices: 100` would fork a hundred
+    training processes and exhaust the machine's memory. At most one per core."""
+    import os
+
+    import torch
+
+    on_cpu = accelerator == "cpu" or (accelerator in ("auto", None, _MISSING) and not torch.cuda.is_available())
+    count = int(devices) if isinstance(devices, str) and devices.strip().isdigit() else devices
+    cores = os.cpu_count() or 1
+    if on_cpu and isinstance(count, int) and not isinstance(count, bool) and count > cores:
+        raise LitFlashError(
+            f"trainer.devices={devices!r}: on CPU each device is a process, and this machine has {cores} cores: "
+            f"use at most {cores} (or 1)"
+        )
 
 
 _MISSING = object()
