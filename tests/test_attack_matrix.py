@@ -579,3 +579,15 @@ def test_more_cpu_devices_than_cores_is_refused_before_any_process_starts(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: trainer.devices=") and "cores" in err[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_typo_in_the_number_of_loader_workers_is_refused(tmp_path, capsys):
+    """`--data.num_workers=100000` forked workers until the run died."""
+    from lit_flash.cli import cli_main
+
+    too_many = 4 * (os.cpu_count() or 1) + 1
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--data.num_workers", str(too_many), "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: data.num_workers={too_many}: ")
+    assert not (tmp_path / "run").exists()

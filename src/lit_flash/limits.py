@@ -203,6 +203,20 @@ def check_lightning_values(config: Mapping[str, Any] | Any) -> None:
         if problem is not None:
             raise LitFlashError(f"{key}={value!r}: {problem}")
     check_cpu_processes(_get(config, "trainer.accelerator"), _get(config, "trainer.devices"))
+    check_loader_workers(_get(config, "data.num_workers"))
+
+
+def check_loader_workers(num_workers: Any) -> None:
+    """Each DataLoader worker is a process holding a copy of the loader: a typo such as 100000 forks until the
+    machine runs out of memory. Four per core is already more than a loader can use."""
+    import os
+
+    most = 4 * (os.cpu_count() or 1)
+    if isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers > most:
+        raise LitFlashError(
+            f"data.num_workers={num_workers}: each worker is a process, and this machine has {most // 4} cores: "
+            f"use at most {most} (0 loads in the training process)"
+        )
 
 
 def check_cpu_processes(accelerator: Any, devices: Any) -> None:
