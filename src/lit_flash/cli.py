@@ -354,6 +354,8 @@ def sniff_file_kind(path: str | os.PathLike) -> str | None:
         return None if any(n.endswith("data.pkl") for n in names) else "a zip archive"
     if head.startswith((b"{", b"[")) or (head and all(32 <= b < 127 or b in b"\t\r\n" for b in head)):
         return "a text file"
+    if head.startswith(b"\x80") and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a plain pickle file"  # Lightning's checkpoints are torch's zip format
     return None
 
 
