@@ -256,10 +256,11 @@ def fill_disk(folder: Path, leave: int) -> None:
 
 
 def ctrl_c_trial(
-    args: list[str], delay: float, log: Path, timeout: float = 30, presses: int = 1
+    args: list[str], delay: float, log: Path, timeout: float = 30, presses: int = 1, signum: int | None = None
 ) -> tuple[int | None, float]:
     """`cli_main(args)` in a forked child leading its own process group (as a shell runs a job); `delay` seconds
-    after the start, SIGINT to the whole group (what Ctrl-C at a terminal does), `presses` times 0.1 s apart.
+    after the start, SIGINT to the whole group (what Ctrl-C at a terminal does; `signum`: another signal, e.g. the
+    SIGTERM `timeout` or Slurm send to the group), `presses` times 0.1 s apart.
     Returns the exit status (None if it did not end within `timeout`; the child is then killed) and the seconds
     from the first Ctrl-C to the exit."""
     import signal
@@ -295,7 +296,7 @@ def ctrl_c_trial(
     sent = time.monotonic()
     for press in range(presses):
         try:
-            os.killpg(pid, signal.SIGINT)
+            os.killpg(pid, signal.SIGINT if signum is None else signum)
         except ProcessLookupError:
             break
         if press + 1 < presses:

@@ -513,4 +513,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
 
 def main() -> None:
     """Console entry point (`lit-flash`)."""
-    cli_main()
+    try:
+        cli_main()
+    except KeyboardInterrupt:  # before a Trainer ran (during one, Ctrl-C takes the SIGTERM path: see interrupt.py)
+        raise interrupt.stopped_while_starting() from None

@@ -74,6 +74,16 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
 
 
 def ignore_sigint_in_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: a terminal's Ctrl-C reaches the whole process group; the workers leave it to
-    the main process, instead of dying and failing the batch being fetched."""
+    """DataLoader `worker_init_fn`: a terminal's Ctrl-C, and the SIGTERM that `timeout`, systemd or Slurm send,
+    reach the whole process group; the workers leave both to the main process (which saves and then stops them)
+    instead of dying, which failed the batch being fetched and ended the run with nothing saved. A worker whose
+    main process is gone still exits: the DataLoader's workers watch their parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stopped_while_starting() -> SystemExit:
+    """A Ctrl-C before a Trainer runs (while modules import or the data loads): nothing to save, so say so and exit
+    130 instead of printing the traceback of whatever import was running."""
+    os.write(2, b"\nlit_flash: Ctrl-C while starting: stopped before training; nothing was saved\n")
+    return SystemExit(EXIT_CODE)
