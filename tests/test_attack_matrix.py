@@ -591,3 +591,20 @@ def test_a_typo_in_the_number_of_loader_workers_is_refused(tmp_path, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: data.num_workers={too_many}: ")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["lock is a folder", "lock is a fifo", "checkpoints is a file", "logs is a file"])
+def test_a_run_folder_holding_the_wrong_kind_of_entry_is_one_line(user: dict[str, Path], tmp_path, where: str):
+    """Each of these ended in a traceback (IsADirectoryError, a non-seekable FIFO, FileExistsError)."""
+    root = tmp_path / "run"
+    root.mkdir()
+    name = {"lock is a folder": ".lit_flash.lock", "lock is a fifo": ".lit_flash.lock",
+            "checkpoints is a file": "checkpoints", "logs is a file": "logs"}[where]
+    if where == "lock is a folder":
+        (root / name).mkdir()
+    elif where == "lock is a fifo":
+        os.mkfifo(root / name)
+    else:
+        (root / name).write_text("the user's notes\n")
+    args = fit_args(user, f"--trainer.default_root_dir={root}", "--ckpt_path=auto")
+    assert_refused_and_unchanged(root, args, name)

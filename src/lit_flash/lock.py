@@ -27,6 +27,11 @@ def acquire_run_lock(folder: str | os.PathLike, flag: str = "trainer.default_roo
         return folder / LOCK_NAME
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
+    if path.exists() and not path.is_file():  # a folder or a FIFO there would fail to open or block the open
+        raise LitFlashError(
+            f"{flag}={folder}: {path} is not a file (lit_flash keeps its run lock there): remove it, or give this "
+            f"run another {flag}"
+        )
     f = open(path, "a+")  # never truncate before holding the lock: the holder's PID is in there
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -54,3 +54,9 @@ def check_output_dir(path: str | os.PathLike, flag: str = "trainer.default_root_
     except OSError as err:
         why = err.strerror or str(err)
         raise LitFlashError(f"{flag}={path}: cannot write there ({why}); choose a writable folder") from err
+    for name in ("checkpoints", "logs"):  # what a run writes inside: each must be a folder if present
+        if (path / name).exists() and not (path / name).is_dir():
+            raise LitFlashError(
+                f"{flag}={path}: {path / name} is a file, where the run keeps its {name} folder: move the file, or "
+                f"give this run another {flag}"
+            )
