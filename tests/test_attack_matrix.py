@@ -608,3 +608,14 @@ def test_a_run_folder_holding_the_wrong_kind_of_entry_is_one_line(user: dict[str
         (root / name).write_text("the user's notes\n")
     args = fit_args(user, f"--trainer.default_root_dir={root}", "--ckpt_path=auto")
     assert_refused_and_unchanged(root, args, name)
+
+
+@pytest.mark.parametrize("extra", [
+    "--trainer.default_root_dir=", "--checkpoint.filename=../../notes", "--checkpoint.filename=sub/x",
+    "--trainer.max_steps=0", "--trainer.max_epochs=0", "--trainer.limit_train_batches=0",
+])
+def test_a_run_that_would_write_elsewhere_or_train_nothing_is_refused(user: dict[str, Path], extra: str):
+    """`checkpoint.filename=../../notes` replaced the user's notes.ckpt; an empty root wrote into the current
+    folder; a fit of no step exported the untrained model as if it had trained."""
+    key = extra.split("=")[0].lstrip("-")
+    assert_refused_and_unchanged(user["root"], fit_args(user, extra), key)

@@ -27,7 +27,7 @@ from lit_flash.data import WikitextDataModule
 from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
 from lit_flash.lightning_adapters import last_saved_step
-from lit_flash.limits import RANGE_TYPES, check_lightning_values
+from lit_flash.limits import RANGE_TYPES, check_lightning_values, check_training_length
 from lit_flash.lock import acquire_run_lock, release_all
 from lit_flash.model import FlashGPT2LM, check_model_config
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
@@ -199,6 +199,8 @@ class LitFlashCLI(LightningCLI):
         # before anything is seeded, built or written.
         subcommand = self.config.get("subcommand")
         check_lightning_values(self.config[subcommand] if subcommand else self.config)
+        if subcommand in (None, "fit"):
+            check_training_length(self.config[subcommand] if subcommand else self.config)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

@@ -204,6 +204,28 @@ def check_lightning_values(config: Mapping[str, Any] | Any) -> None:
             raise LitFlashError(f"{key}={value!r}: {problem}")
     check_cpu_processes(_get(config, "trainer.accelerator"), _get(config, "trainer.devices"))
     check_loader_workers(_get(config, "data.num_workers"))
+    check_run_paths(_get(config, "trainer.default_root_dir"), _get(config, "checkpoint.filename"))
+
+
+def check_run_paths(root: Any, filename: Any) -> None:
+    """An empty run folder would write into the current directory; a checkpoint name with a path in it would write
+    outside the checkpoints folder (`../../notes` replaced the user's `notes.ckpt`)."""
+    if isinstance(root, str) and not root.strip():
+        raise LitFlashError("trainer.default_root_dir is empty: give the folder the run writes to, e.g. runs/my_run")
+    if isinstance(filename, str) and ("/" in filename or "\\" in filename or filename.strip() in ("", ".", "..")):
+        raise LitFlashError(
+            f"checkpoint.filename={filename!r}: a file name inside the checkpoints folder, without a path (such as "
+            "'{epoch}-{step}'); to put checkpoints elsewhere, set trainer.default_root_dir"
+        )
+
+
+def check_training_length(config: Mapping[str, Any] | Any) -> None:
+    """`fit` that would train no step (max_steps 0, max_epochs 0, no training batch) exported the untrained model
+    as if it had trained."""
+    for key, none_means in (("trainer.max_steps", 0), ("trainer.max_epochs", 0), ("trainer.limit_train_batches", 0)):
+        value = _get(config, key)
+        if value is not _MISSING and value is not None and not isinstance(value, bool) and value == none_means:
+            raise LitFlashError(f"{key}={value!r}: fit would train no step; give a positive value (or leave it unset)")
 
 
 def check_loader_workers(num_workers: Any) -> None:
