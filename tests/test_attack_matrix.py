@@ -619,3 +619,19 @@ def test_a_run_that_would_write_elsewhere_or_train_nothing_is_refused(user: dict
     folder; a fit of no step exported the untrained model as if it had trained."""
     key = extra.split("=")[0].lstrip("-")
     assert_refused_and_unchanged(user["root"], fit_args(user, extra), key)
+
+
+def test_plot_output_in_a_format_matplotlib_cannot_write_is_one_line(user: dict[str, Path]) -> None:
+    """`plot <run> --output out.txt` raised matplotlib's ValueError after reading the logs."""
+    target = user["root"] / "plots" / "out.txt"
+    assert_refused_and_unchanged(user["root"], ["plot", str(user["run"]), "--output", str(target)], "out.txt")
+    assert not target.exists()
+
+
+def test_plot_output_in_a_new_folder_is_written(user: dict[str, Path]) -> None:
+    """A missing parent folder raised FileNotFoundError; generate --output creates it, and so does plot now."""
+    from lit_flash.cli import cli_main
+
+    target = user["root"] / "plots" / "new" / "folder" / "curves.png"
+    cli_main(["plot", str(user["run"]), "--output", str(target)])
+    assert target.is_file() and target.stat().st_size > 0

@@ -101,9 +101,26 @@ def plot_main(path: str, output: str | None = None, metrics: list[str] | None = 
         metrics: Logged metrics to draw, default `[train_loss, val_ppl]`.
     """
     _require_matplotlib().use("Agg")  # files only: no display needed
-    if output is not None and Path(output).exists():
-        raise LitFlashError(f"--output {output} exists: choose another file or remove it yourself")
+    if output is not None:
+        check_image_output(output)
     target = Path(output) if output is not None else find_metrics_csv(path).with_name("plot.png")
     fig = plot_metrics(path, tuple(metrics or DEFAULT_METRICS))
+    target.parent.mkdir(parents=True, exist_ok=True)  # as generate --output does
     fig.savefig(target, dpi=100)
     print(f"wrote {target}")
+
+
+def check_image_output(output: str) -> None:
+    """Before drawing: `--output` must be a new file in a format matplotlib writes (it raised a ValueError for
+    `.txt`, after reading the logs)."""
+    from matplotlib.figure import Figure
+
+    if Path(output).exists():
+        raise LitFlashError(f"--output {output} exists: choose another file or remove it yourself")
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = Path(output).suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise LitFlashError(
+            f"--output {output}: {'.' + suffix if suffix else 'no'} image format; end the name with one of "
+            + ", ".join("." + f for f in sorted(formats))
+        )
