@@ -635,3 +635,19 @@ def test_plot_output_in_a_new_folder_is_written(user: dict[str, Path]) -> None:
     target = user["root"] / "plots" / "new" / "folder" / "curves.png"
     cli_main(["plot", str(user["run"]), "--output", str(target)])
     assert target.is_file() and target.stat().st_size > 0
+
+
+def test_a_config_that_is_a_fifo_is_refused_not_read_for_ever(user: dict[str, Path]) -> None:
+    fifo = user["root"] / "configs" / "fifo.yaml"
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    assert_refused_and_unchanged(user["root"], fit_args(user, "--config", str(fifo)), "fifo.yaml")
+
+
+def test_a_config_of_nested_yaml_aliases_is_refused_not_expanded(user: dict[str, Path]) -> None:
+    """Nine levels of nine aliases ("billion laughs") hung the parser."""
+    lines = ['a0: &a0 ["lol"]'] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)
+    ]
+    laughs = _write(user["root"] / "configs" / "laughs.yaml", "\n".join(lines) + "\n")
+    assert_refused_and_unchanged(user["root"], fit_args(user, "--config", str(laughs)), "laughs.yaml")

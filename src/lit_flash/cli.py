@@ -383,6 +383,22 @@ def _flatten(namespace: Any) -> dict[str, Any]:
     return flat
 
 
+MAX_CONFIG_NODES = 100_000
+
+
+def expanded_yaml_size(node: Any, sizes: dict[int, int] | None = None) -> int:
+    """How many values a composed YAML document holds once its aliases are expanded, counted without expanding
+    them (an alias is the same node object: its size is computed once)."""
+    sizes = {} if sizes is None else sizes
+    if node is None:
+        return 0
+    if id(node) not in sizes:
+        children = node.value if isinstance(node.value, list) else []
+        items = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+        sizes[id(node)] = 1 + sum(expanded_yaml_size(item, sizes) for item in items)
+    return sizes[id(node)]
+
+
 def check_config_files(args: list[str]) -> None:
     """Each `--config FILE`: UTF-8 text holding a YAML mapping. jsonargparse would raise a UnicodeDecodeError
     traceback for other bytes, and call an empty file or a list "Unexpected config"."""
@@ -391,8 +407,10 @@ def check_config_files(args: list[str]) -> None:
     paths = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")]
     paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
     for path in paths:
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             continue  # jsonargparse names a missing one
+        if not os.path.isfile(path):  # a FIFO would block the read for ever; a folder is not a config
+            raise LitFlashError(f"--config {path}: not a regular file: give a YAML file")
         raw = Path(path).read_bytes()
         try:
             text = raw.decode("utf-8")
@@ -408,6 +426,12 @@ def check_config_files(args: list[str]) -> None:
             where = f" at line {mark.line + 1}" if mark is not None else ""
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise LitFlashError(f"--config {path}: not valid YAML{where} ({problem}): fix the file") from None
+        size = expanded_yaml_size(yaml.compose(text))
+        if size > MAX_CONFIG_NODES:  # nested anchors expand exponentially ("billion laughs"): a hang
+            raise LitFlashError(
+                f"--config {path}: its YAML aliases (*name) expand to {size:.3g} values, more than a config can "
+                f"hold ({MAX_CONFIG_NODES}): write the values out"
+            )
         if content is None:
             raise LitFlashError(f"--config {path} is empty: give a YAML file with trainer:, model:, data: ... keys")
         if not isinstance(content, dict):

@@ -285,7 +285,11 @@ def generate_main(
             print(f"{prompt}{completion}\n{'-' * 80}")
         return
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "x", encoding="utf-8") as f:
+    try:
+        f = open(output, "x", encoding="utf-8")  # noqa: SIM115 - "x": a file created since the check is not replaced
+    except FileExistsError:
+        raise LitFlashError(f"--output {output} exists: choose another file or remove it yourself") from None
+    with f:
         for prompt, completion in zip(texts, completions, strict=True):
             f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
     print(f"wrote {len(completions)} completions to {output}")
