@@ -542,9 +542,9 @@ def test_matrix_covers_every_numeric_init_argument() -> None:
     import inspect
 
     from lit_flash.callbacks import TokenThroughput
-    from lit_flash.data import WikitextDataModule
+    from lit_flash.datamodule import WikitextDataModule
     from lit_flash.generate import generate_main
-    from lit_flash.model import FlashGPT2LM
+    from lit_flash.module import FlashGPT2LM
 
     def numeric(function: Callable, prefix: str) -> set[str]:
         names = set()

@@ -42,9 +42,9 @@ from _helpers import (
 from lit_flash import checkpointing
 from lit_flash.checkpointing import AtomicCheckpointIO, atomic_torch_save, load_checkpoint_file, partial_path
 from lit_flash.cli import cli_main
-from lit_flash.data import WikitextDataModule
+from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError, NonFiniteLossError
-from lit_flash.model import FlashGPT2LM
+from lit_flash.module import FlashGPT2LM
 from lit_flash.resume import ExactResume, ResumableDataLoader, ResumableSampler
 
 TOLERANCE = 1e-6  # absolute, per logged loss; the runs are in fact bit-identical

@@ -23,13 +23,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lit_flash import interrupt
 from lit_flash.callbacks import HFExport, TokenThroughput
 from lit_flash.checkpointing import LOAD_ERRORS, AtomicCheckpointIO, load_error, resolve_ckpt_path
-from lit_flash.data import WikitextDataModule
+from lit_flash.datamodule import WikitextDataModule
 from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
+from lit_flash.guards import check_model_config
 from lit_flash.lightning_adapters import last_saved_step
 from lit_flash.limits import RANGE_TYPES, check_lightning_values
 from lit_flash.lock import acquire_run_lock, release_all
-from lit_flash.model import FlashGPT2LM, check_model_config
+from lit_flash.module import FlashGPT2LM
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
 from lit_flash.resume import ExactResume, last_checkpoint_path
 
@@ -37,7 +38,7 @@ TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_CONFIG = "demo.yaml"
 # Subcommands that are a typed function (jsonargparse.CLI), not a Trainer run: "module:function".
 FUNCTION_SUBCOMMANDS = {
-    "prepare": "lit_flash.data:prepare_dataset",
+    "prepare": "lit_flash.blocks:prepare_dataset",
     "generate": "lit_flash.generate:generate_main",
     "plot": "lit_flash.plot:plot_main",
 }

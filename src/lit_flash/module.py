@@ -8,24 +8,24 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import importlib
 import math
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torchmetrics import Metric
 
+from lit_flash.attention import SDPA_BACKENDS, AttnImplementation, SDPABackend, resolve_attn_implementation
+from lit_flash.blocks import IGNORE_INDEX
 from lit_flash.checkpointing import check_state_dict_fits
-from lit_flash.data import IGNORE_INDEX, perplexity
 from lit_flash.errors import LitFlashError, NonFiniteLossError
 from lit_flash.export import write_export
+from lit_flash.guards import as_declared_types, check_data_fits_model, check_model_config, check_skip_supported
 from lit_flash.lightning_adapters import attached_trainer, is_log_step
 from lit_flash.limits import DropoutFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from lit_flash.metrics import TokenMean, flops_per_token, perplexity
 from lit_flash.optim import (
     new_lr_plan,
     planned_optimizer_steps,
@@ -34,218 +34,8 @@ from lit_flash.optim import (
     weight_decay_groups,
 )
 
-AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
-SDPABackend = Literal["cudnn", "flash", "efficient", "math"]
-SDPA_BACKENDS = {
-    "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"
-}
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 LRSchedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"]
-
-
-def flash_attention_unavailable_reason(device: torch.device | None = None) -> str | None:
-    """Why FlashAttention-2 cannot run here, or None when it can."""
-    if device is not None and device.type != "cuda":
-        return f"the trainer runs on {device.type}, and flash-attn needs a CUDA GPU"
-    try:  # an import, not a find_spec: a wheel built for another torch/CUDA fails here, not mid-training
-        importlib.import_module("flash_attn")
-    except ImportError as err:
-        return f"flash-attn cannot be imported ({err}); pip install 'lit-flash[flash]' on a CUDA machine"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is available"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        name = torch.cuda.get_device_name(device)
-        return f"the GPU {name} is sm_{major}{minor}; flash-attn needs sm_80 (Ampere) or newer"
-    return None
-
-
-def resolve_attn_implementation(
-    requested: str, fallback: bool = True, device: torch.device | None = None
-) -> str:
-    """The attention backend to load: `requested`, or `sdpa` (said once, with the reason) when flash cannot run."""
-    if requested not in get_args(AttnImplementation):
-        raise LitFlashError(
-            f"model.attn_implementation={requested!r} is unknown: choose one of "
-            + ", ".join(get_args(AttnImplementation))
-        )
-    if requested != "flash_attention_2":
-        return requested
-    reason = flash_attention_unavailable_reason(device)
-    if reason is None:
-        return requested
-    if not fallback:
-        raise LitFlashError(
-            f"model.attn_implementation=flash_attention_2 cannot run: {reason}; "
-            "set model.attn_fallback=true to use sdpa instead"
-        )
-    rank_zero_warn(f"flash_attention_2 cannot run: {reason}. Using sdpa instead (model.attn_fallback=false to stop).")
-    return "sdpa"
-
-
-def check_data_fits_model(
-    config: Any,
-    seq_len: int | None = None,
-    max_token_id: int | None = None,
-    tokenizer_size: int | None = None,
-    vocab_size: int | None = None,
-) -> None:
-    """Catch on the host what would otherwise be a CUDA device-side assert deep inside the embedding."""
-    vocab = vocab_size or config.vocab_size
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if seq_len is not None and context is not None and seq_len > context:
-        raise LitFlashError(
-            f"data.block_size: rows have {seq_len} tokens but the model's context is {context}; lower data.block_size"
-        )
-    if max_token_id is not None and max_token_id >= vocab:
-        raise LitFlashError(
-            f"the data holds token id {max_token_id} but the model's vocabulary has {vocab} ids: "
-            "tokenize with the model's tokenizer (data.tokenizer_name) or raise model.model_config.vocab_size"
-        )
-    if tokenizer_size is not None and tokenizer_size > vocab:
-        raise LitFlashError(
-            f"data.tokenizer_name: the tokenizer has {tokenizer_size} tokens but the model only {vocab}: "
-            "use the model's own tokenizer or set model.model_config.vocab_size"
-        )
-
-
-# A model's sizes under transformers' generic names (GPT-2 maps n_embd -> hidden_size etc. in `attribute_map`).
-_SIZE_NAMES = ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads")
-
-
-def check_model_config(model_config: Any, from_scratch: bool = True) -> None:
-    """Refuse `model.model_config` values no model can be built from, naming the key, before anything is built:
-    sizes below 1 or not integers, dropout outside [0, 1), and (from scratch, where every size is known) a width
-    the heads do not divide. transformers would raise deep inside the model's `__init__`, or build a model that
-    cannot train (zero layers, an empty vocabulary)."""
-    if model_config is None:
-        return
-    if not isinstance(model_config, dict):
-        raise LitFlashError(f"model.model_config must be a mapping of config keys to values, got {model_config!r}")
-    from transformers import AutoConfig
-
-    given = dict(model_config)
-    model_type = given.pop("model_type", "gpt2")
-    try:
-        defaults = AutoConfig.for_model(model_type)
-    except (ValueError, KeyError, TypeError) as err:
-        raise LitFlashError(f"model.model_config.model_type={model_type!r}: not a transformers model type") from err
-    own_name = dict(getattr(defaults, "attribute_map", {}))  # generic name -> this model type's own
-
-    def key_of(generic: str) -> str:  # the name the user wrote, or else the model's own name for it
-        return generic if generic in given else own_name.get(generic, generic)
-
-    for generic in _SIZE_NAMES:
-        key = key_of(generic)
-        if key in given and not _is_count(given[key]):
-            raise LitFlashError(f"model.model_config.{key}={given[key]!r}: must be an integer >= 1")
-    for key in ("n_inner", "intermediate_size"):  # the MLP width: null means 4 x the width
-        if given.get(key) is not None and not _is_count(given[key]):
-            raise LitFlashError(f"model.model_config.{key}={given[key]!r}: must be an integer >= 1, or null")
-    for key, value in given.items():
-        if ("pdrop" in key or key.endswith("dropout")) and not _is_fraction_below_one(value):
-            raise LitFlashError(f"model.model_config.{key}={value!r}: must be a dropout probability in [0, 1)")
-        problem = _type_problem(value, getattr(defaults, key, None))
-        if problem:
-            raise LitFlashError(f"model.model_config.{key}={value!r}: {problem}")
-        if ("epsilon" in key or key.endswith("_eps")) and not value > 0:
-            raise LitFlashError(f"model.model_config.{key}={value!r}: must be a number > 0")
-    if not from_scratch:  # a pretrained model's other sizes are unknown until it loads
-        return
-    try:
-        config = AutoConfig.for_model(model_type, **as_declared_types(given, defaults))
-    except Exception as err:  # noqa: BLE001 - any refusal of the config (huggingface_hub's strict dataclasses raise
-        # their own Exception subclass) is a bad model_config, said in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LitFlashError(f"model.model_config: cannot build a {model_type} config ({first})") from err
-    width, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
-    if _is_count(width) and _is_count(heads) and width % heads:
-        raise LitFlashError(
-            f"model.model_config.{key_of('hidden_size')}={width} is not divisible by "
-            f"model.model_config.{key_of('num_attention_heads')}={heads}: choose a head count that divides the width"
-        )
-
-
-def _type_problem(value: Any, default: Any) -> str | None:
-    """What is wrong with `value` for a config key whose default is `default` (its declared kind), if anything."""
-    if isinstance(default, bool):
-        return None if isinstance(value, bool) else "must be true or false"
-    if isinstance(default, int):
-        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
-    if isinstance(default, float):
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        return None if ok else "must be a finite number"
-    return None
-
-
-def as_declared_types(given: dict[str, Any], defaults: Any) -> dict[str, Any]:
-    """`layer_norm_epsilon: 1` is a float the YAML wrote as an int; transformers' strict configs refuse the int."""
-    return {
-        key: float(value)
-        if isinstance(getattr(defaults, key, None), float) and isinstance(value, int) and not isinstance(value, bool)
-        else value
-        for key, value in given.items()
-    }
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 2**63 - 1
-
-
-def _is_fraction_below_one(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
-
-
-def check_skip_supported(on_nonfinite: str, precision: str, strategy: Any) -> None:
-    """Lightning's FSDP precision plugin unscales the fp16 gradients of a skipped step without updating its
-    GradScaler, so the next step would fail; the other strategies' plugin skips both."""
-    if on_nonfinite == "skip" and precision in ("16-mixed", "16") and isinstance(strategy, FSDPStrategy):
-        raise LitFlashError(
-            "model.on_nonfinite=skip cannot skip a step under FSDP with trainer.precision=16-mixed: "
-            "use bf16-mixed, or model.on_nonfinite=stop"
-        )
-
-
-class TokenMean(Metric):
-    """The mean loss over predicted tokens, summed across batches and ranks.
-
-    torchmetrics' MeanMetric looks for NaN in every update with a host read, which stalls the GPU at each evaluation
-    batch. Here a NaN batch (e.g. one with no token to predict) simply makes the mean NaN, as it should: a dropped
-    batch would give a finite, too-good val_ppl.
-    """
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("tokens", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, loss: torch.Tensor, weight: torch.Tensor | int) -> None:
-        """`loss`: a batch's mean over its predicted tokens; `weight`: how many tokens that mean is over."""
-        self.total += loss.double() * weight
-        self.tokens += weight
-
-    def compute(self) -> torch.Tensor:
-        return (self.total / self.tokens).float()
-
-
-def flops_per_token(config: Any, seq_len: int, training: bool = True) -> float:
-    """FLOPs per token: 6N + 12·L·d·T for a training step (N parameters, L layers, width d, T tokens of context;
-    PaLM's appendix B), a third of that for a forward pass alone."""
-    n_params = sum(p.numel() for p in _params_of_config(config))
-    layers, width = config.num_hidden_layers, config.hidden_size  # GPT-2's n_layer/n_embd, by any model's names
-    train_flops = 6 * n_params + 12 * layers * width * seq_len
-    return train_flops if training else train_flops / 3
-
-
-def _params_of_config(config: Any) -> list[torch.Tensor]:
-    # Parameter count without building the model: meta tensors cost nothing.
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return list(model.parameters())
 
 
 def _to_autocast_dtype(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
