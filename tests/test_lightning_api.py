@@ -20,7 +20,6 @@ REMAINING = {
     ("cli.py", "self._parser"),
     ("cli.py", "self._instantiate_trainer"),
     ("cli.py", "super()._parse_ckpt_path"),
-    ("callbacks.py", "pl_module._stop_if_nonfinite"),  # lit_flash's own module: the non-finite guard, phase 2
     ("interrupt.py", "os._exit"),  # public in the standard library despite its name: exit without cleanup
 }
 

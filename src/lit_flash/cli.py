@@ -21,8 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from lit_flash import interrupt
-from lit_flash.callbacks import HFExport, TokenThroughput
-from lit_flash.checkpointing import LOAD_ERRORS, AtomicCheckpointIO, load_error, resolve_ckpt_path
+from lit_flash.callbacks import HFExport, LastValidatedStep, TokenThroughput
+from lit_flash.checkpointing import LOAD_ERRORS, load_error, resolve_ckpt_path
 from lit_flash.datamodule import WikitextDataModule
 from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
@@ -32,7 +32,8 @@ from lit_flash.limits import RANGE_TYPES, check_lightning_values
 from lit_flash.lock import acquire_run_lock, release_all
 from lit_flash.module import FlashGPT2LM
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
-from lit_flash.resume import ExactResume, last_checkpoint_path
+from lit_flash.resume import last_checkpoint_path
+from lit_flash.trainer_setup import fixed_callbacks, trainer_plugins
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_CONFIG = "demo.yaml"
@@ -241,8 +242,8 @@ class LitFlashCLI(LightningCLI):
         # Atomic checkpoint files, weights_only loads; exact resume (RNG states, a checkpoint on SIGTERM).
         plugins = _as_list(config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        config["callbacks"] = [*_as_list(config.get("callbacks")), ExactResume()]
+            config["plugins"] = [*plugins, *trainer_plugins()]
+        config["callbacks"] = [*_as_list(config.get("callbacks")), *fixed_callbacks()]
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         if config.get("enable_checkpointing") is False:  # the user turned our always-on checkpointing off
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
@@ -301,7 +302,8 @@ class LitFlashCLI(LightningCLI):
         trainer = self.trainer
         if trainer.interrupted or trainer.state.status != TrainerStatus.FINISHED:
             return
-        validated = getattr(self.model, "last_validated_step", None) == trainer.global_step
+        last = next((c.step for c in trainer.callbacks if isinstance(c, LastValidatedStep)), None)
+        validated = last == trainer.global_step
         if sum(trainer.num_val_batches) > 0 and not validated and not interrupt.received():  # Ctrl-C: be quick
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         checkpoint = trainer.checkpoint_callback

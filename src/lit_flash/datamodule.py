@@ -23,8 +23,9 @@ from lit_flash.blocks import (
     max_token_id,
     save_dataset_dict,
 )
-from lit_flash.distributed import shard_sampler
+from lit_flash.distributed import check_rows_per_rank, shard_sampler
 from lit_flash.errors import LitFlashError
+from lit_flash.guards import DataFacts
 from lit_flash.interrupt import ignore_sigint_in_worker
 from lit_flash.limits import NonNegativeInt, PositiveInt, SeedInt
 from lit_flash.resume import ResumableDataLoader, ResumableSampler
@@ -157,6 +158,11 @@ class WikitextDataModule(L.LightningDataModule):
     @property
     def blocks_path(self) -> Path:
         return Path(self.hparams.tokenized_dataset_load_dir or self.cache_path / "blocks")
+
+    def data_facts(self) -> DataFacts:
+        """What the model checks these blocks against before training (after `setup`)."""
+        tokenizer_size = len(self.tokenizer) if self.tokenizer is not None else None
+        return DataFacts(seq_len=self.seq_len, max_token_id=self.max_token_id, tokenizer_size=tokenizer_size)
 
     def state_dict(self) -> dict[str, Any]:
         # A stream's position is not saved (Lightning's own warning is off for a loader without a length): the
@@ -295,13 +301,15 @@ class WikitextDataModule(L.LightningDataModule):
         if iterable:
             return DataLoader(dataset, **kwargs)
         dataset = BlockRows(dataset, [c for c in (REQUIRED_COLUMN, *OPTIONAL_COLUMNS) if c in dataset.column_names])
-        # Several processes: our own shard sampler (no repeated rows), which Lightning then leaves as it is.
-        shard = shard_sampler(dataset, self.trainer, shuffle, seed)
         if not shuffle:
-            return DataLoader(dataset, sampler=shard, **kwargs)
+            # Several processes: our own shard sampler (no repeated rows), which Lightning then leaves as it is.
+            return DataLoader(dataset, sampler=shard_sampler(dataset, self.trainer, False, seed), **kwargs)
         # Training: a seeded permutation per epoch (this rank's share of it, the remainder dropped as the shard
         # sampler does) whose position is saved in checkpoints for an exact resume.
-        replicas, rank = (shard.num_replicas, shard.rank) if shard is not None else (1, 0)
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if replicas > 1:
+            check_rows_per_rank(len(dataset), replicas, "training")
         sampler = ResumableSampler(dataset, num_replicas=replicas, rank=rank, seed=seed, drop_last=True)
         return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
 

@@ -1,13 +1,28 @@
-"""Refuse-early checks: what would otherwise fail deep inside transformers, a CUDA kernel or Lightning mid-run."""
+"""Refuse-early checks (what would otherwise fail deep inside transformers, a CUDA kernel or Lightning mid-run),
+and the guard that stops or skips on a NaN/inf training loss."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from lightning.pytorch.strategies import FSDPStrategy
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_flash.errors import LitFlashError
+from lit_flash.attention import SDPA_BACKENDS
+from lit_flash.blocks import IGNORE_INDEX
+from lit_flash.errors import LitFlashError, NonFiniteLossError
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What a DataModule tells the model about its blocks (`WikitextDataModule.data_facts()`); None: unknown."""
+
+    seq_len: int | None = None
+    max_token_id: int | None = None
+    tokenizer_size: int | None = None
 
 
 def check_data_fits_model(
@@ -131,3 +146,95 @@ def check_skip_supported(on_nonfinite: str, precision: str, strategy: Any) -> No
             "model.on_nonfinite=skip cannot skip a step under FSDP with trainer.precision=16-mixed: "
             "use bf16-mixed, or model.on_nonfinite=stop"
         )
+
+
+def check_module_args(
+    attn_implementation: str, sdpa_backends: list[str] | None, lr_scheduler: str, warmup_steps: int,
+    compile: bool, compile_mode: str,
+) -> None:
+    """Refuse `FlashGPT2LM` arguments that contradict each other (each alone is checked by its type)."""
+    if compile_mode != "default" and not compile:
+        raise LitFlashError(f"model.compile_mode={compile_mode} needs model.compile=true")
+    if sdpa_backends and attn_implementation != "sdpa":
+        raise LitFlashError(
+            f"model.sdpa_backends is for model.attn_implementation=sdpa, not {attn_implementation}: "
+            "set model.attn_implementation=sdpa or model.sdpa_backends=null"
+        )
+    if lr_scheduler == "constant" and warmup_steps:  # transformers' get_scheduler would drop the warm-up silently
+        raise LitFlashError(
+            f"model.lr_scheduler=constant has no warm-up (model.warmup_steps={warmup_steps}): "
+            "use model.lr_scheduler=constant_with_warmup, or model.warmup_steps=0"
+        )
+    unknown = set(sdpa_backends or ()) - set(SDPA_BACKENDS)
+    if unknown:
+        raise LitFlashError(f"model.sdpa_backends: unknown {sorted(unknown)}; choose from {list(SDPA_BACKENDS)}")
+
+
+def check_sdpa_backends_run_on(device: torch.device, backends: list[str] | None) -> None:
+    """Refuse a list of SDPA kernels none of which exists on `device` (math and flash are the CPU's only two)."""
+    if device.type != "cuda" and backends and not {"math", "flash"} & set(backends):
+        raise LitFlashError(
+            f"model.sdpa_backends={list(backends)}: none of these runs on {device.type}; add math, or set "
+            "model.sdpa_backends=null"
+        )
+
+
+def check_precision_fits(attn_implementation: str, precision: str, low_precision_residual: bool) -> None:
+    """Refuse a trainer precision the model's settings cannot run in."""
+    if attn_implementation == "flash_attention_2" and precision in ("32-true", "32", "64-true", "64"):
+        raise LitFlashError(
+            f"trainer.precision={precision}: flash_attention_2 runs in fp16/bf16 only; "
+            "use 16-mixed or bf16-mixed, or model.attn_implementation=sdpa"
+        )
+    if low_precision_residual and precision != "bf16-mixed":
+        # fp16's range (65504) is too small for a stream that only grows; without autocast the flag does nothing.
+        raise LitFlashError(
+            f"model.low_precision_residual=true is for trainer.precision=bf16-mixed, not {precision}: "
+            "use bf16-mixed or set model.low_precision_residual=false"
+        )
+
+
+# ---------------------------------------------------------------------------------- the non-finite guard
+
+
+def record_first_nonfinite(first: torch.Tensor | None, loss: torch.Tensor, step: int) -> torch.Tensor:
+    """`first` (the first step whose loss was NaN/inf, -1: none), updated on the device without a host sync."""
+    if first is None:
+        first = torch.tensor(-1, device=loss.device)
+    first.copy_(torch.where(~torch.isfinite(loss.detach()) & (first < 0), step, first))
+    return first
+
+
+def stop_if_nonfinite(first: torch.Tensor | None, strategy: Strategy) -> None:
+    """Raise when any rank recorded a NaN/inf loss (`record_first_nonfinite`); every rank must call it."""
+    step = -1 if first is None else int(first)
+    if not strategy.reduce_boolean_decision(step < 0, all=True):
+        raise NonFiniteLossError(
+            f"train_loss was NaN/inf at step {step} (on GPU checked every trainer.log_every_n_steps; no checkpoint "
+            "holds the weights since): lower model.learning_rate, use bf16-mixed instead of 16-mixed, or set "
+            "model.on_nonfinite=skip"
+        )
+
+
+def finite_or_skip(
+    loss: torch.Tensor, n_tokens: torch.Tensor | None, on_nonfinite: str, strategy: Strategy, where: str
+) -> bool:
+    """Whether to train on this batch: True for a finite loss; False (with a warning) to skip a NaN/inf one; or
+    `NonFiniteLossError`. `where`: the step, epoch and batch, for the message. One host sync."""
+    # Every rank takes the same decision: a skip on one rank alone would hang DDP.
+    finite = strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+    if finite:
+        return True
+    where = f"train_loss is {loss.item()} at {where}"
+    if on_nonfinite == "stop":
+        if n_tokens is not None and int(n_tokens) == 0:  # a mean over no token: 0/0, whatever the weights
+            raise NonFiniteLossError(
+                f"{where}: the batch has no token to predict (every label is {IGNORE_INDEX}); give its rows "
+                "labels to learn, or leave such rows out of the data"
+            )
+        raise NonFiniteLossError(
+            f"{where}: stopped before updating the weights; lower model.learning_rate, use bf16-mixed instead "
+            "of 16-mixed, or set model.on_nonfinite=skip"
+        )
+    rank_zero_warn(f"{where}: skipped the batch (model.on_nonfinite=skip)")
+    return False

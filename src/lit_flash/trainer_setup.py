@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from lit_flash.callbacks import HFExport, TokenThroughput
+from lit_flash.callbacks import HFExport, LastValidatedStep, TokenThroughput
 from lit_flash.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
 from lit_flash.resume import ExactResume
 
@@ -24,6 +24,12 @@ from lit_flash.resume import ExactResume
 def checkpoint_dir(default_root_dir: str | os.PathLike) -> str:
     """`<root>/checkpoints`, where the CLI's ModelCheckpoint writes (`trainer.default_root_dir` -> dirpath)."""
     return os.path.join(default_root_dir, "checkpoints")
+
+
+def fixed_callbacks() -> list[L.Callback]:
+    """The callbacks no setting turns off: exact resume, and the step of the last validation (fit's final
+    validation is skipped when it is the last step)."""
+    return [ExactResume(), LastValidatedStep()]
 
 
 def trainer_callbacks(
@@ -37,7 +43,7 @@ def trainer_callbacks(
     and the learning-rate monitor (`lr_monitor`; it needs a logger)."""
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir(default_root_dir), save_last=True, save_top_k=-1,
                                  every_n_train_steps=every_n_train_steps)
-    callbacks: list[L.Callback] = [ExactResume(), checkpoint, HFExport(export_dirname), TokenThroughput()]
+    callbacks: list[L.Callback] = [*fixed_callbacks(), checkpoint, HFExport(export_dirname), TokenThroughput()]
     return callbacks + ([LearningRateMonitor()] if lr_monitor else [])
 
 
