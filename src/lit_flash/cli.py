@@ -91,6 +91,13 @@ GROUP_TITLES = {
     "lr_monitor": "lr_monitor: Lightning's LearningRateMonitor",
     "throughput": "throughput: samples/s, tokens/s, FLOP/s and MFU, logged every trainer.log_every_n_steps",
 }
+# The callbacks every run has, each a config section of its own (`--checkpoint.*`, `--export.*`, ...).
+CALLBACK_SECTIONS = {
+    "checkpoint": ModelCheckpoint,
+    "export": HFExport,
+    "lr_monitor": LearningRateMonitor,
+    "throughput": TokenThroughput,
+}
 RESUME_TITLE = "Where the run starts from"
 # The help of the trainer subcommands' `--ckpt_path`; its values are resolved by checkpointing.resolve_ckpt_path.
 CKPT_PATH_HELP = (
@@ -203,7 +210,8 @@ class LitFlashCLI(LightningCLI):
         check_lightning_values(self.config[subcommand] if subcommand else self.config)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        for key, callback_class in CALLBACK_SECTIONS.items():
+            parser.add_lightning_class_args(callback_class, key)
         # No version counter: a run folder holds one run (the lock, the refusal of a fresh fit over checkpoints), so a
         # name that exists is this run's own file from before a resume. With the counter, a run folder copied or
         # moved elsewhere (Lightning then does not restore `last_model_path`) wrote `last-v1.ckpt` beside a stale
@@ -212,9 +220,6 @@ class LitFlashCLI(LightningCLI):
             {"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.enable_version_counter": False}
         )
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
-        parser.add_lightning_class_args(HFExport, "export")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.add_lightning_class_args(TokenThroughput, "throughput")
         for key, title in GROUP_TITLES.items():
             if key in parser.groups:
                 parser.groups[key].title = title
@@ -232,8 +237,12 @@ class LitFlashCLI(LightningCLI):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise LitFlashError(f"a trainer/checkpoint setting Lightning refuses: {first}") from err
 
+    def _run_config(self, config: Any) -> Any:
+        """The subcommand's part of `config` (all of it when run without a subcommand)."""
+        return config.get(str(self.subcommand), config)
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        config = {**self._run_config(self.config_init).get("trainer", {}), **kwargs}
         device_type = trainer_device_type(config.get("accelerator"))
         check_precision_supported(config.get("precision"), device_type, bf16_supported())
         root = config.get("default_root_dir") or os.getcwd()
@@ -244,7 +253,7 @@ class LitFlashCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, *trainer_plugins()]
         config["callbacks"] = [*_as_list(config.get("callbacks")), *fixed_callbacks()]
-        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        callbacks = [self._run_config(self.config_init)[key] for key in CALLBACK_SECTIONS]
         if config.get("enable_checkpointing") is False:  # the user turned our always-on checkpointing off
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         if config["logger"] is False:  # nothing to log the learning rate to: Lightning would refuse to start
