@@ -22,9 +22,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from lit_flash import interrupt
 from lit_flash.callbacks import HFExport, LastValidatedStep, TokenThroughput
-from lit_flash.checkpointing import LOAD_ERRORS, load_error, resolve_ckpt_path
+from lit_flash.checkpointing import LOAD_ERRORS, load_error, resolve_resume
 from lit_flash.datamodule import WikitextDataModule
-from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
 from lit_flash.guards import check_model_config
 from lit_flash.lightning_adapters import last_saved_step
@@ -99,7 +98,7 @@ CALLBACK_SECTIONS = {
     "throughput": TokenThroughput,
 }
 RESUME_TITLE = "Where the run starts from"
-# The help of the trainer subcommands' `--ckpt_path`; its values are resolved by checkpointing.resolve_ckpt_path.
+# The help of the trainer subcommands' `--ckpt_path`; its values are resolved by checkpointing.resolve_resume.
 CKPT_PATH_HELP = (
     "The checkpoint to start from. A file path; or `auto`: the intact checkpoint with the highest step in "
     "<default_root_dir>/checkpoints/, or a fresh start when there is none (for jobs that restart on their own); "
@@ -293,8 +292,7 @@ class LitFlashCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if "ckpt_path" in config:
             ckpt_dir = os.path.dirname(last_checkpoint_path(self.trainer))
-            config["ckpt_path"] = resolve_ckpt_path(config["ckpt_path"], ckpt_dir, self.subcommand)
-            check_resume(config["ckpt_path"], self.trainer.strategy)
+            config["ckpt_path"] = resolve_resume(config["ckpt_path"], ckpt_dir, self.subcommand, self.trainer.strategy)
 
     def before_fit(self) -> None:
         # The checkpoint first: a refused fresh fit over an earlier run's folder leaves that folder as it was.

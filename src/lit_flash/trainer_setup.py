@@ -17,7 +17,7 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from lit_flash.callbacks import HFExport, LastValidatedStep, TokenThroughput
-from lit_flash.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
+from lit_flash.checkpointing import AtomicCheckpointIO, resolve_resume
 from lit_flash.resume import ExactResume
 
 
@@ -71,4 +71,4 @@ def trainer_kwargs(
 def resume_path(default_root_dir: str | os.PathLike, ckpt_path: str | None = "auto") -> str | None:
     """`trainer.fit(..., ckpt_path=resume_path(root))`: the CLI's `--ckpt_path auto` (the run's newest checkpoint,
     None to start fresh when there is none) or `last` (an error when there is none); a path is returned as it is."""
-    return resolve_ckpt_path(ckpt_path, checkpoint_dir(default_root_dir), "fit")
+    return resolve_resume(ckpt_path, checkpoint_dir(default_root_dir), "fit")
