@@ -32,7 +32,13 @@ from lit_flash.lock import acquire_run_lock, release_all
 from lit_flash.module import FlashGPT2LM
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
 from lit_flash.resume import last_checkpoint_path
-from lit_flash.trainer_setup import fixed_callbacks, trainer_plugins
+from lit_flash.trainer_setup import (
+    CHECKPOINT_DEFAULTS,
+    checkpoint_dir,
+    default_loggers,
+    fixed_callbacks,
+    trainer_plugins,
+)
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_CONFIG = "demo.yaml"
@@ -52,13 +58,6 @@ def config_path(name: str) -> Path:
     raise LitFlashError(f"config {name!r} not found in lit_flash's configs/")
 
 
-def default_loggers(root: str | os.PathLike) -> list[Any]:
-    """CSV (`metrics.csv`) and TensorBoard, side by side in one `logs/version_N` folder of the run."""
-    # Rows appended at every logged step (cheap): a killed run keeps its metrics up to the kill.
-    csv = CSVLogger(save_dir=root, name="logs", flush_logs_every_n_steps=1)
-    return [csv, TensorBoardLogger(save_dir=root, name="logs", version=csv.version, sub_dir="tensorboard")]
-
-
 def with_default_loggers(configured: Any, root: str | os.PathLike) -> Any:
     """CSV + TensorBoard, plus loggers the config adds (`--trainer.logger+=WandbLogger`). A config naming its
     own CSVLogger or TensorBoardLogger gets exactly its loggers; `trainer.logger: false` gets none."""
@@ -76,7 +75,7 @@ def with_default_loggers(configured: Any, root: str | os.PathLike) -> Any:
 
 
 def _checkpoint_dir(root: str | None) -> str:
-    return os.path.join(root or os.getcwd(), "checkpoints")
+    return checkpoint_dir(root or os.getcwd())
 
 
 # `--help` section titles. jsonargparse takes a class's first docstring line, which is cut mid-sentence where the
@@ -211,13 +210,7 @@ class LitFlashCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key, callback_class in CALLBACK_SECTIONS.items():
             parser.add_lightning_class_args(callback_class, key)
-        # No version counter: a run folder holds one run (the lock, the refusal of a fresh fit over checkpoints), so a
-        # name that exists is this run's own file from before a resume. With the counter, a run folder copied or
-        # moved elsewhere (Lightning then does not restore `last_model_path`) wrote `last-v1.ckpt` beside a stale
-        # `last.ckpt`, and `--ckpt_path last` could pick the stale one.
-        parser.set_defaults(
-            {"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.enable_version_counter": False}
-        )
+        parser.set_defaults({f"checkpoint.{key}": value for key, value in CHECKPOINT_DEFAULTS.items()})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         for key, title in GROUP_TITLES.items():
             if key in parser.groups:
