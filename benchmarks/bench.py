@@ -227,7 +227,7 @@ def run_lit(
 def flops_per_token(model_config: dict) -> float:
     from transformers import AutoConfig
 
-    from lit_flash.model import flops_per_token as fpt
+    from lit_flash.metrics import flops_per_token as fpt
 
     cfg = dict(model_config)
     return fpt(AutoConfig.for_model(cfg.pop("model_type"), **cfg), seq_len=cfg["n_positions"])

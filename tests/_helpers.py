@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from lit_flash.cli import cli_main, config_path
-from lit_flash.model import FlashGPT2LM
+from lit_flash.module import FlashGPT2LM
 
 
 def tiny_module(config: dict, **kwargs) -> FlashGPT2LM:

@@ -84,7 +84,7 @@ def corpus() -> dict[str, list[str]]:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, corpus: dict[str, list[str]]) -> Path:
     """A byte-level BPE tokenizer (at most `TINY_VOCAB` tokens, `<|endoftext|>` = 0) saved with save_pretrained."""
-    from lit_flash.data import train_bpe_tokenizer
+    from lit_flash.text import train_bpe_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer")
     train_bpe_tokenizer({"train": {"text": corpus["train"]}}, vocab_size=TINY_VOCAB, save_dir=path)

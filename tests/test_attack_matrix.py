@@ -175,6 +175,7 @@ def bad_value(draw: st.DrawFn, spec: tuple[str, Any, Any]) -> str:
     return draw(st.one_of(choices))
 
 
+@pytest.mark.slow
 @generated(60)
 @given(data=st.data())
 def test_fit_values_out_of_range(user: dict[str, Path], data: st.DataObject) -> None:
@@ -227,6 +228,7 @@ def test_prepare_values_out_of_range(user: dict[str, Path], key: str, value: str
 
 
 # -- class 2: model shapes that cannot be built (generated), checked before anything is built
+@pytest.mark.slow
 @generated(15)
 @given(width=st.integers(1, 512), heads=st.integers(1, 64))
 def test_width_not_divisible_by_heads(user: dict[str, Path], width: int, heads: int) -> None:
@@ -517,6 +519,7 @@ def test_replaced_model_value_is_said_then_resume_works(user: dict[str, Path]) -
 
 
 # -- the real entry point: a few cases as the shell runs them, started together (each imports torch)
+@pytest.mark.slow
 def test_real_entry_point(user: dict[str, Path], tmp_path: Path) -> None:
     bad_ckpt = _zip(tmp_path / "model.ckpt")
     latin = _write(tmp_path / "latin.yaml", "trainer:\n  max_steps: 1 # \xe9\n".encode("latin-1"))
@@ -542,9 +545,9 @@ def test_matrix_covers_every_numeric_init_argument() -> None:
     import inspect
 
     from lit_flash.callbacks import TokenThroughput
-    from lit_flash.data import WikitextDataModule
+    from lit_flash.datamodule import WikitextDataModule
     from lit_flash.generate import generate_main
-    from lit_flash.model import FlashGPT2LM
+    from lit_flash.module import FlashGPT2LM
 
     def numeric(function: Callable, prefix: str) -> set[str]:
         names = set()

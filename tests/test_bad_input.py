@@ -26,7 +26,7 @@ from _helpers import (
 
 from lit_flash import cli as cli_module
 from lit_flash.cli import cli_main, config_path
-from lit_flash.model import FlashGPT2LM
+from lit_flash.module import FlashGPT2LM
 from lit_flash.preflight import check_precision_supported
 
 TINY_MODEL = {"vocab_size": VOCAB, "n_positions": BLOCK, "n_embd": 32, "n_layer": 1, "n_head": 2}

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_flash.cli import cli_main
-from lit_flash.model import FlashGPT2LM
+from lit_flash.module import FlashGPT2LM
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

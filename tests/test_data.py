@@ -1,5 +1,5 @@
-"""lit_flash.data: the pure helpers, the DataModule on local text / the hub (faked) / a reference-format DatasetDict,
-and `prepare` -> `tokenized_dataset_load_dir`."""
+"""lit_flash.text, blocks and datamodule: the pure helpers, the DataModule on local text / the hub (faked) / a
+reference-format DatasetDict, and `prepare` -> `tokenized_dataset_load_dir`."""
 
 from __future__ import annotations
 
@@ -11,19 +11,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import lit_flash.data as data_mod
-from lit_flash.data import (
-    WikitextDataModule,
-    collate_blocks,
-    group_texts,
-    load_tokenized,
-    perplexity,
-    prepare_dataset,
-    resolve_text_files,
-    tokenize_texts,
-    train_bpe_tokenizer,
-)
+import lit_flash.datamodule as data_mod
+from lit_flash.blocks import load_tokenized, prepare_dataset
+from lit_flash.datamodule import WikitextDataModule, collate_blocks
 from lit_flash.errors import LitFlashError
+from lit_flash.metrics import perplexity
+from lit_flash.text import group_texts, resolve_text_files, tokenize_texts, train_bpe_tokenizer
 
 BLOCK = 16
 
@@ -283,7 +276,7 @@ def test_load_tokenized_missing_is_one_error_naming_the_path(tmp_path):
 def test_block_rows_match_the_dataset_across_arrow_chunks_and_subsets():
     import numpy as np
 
-    from lit_flash.data import BlockRows
+    from lit_flash.blocks import BlockRows
 
     ids = np.arange(40 * 6).reshape(40, 6)
     whole = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": (-ids).tolist()})

@@ -18,7 +18,7 @@ from _helpers import make_dataset, snapshot, tiny_run_config, write_config
 
 from lit_flash.errors import LitFlashError
 from lit_flash.export import MARKER, check_export_target, write_export
-from lit_flash.model import FlashGPT2LM
+from lit_flash.module import FlashGPT2LM
 
 FLAG = "export.dirname=model"
 TINY_MODEL = {"vocab_size": 300, "n_positions": 32, "n_embd": 32, "n_layer": 1, "n_head": 2}

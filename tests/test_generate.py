@@ -181,7 +181,7 @@ def test_importing_generate_loads_no_training_code() -> None:
     code = (
         "import sys, lit_flash, lit_flash.generate; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'transformers') "
-        "or m in ('lit_flash.model', 'lit_flash.cli', 'lit_flash.data')))"
+        "or m in ('lit_flash.module', 'lit_flash.cli', 'lit_flash.datamodule')))"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
@@ -189,7 +189,7 @@ def test_importing_generate_loads_no_training_code() -> None:
 
 
 def test_generate_offers_the_models_attention_choices() -> None:
+    from lit_flash import attention as model_module
     from lit_flash import generate as generate_module
-    from lit_flash import model as model_module
 
     assert get_args(generate_module.AttnImplementation) == get_args(model_module.AttnImplementation)

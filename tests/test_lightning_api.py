@@ -13,14 +13,12 @@ from lit_flash.callbacks import TokenThroughput
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lit_flash"
 ADAPTERS = "lightning_adapters.py"
-# LightningCLI's protected helpers, used by cli.py's overrides (no public hook runs early enough for them); moving
-# them behind adapters waits for cli.py's restructuring (issue 17, phase 2).
+# LightningCLI's protected helpers, used by cli.py's overrides: `_instantiate_trainer` adds the config-file callback
+# (SaveConfigCallback, built from LightningCLI's private state) and `_parse_ckpt_path` reads a checkpoint's
+# hyperparameters; no public hook does either.
 REMAINING = {
-    ("cli.py", "self._get"),
-    ("cli.py", "self._parser"),
     ("cli.py", "self._instantiate_trainer"),
     ("cli.py", "super()._parse_ckpt_path"),
-    ("callbacks.py", "pl_module._stop_if_nonfinite"),  # lit_flash's own module: the non-finite guard, phase 2
     ("interrupt.py", "os._exit"),  # public in the standard library despite its name: exit without cleanup
 }
 

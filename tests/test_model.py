@@ -1,4 +1,4 @@
-"""lit_flash.model: building/loading, the flash -> sdpa fallback, token-weighted perplexity, the optimizer and
+"""lit_flash.module: building/loading, the flash -> sdpa fallback, token-weighted perplexity, the optimizer and
 schedule, the host-side data checks and the Hugging Face export. Tiny GPT-2s on CPU."""
 
 from __future__ import annotations
@@ -12,16 +12,12 @@ import torch
 from _helpers import cpu_trainer, tiny_module
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from lit_flash.data import WikitextDataModule
+from lit_flash.attention import flash_attention_unavailable_reason, resolve_attn_implementation
+from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError
-from lit_flash.model import (
-    FlashGPT2LM,
-    check_data_fits_model,
-    check_skip_supported,
-    flash_attention_unavailable_reason,
-    flops_per_token,
-    resolve_attn_implementation,
-)
+from lit_flash.guards import check_data_fits_model, check_skip_supported
+from lit_flash.metrics import flops_per_token
+from lit_flash.module import FlashGPT2LM
 
 FLASH_REASON = flash_attention_unavailable_reason()
 
@@ -302,7 +298,7 @@ def test_predict_scores_each_row(tiny_model_config, make_token_dataset):
 
 
 def test_token_mean_weights_each_batch_by_its_tokens_and_keeps_a_nan():
-    from lit_flash.model import TokenMean
+    from lit_flash.metrics import TokenMean
 
     metric = TokenMean()
     metric.update(torch.tensor(2.0), torch.tensor(1))

@@ -42,9 +42,9 @@ from _helpers import (
 from lit_flash import checkpointing
 from lit_flash.checkpointing import AtomicCheckpointIO, atomic_torch_save, load_checkpoint_file, partial_path
 from lit_flash.cli import cli_main
-from lit_flash.data import WikitextDataModule
+from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError, NonFiniteLossError
-from lit_flash.model import FlashGPT2LM
+from lit_flash.module import FlashGPT2LM
 from lit_flash.resume import ExactResume, ResumableDataLoader, ResumableSampler
 
 TOLERANCE = 1e-6  # absolute, per logged loss; the runs are in fact bit-identical
@@ -248,6 +248,7 @@ def test_auto_skips_a_zero_byte_or_corrupt_checkpoint_and_says_so(tmp_path: Path
         resolve_ckpt_path("auto", tmp_path, "fit")
 
 
+@pytest.mark.slow
 def test_a_second_fit_into_the_same_folder_names_the_process_holding_it(
     tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -274,6 +275,7 @@ def test_a_second_fit_into_the_same_folder_names_the_process_holding_it(
     assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 30
 
 
+@pytest.mark.slow
 def test_a_run_folder_moved_elsewhere_resumes_into_last_ckpt_not_last_v1(
     tmp_path: Path, uninterrupted: Path, data_dir: Path
 ) -> None:
@@ -297,6 +299,7 @@ def test_help_explains_ckpt_path_auto_last_and_weights_only_unset(capsys: pytest
 CTRL_C_TRIALS = int(os.environ.get("LIT_FLASH_CTRL_C_TRIALS", "3"))  # 100 for the report in docs/reliability.md
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_random_moments_saves_says_how_to_resume_and_exits_within_seconds(
     tmp_path: Path, data_dir: Path
 ) -> None:
@@ -431,6 +434,7 @@ def _rows_of_epoch_0(path: Path) -> list[tuple[int, ...]]:
     return [tuple(row) for line in path.read_text().splitlines() for epoch, row in [json.loads(line)] if epoch == 0]
 
 
+@pytest.mark.slow
 def test_resume_with_a_larger_batch_size_continues_at_the_same_row(tmp_path: Path, data_dir: Path) -> None:
     """Issue 16, item 9: resumed mid-epoch with another batch size, every row of the epoch is trained on exactly
     once (it skipped the rest of the epoch: Lightning's restored batch count already equalled the new length)."""
@@ -452,6 +456,7 @@ def test_resume_with_a_larger_batch_size_continues_at_the_same_row(tmp_path: Pat
     assert Counter(rows) == Counter(tuple(row) for row in train)
 
 
+@pytest.mark.slow
 def test_train_longer_continues_the_learning_rate_schedule_without_a_jump(
     tmp_path: Path, uninterrupted: Path, data_dir: Path
 ) -> None:
@@ -561,6 +566,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(
     assert not partial_path(last).exists()
 
 
+@pytest.mark.slow
 def test_a_really_full_disk_during_a_save_is_one_line_and_leaves_no_partial_file(
     tmp_path: Path, uninterrupted: Path, data_dir: Path, capsys
 ) -> None:

@@ -15,12 +15,14 @@ from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.loggers import Logger
 from transformers import AutoModelForCausalLM
 
-import lit_flash.model as model_module
+import lit_flash.module as model_module
+from lit_flash.blocks import IGNORE_INDEX
 from lit_flash.callbacks import TokenThroughput
-from lit_flash.data import WikitextDataModule
+from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError
 from lit_flash.lightning_adapters import is_log_step, steps_optimizer
-from lit_flash.model import IGNORE_INDEX, FlashGPT2LM, flops_per_token
+from lit_flash.metrics import flops_per_token
+from lit_flash.module import FlashGPT2LM
 
 REAL_VOCAB, PAD_TO, PADDED_VOCAB = 300, 64, 320  # 300 is not a multiple of 64: padding really happens
 

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from lit_flash.data import WikitextDataModule, load_raw_text, tokenize_and_group
+from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError
+from lit_flash.text import load_raw_text, tokenize_and_group
 
 BLOCK = 4
 

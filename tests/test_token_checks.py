@@ -14,9 +14,9 @@ from _helpers import VOCAB, save_blocks, snapshot, tiny_run_config, token_rows, 
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from lit_flash.data import IGNORE_INDEX, check_token_columns, load_tokenized, max_token_id
+from lit_flash.blocks import IGNORE_INDEX, check_token_columns, load_tokenized, max_token_id
 from lit_flash.errors import LitFlashError, NonFiniteLossError
-from lit_flash.model import FlashGPT2LM
+from lit_flash.module import FlashGPT2LM
 
 FLAG = "data.tokenized_dataset_load_dir"
 

@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _EXPORTS = {
-    "FlashGPT2LM": "lit_flash.model",
-    "WikitextDataModule": "lit_flash.data",
+    "FlashGPT2LM": "lit_flash.module",
+    "WikitextDataModule": "lit_flash.datamodule",
     "LitFlashError": "lit_flash.errors",
     "cli_main": "lit_flash.cli",
     "HFExport": "lit_flash.callbacks",
@@ -46,9 +46,9 @@ if TYPE_CHECKING:
     from lit_flash.callbacks import HFExport, TokenThroughput
     from lit_flash.checkpointing import AtomicCheckpointIO
     from lit_flash.cli import cli_main
-    from lit_flash.data import WikitextDataModule
+    from lit_flash.datamodule import WikitextDataModule
     from lit_flash.errors import LitFlashError
-    from lit_flash.model import FlashGPT2LM
+    from lit_flash.module import FlashGPT2LM
     from lit_flash.resume import ExactResume
     from lit_flash.trainer_setup import resume_path, trainer_callbacks, trainer_kwargs, trainer_plugins
 

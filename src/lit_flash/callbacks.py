@@ -53,8 +53,8 @@ class HFExport(L.Callback):
         path = self.export_path(trainer)
         if path is None or trainer.interrupted:
             return
-        if hasattr(pl_module, "_stop_if_nonfinite"):
-            pl_module._stop_if_nonfinite()  # on GPU the NaN check is deferred: never export NaN-trained weights
+        if hasattr(pl_module, "stop_if_nonfinite"):
+            pl_module.stop_if_nonfinite()  # on GPU the NaN check is deferred: never export NaN-trained weights
         state_dict = gather_full_state_dict(trainer)  # FSDP: every rank takes part in gathering the shards
         self._export(pl_module, trainer, path, state_dict)
 
@@ -63,6 +63,18 @@ class HFExport(L.Callback):
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
         pl_module.export_hf(path, tokenizer, state_dict=state_dict, run_dir=trainer.default_root_dir, flag=self._flag())
         rank_zero_info(f"Exported the Hugging Face model to {path}")
+
+
+class LastValidatedStep(L.Callback):
+    """The `global_step` of the last validation (the sanity check aside): the CLI validates the final weights once
+    more after fit unless the last step just did."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
 
 
 def _batch_rows(batch: dict[str, Any]) -> int:

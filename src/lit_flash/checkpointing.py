@@ -21,6 +21,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lit_flash.distributed import check_resume
 from lit_flash.errors import LitFlashError
 
 
@@ -223,3 +224,15 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcom
             "--ckpt_path last (or auto), or set trainer.default_root_dir to a new folder"
         )
     return ckpt_path
+
+
+def resolve_resume(
+    ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcommand: str = "fit", strategy: Any = None
+) -> str | None:
+    """`--ckpt_path` (`auto`, `last`, a path, or unset) as the Trainer gets it, for the CLI and `resume_path` alike:
+    `resolve_ckpt_path`'s choice, then (given the trainer's `strategy`) `check_resume`'s refusal of a folder that
+    strategy cannot load."""
+    resolved = resolve_ckpt_path(ckpt_path, ckpt_dir, subcommand)
+    if strategy is not None:
+        check_resume(resolved, strategy)
+    return resolved

@@ -21,23 +21,30 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from lit_flash import interrupt
-from lit_flash.callbacks import HFExport, TokenThroughput
-from lit_flash.checkpointing import LOAD_ERRORS, AtomicCheckpointIO, load_error, resolve_ckpt_path
-from lit_flash.data import WikitextDataModule
-from lit_flash.distributed import check_resume
+from lit_flash.callbacks import HFExport, LastValidatedStep, TokenThroughput
+from lit_flash.checkpointing import LOAD_ERRORS, load_error, resolve_resume
+from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError
+from lit_flash.guards import check_model_config
 from lit_flash.lightning_adapters import last_saved_step
 from lit_flash.limits import RANGE_TYPES, check_lightning_values, check_training_length
 from lit_flash.lock import acquire_run_lock, release_all
-from lit_flash.model import FlashGPT2LM, check_model_config
+from lit_flash.module import FlashGPT2LM
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
-from lit_flash.resume import ExactResume, last_checkpoint_path
+from lit_flash.resume import last_checkpoint_path
+from lit_flash.trainer_setup import (
+    CHECKPOINT_DEFAULTS,
+    checkpoint_dir,
+    default_loggers,
+    fixed_callbacks,
+    trainer_plugins,
+)
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_CONFIG = "demo.yaml"
 # Subcommands that are a typed function (jsonargparse.CLI), not a Trainer run: "module:function".
 FUNCTION_SUBCOMMANDS = {
-    "prepare": "lit_flash.data:prepare_dataset",
+    "prepare": "lit_flash.blocks:prepare_dataset",
     "generate": "lit_flash.generate:generate_main",
     "plot": "lit_flash.plot:plot_main",
 }
@@ -49,13 +56,6 @@ def config_path(name: str) -> Path:
         if (folder / name).is_file():
             return folder / name
     raise LitFlashError(f"config {name!r} not found in lit_flash's configs/")
-
-
-def default_loggers(root: str | os.PathLike) -> list[Any]:
-    """CSV (`metrics.csv`) and TensorBoard, side by side in one `logs/version_N` folder of the run."""
-    # Rows appended at every logged step (cheap): a killed run keeps its metrics up to the kill.
-    csv = CSVLogger(save_dir=root, name="logs", flush_logs_every_n_steps=1)
-    return [csv, TensorBoardLogger(save_dir=root, name="logs", version=csv.version, sub_dir="tensorboard")]
 
 
 def with_default_loggers(configured: Any, root: str | os.PathLike) -> Any:
@@ -75,7 +75,7 @@ def with_default_loggers(configured: Any, root: str | os.PathLike) -> Any:
 
 
 def _checkpoint_dir(root: str | None) -> str:
-    return os.path.join(root or os.getcwd(), "checkpoints")
+    return checkpoint_dir(root or os.getcwd())
 
 
 # `--help` section titles. jsonargparse takes a class's first docstring line, which is cut mid-sentence where the
@@ -89,8 +89,15 @@ GROUP_TITLES = {
     "lr_monitor": "lr_monitor: Lightning's LearningRateMonitor",
     "throughput": "throughput: samples/s, tokens/s, FLOP/s and MFU, logged every trainer.log_every_n_steps",
 }
+# The callbacks every run has, each a config section of its own (`--checkpoint.*`, `--export.*`, ...).
+CALLBACK_SECTIONS = {
+    "checkpoint": ModelCheckpoint,
+    "export": HFExport,
+    "lr_monitor": LearningRateMonitor,
+    "throughput": TokenThroughput,
+}
 RESUME_TITLE = "Where the run starts from"
-# The help of the trainer subcommands' `--ckpt_path`; its values are resolved by checkpointing.resolve_ckpt_path.
+# The help of the trainer subcommands' `--ckpt_path`; its values are resolved by checkpointing.resolve_resume.
 CKPT_PATH_HELP = (
     "The checkpoint to start from. A file path; or `auto`: the intact checkpoint with the highest step in "
     "<default_root_dir>/checkpoints/, or a fresh start when there is none (for jobs that restart on their own); "
@@ -203,18 +210,10 @@ class LitFlashCLI(LightningCLI):
             check_training_length(self.config[subcommand] if subcommand else self.config)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        # No version counter: a run folder holds one run (the lock, the refusal of a fresh fit over checkpoints), so a
-        # name that exists is this run's own file from before a resume. With the counter, a run folder copied or
-        # moved elsewhere (Lightning then does not restore `last_model_path`) wrote `last-v1.ckpt` beside a stale
-        # `last.ckpt`, and `--ckpt_path last` could pick the stale one.
-        parser.set_defaults(
-            {"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.enable_version_counter": False}
-        )
+        for key, callback_class in CALLBACK_SECTIONS.items():
+            parser.add_lightning_class_args(callback_class, key)
+        parser.set_defaults({f"checkpoint.{key}": value for key, value in CHECKPOINT_DEFAULTS.items()})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
-        parser.add_lightning_class_args(HFExport, "export")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.add_lightning_class_args(TokenThroughput, "throughput")
         for key, title in GROUP_TITLES.items():
             if key in parser.groups:
                 parser.groups[key].title = title
@@ -232,8 +231,12 @@ class LitFlashCLI(LightningCLI):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise LitFlashError(f"a trainer/checkpoint setting Lightning refuses: {first}") from err
 
+    def _run_config(self, config: Any) -> Any:
+        """The subcommand's part of `config` (all of it when run without a subcommand)."""
+        return config.get(str(self.subcommand), config)
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        config = {**self._run_config(self.config_init).get("trainer", {}), **kwargs}
         device_type = trainer_device_type(config.get("accelerator"))
         check_precision_supported(config.get("precision"), device_type, bf16_supported())
         root = config.get("default_root_dir") or os.getcwd()
@@ -242,9 +245,9 @@ class LitFlashCLI(LightningCLI):
         # Atomic checkpoint files, weights_only loads; exact resume (RNG states, a checkpoint on SIGTERM).
         plugins = _as_list(config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        config["callbacks"] = [*_as_list(config.get("callbacks")), ExactResume()]
-        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+            config["plugins"] = [*plugins, *trainer_plugins()]
+        config["callbacks"] = [*_as_list(config.get("callbacks")), *fixed_callbacks()]
+        callbacks = [self._run_config(self.config_init)[key] for key in CALLBACK_SECTIONS]
         if config.get("enable_checkpointing") is False:  # the user turned our always-on checkpointing off
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         if config["logger"] is False:  # nothing to log the learning rate to: Lightning would refuse to start
@@ -284,8 +287,7 @@ class LitFlashCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if "ckpt_path" in config:
             ckpt_dir = os.path.dirname(last_checkpoint_path(self.trainer))
-            config["ckpt_path"] = resolve_ckpt_path(config["ckpt_path"], ckpt_dir, self.subcommand)
-            check_resume(config["ckpt_path"], self.trainer.strategy)
+            config["ckpt_path"] = resolve_resume(config["ckpt_path"], ckpt_dir, self.subcommand, self.trainer.strategy)
 
     def before_fit(self) -> None:
         # The checkpoint first: a refused fresh fit over an earlier run's folder leaves that folder as it was.
@@ -302,7 +304,8 @@ class LitFlashCLI(LightningCLI):
         trainer = self.trainer
         if trainer.interrupted or trainer.state.status != TrainerStatus.FINISHED:
             return
-        validated = getattr(self.model, "last_validated_step", None) == trainer.global_step
+        last = next((c.step for c in trainer.callbacks if isinstance(c, LastValidatedStep)), None)
+        validated = last == trainer.global_step
         if sum(trainer.num_val_batches) > 0 and not validated and not interrupt.received():  # Ctrl-C: be quick
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         checkpoint = trainer.checkpoint_callback

@@ -35,12 +35,7 @@ def shard_sampler(dataset: Any, trainer: Any, shuffle: bool, seed: int) -> Distr
     world_size = int(kwargs.get("num_replicas", 1)) if kwargs else 1
     if world_size < 2:
         return None
-    if len(dataset) < world_size:
-        split = "training" if shuffle else "evaluation"
-        raise LitFlashError(
-            f"the {split} split has {len(dataset)} rows, fewer than the {world_size} processes: "
-            "use more data (data.max_train_samples / data.max_eval_samples) or fewer trainer.devices"
-        )
+    check_rows_per_rank(len(dataset), world_size, "training" if shuffle else "evaluation")
     if shuffle:
         return DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True, **kwargs)
     if is_fsdp(trainer):
@@ -48,6 +43,15 @@ def shard_sampler(dataset: Any, trainer: Any, shuffle: bool, seed: int) -> Distr
         # world_size - 1 rows are repeated (val_ppl then differs slightly from the single-process value).
         return DistributedSampler(dataset, shuffle=False, drop_last=False, **kwargs)
     return UnrepeatedDistributedSampler(dataset, shuffle=False, **kwargs)
+
+
+def check_rows_per_rank(n_rows: int, world_size: int, split: str) -> None:
+    """Every process needs a row of the split: fewer rows than processes would leave a rank without batches."""
+    if n_rows < world_size:
+        raise LitFlashError(
+            f"the {split} split has {n_rows} rows, fewer than the {world_size} processes: "
+            "use more data (data.max_train_samples / data.max_eval_samples) or fewer trainer.devices"
+        )
 
 
 def is_fsdp(trainer: Any) -> bool:

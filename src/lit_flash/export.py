@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lit_flash.errors import LitFlashError
 
@@ -118,6 +119,37 @@ def write_export(
         raise
     shutil.rmtree(aside, ignore_errors=True)
     return path
+
+def export_causal_lm(
+    model: Any,
+    vocab_size: int,
+    path: str | Path,
+    tokenizer: Any = None,
+    state_dict: dict | None = None,
+    run_dir: str | Path | None = None,
+    flag: str | None = None,
+) -> Path:
+    """Save a transformers causal LM (safetensors), its vocabulary sliced back to `vocab_size`, and `tokenizer`,
+    by `write_export`'s rule; `FlashGPT2LM.export_hf` says what the arguments mean."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if state_dict is not None:
+        config = model.config
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        model.load_state_dict(state_dict)
+    if model.config.vocab_size != vocab_size:  # slice the padding back off
+        model = copy.deepcopy(model).cpu()
+        model.resize_token_embeddings(vocab_size)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(str(folder), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+
+    return write_export(path, write, run_dir, flag or f"path={path}")
 
 
 def _write_error(flag: str, path: Path, err: BaseException) -> LitFlashError:

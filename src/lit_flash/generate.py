@@ -13,14 +13,9 @@ from typing import Any, Literal
 
 import torch
 
+from lit_flash.attention import AttnImplementation
 from lit_flash.errors import LitFlashError
 from lit_flash.limits import NonNegativeFloat, OpenUnitFloat, PositiveInt, SeedInt
-
-# Inference imports no training code: the flash-attention helpers still live in model.py (beside the
-# LightningModule, so importing them loads Lightning) and are imported where a model is loaded. Issue 17 phase 2
-# moves them to an attention module both sides share; until then this Literal repeats model.AttnImplementation
-# (test_generate checks that they agree).
-AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -142,7 +137,7 @@ def load_for_generation(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lit_flash.model import flash_attention_unavailable_reason, resolve_attn_implementation
+    from lit_flash.attention import flash_attention_unavailable_reason, resolve_attn_implementation
 
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if attn_implementation is None:
@@ -221,7 +216,7 @@ def expand_prompts_flag(args: list[str]) -> list[str]:
 
 def read_prompts(prompts_file: str | Path) -> list[str]:
     """One prompt per line; blank lines are skipped."""
-    from lit_flash.data import check_text_file
+    from lit_flash.text import check_text_file
 
     path = Path(prompts_file)
     if not path.is_file():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -90,3 +92,81 @@ def stretch_lr_plan(plan: dict[str, Any], at_step: int, new_end: int) -> dict[st
             knots.append([at_step, 0])  # the restart: schedule step 0 right after the resume step
         knots.append([new_end, plan["planned_steps"]])
     return {"planned_steps": plan["planned_steps"], "end": new_end, "knots": knots}
+
+
+LR_PLAN_KEY = "lit_flash_lr_schedule"  # the schedule's plan in a checkpoint (see new_lr_plan)
+
+
+def lr_plan_for(stored: dict[str, Any] | None, at_step: int, total: int | float) -> dict[str, Any] | None:
+    """This fit's schedule plan: a fresh one, the checkpoint's (`stored`, saved at `at_step`), or the checkpoint's
+    stretched to `total` steps (with a warning saying what changed). None for an unbounded run (no length to plan)."""
+    if not math.isfinite(total):
+        return None
+    if stored is None:  # a fresh run, or a checkpoint from before plans were stored: built for `total`
+        return new_lr_plan(int(total))
+    if int(stored["end"]) == int(total):
+        return stored
+    plan = stretch_lr_plan(stored, at_step, int(total))
+    ended = schedule_step(stored, at_step) >= stored["planned_steps"]
+    rank_zero_warn(
+        f"the run now plans {int(total)} optimizer steps instead of {stored['end']} (trainer.max_steps, "
+        "max_epochs, the data or the number of devices changed): "
+        + (
+            f"its learning-rate schedule had ended at step {at_step}, so it runs once more over steps "
+            f"{at_step + 1}-{int(total)}: its warm-up from 0, then its decay (a restart)"
+            if ended
+            else f"the rest of the learning-rate schedule from step {at_step} is stretched to end at step "
+            f"{int(total)}, continuing from the current learning rate without a jump"
+        )
+    )
+    return plan
+
+
+def lr_scheduler_for(
+    name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total: int | float, plan: dict[str, Any] | None
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """transformers' schedule `name` over the plan's length (`total` without a plan), run on the plan's steps."""
+    from transformers import get_scheduler
+
+    extra = {"scheduler_specific_kwargs": {"min_lr_rate": 0.1}} if name == "cosine_with_min_lr" else {}
+    planned = int(plan["planned_steps"]) if plan is not None else int(total)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=planned, **extra)
+    if plan is not None and len(plan["knots"]) > 1:  # resumed with another length: run on the stretched plan
+        factor = scheduler.lr_lambdas[0]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_stretched_factor, factor, plan))
+    return scheduler
+
+
+def _stretched_factor(factor: Any, plan: dict[str, Any], step: int) -> float:
+    """The transformers schedule's factor at the step the stretched plan maps `step` to."""
+    return factor(schedule_step(plan, step))
+
+
+def clip_fused_or_sharded(
+    trainer: L.Trainer, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None,
+    gradient_clip_algorithm: str | None,
+) -> bool:
+    """Clip where Lightning's own clipping cannot (a fused AdamW, FSDP); False: leave it to Lightning."""
+    norm = bool(gradient_clip_val) and gradient_clip_algorithm != "value"
+    fused = bool(optimizer.defaults.get("fused"))
+    scaler = getattr(trainer.precision_plugin, "scaler", None)  # 16-mixed's GradScaler, else None
+    if gradient_clip_val and fused and scaler is not None:
+        # Lightning's AMP plugin leaves the unscaling to a fused optimizer's step and so refuses to clip. Unscale
+        # here instead (one foreach kernel, no host sync): GradScaler.step then hands the fused kernel only the
+        # inf flag, and the kernel skips an overflowed step on the device.
+        scaler.unscale_(optimizer)
+    if norm and hasattr(trainer.model, "clip_grad_norm_"):
+        # FSDP: the norm spans every rank's shard; only the wrapped module can compute it (Lightning's FSDP
+        # precision refuses 'norm'). The GradScaler, if any, has unscaled the gradients already.
+        trainer.model.clip_grad_norm_(gradient_clip_val)
+        return True
+    if gradient_clip_val and fused:  # true-scale gradients (bf16, fp32, or unscaled above): clip directly
+        # The optimizer's own list: a module's `parameters()` walks every submodule, a millisecond of host time
+        # a step.
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if norm:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+        else:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+        return True
+    return False

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lit_flash.data import save_dataset_dict
+from lit_flash.blocks import save_dataset_dict
 
 
 def synthetic_blocks(n_blocks: int, block_size: int = 1024, vocab_size: int = 50257, seed: int = 0) -> np.ndarray:

@@ -15,15 +15,36 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lit_flash.callbacks import HFExport, TokenThroughput
-from lit_flash.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
+from lit_flash.callbacks import HFExport, LastValidatedStep, TokenThroughput
+from lit_flash.checkpointing import AtomicCheckpointIO, resolve_resume
 from lit_flash.resume import ExactResume
+
+# The CLI's ModelCheckpoint defaults and the Python API's, from here: every checkpoint kept, and last.ckpt. No
+# version counter: a run folder holds one run (the lock, the refusal of a fresh fit over checkpoints), so a name
+# that exists is this run's own file from before a resume. With the counter, a run folder copied or moved elsewhere
+# (Lightning then does not restore `last_model_path`) wrote `last-v1.ckpt` beside a stale `last.ckpt`, and
+# `--ckpt_path last` could pick the stale one.
+CHECKPOINT_DEFAULTS: dict[str, Any] = {"save_last": True, "save_top_k": -1, "enable_version_counter": False}
+
+
+def default_loggers(root: str | os.PathLike) -> list[Any]:
+    """CSV (`metrics.csv`) and TensorBoard, side by side in one `logs/version_N` folder of the run."""
+    # Rows appended at every logged step (cheap): a killed run keeps its metrics up to the kill.
+    csv = CSVLogger(save_dir=root, name="logs", flush_logs_every_n_steps=1)
+    return [csv, TensorBoardLogger(save_dir=root, name="logs", version=csv.version, sub_dir="tensorboard")]
 
 
 def checkpoint_dir(default_root_dir: str | os.PathLike) -> str:
     """`<root>/checkpoints`, where the CLI's ModelCheckpoint writes (`trainer.default_root_dir` -> dirpath)."""
     return os.path.join(default_root_dir, "checkpoints")
+
+
+def fixed_callbacks() -> list[L.Callback]:
+    """The callbacks no setting turns off: exact resume, and the step of the last validation (fit's final
+    validation is skipped when it is the last step)."""
+    return [ExactResume(), LastValidatedStep()]
 
 
 def trainer_callbacks(
@@ -35,9 +56,10 @@ def trainer_callbacks(
     """The CLI's callbacks: ModelCheckpoint (every checkpoint kept, `last.ckpt`, every `every_n_train_steps`
     optimizer steps or else each epoch), the HF export (`export_dirname`; None: none), exact resume, throughput,
     and the learning-rate monitor (`lr_monitor`; it needs a logger)."""
-    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir(default_root_dir), save_last=True, save_top_k=-1,
-                                 every_n_train_steps=every_n_train_steps)
-    callbacks: list[L.Callback] = [ExactResume(), checkpoint, HFExport(export_dirname), TokenThroughput()]
+    checkpoint = ModelCheckpoint(
+        dirpath=checkpoint_dir(default_root_dir), every_n_train_steps=every_n_train_steps, **CHECKPOINT_DEFAULTS
+    )
+    callbacks: list[L.Callback] = [*fixed_callbacks(), checkpoint, HFExport(export_dirname), TokenThroughput()]
     return callbacks + ([LearningRateMonitor()] if lr_monitor else [])
 
 
@@ -52,8 +74,6 @@ def trainer_kwargs(
     export_dirname: str | None = "model",
 ) -> dict[str, Any]:
     """`L.Trainer(**trainer_kwargs(root), ...)`: the run folder, the CLI's loggers, callbacks and plugins."""
-    from lit_flash.cli import default_loggers
-
     return {
         "default_root_dir": str(default_root_dir),
         "logger": default_loggers(default_root_dir),
@@ -65,4 +85,4 @@ def trainer_kwargs(
 def resume_path(default_root_dir: str | os.PathLike, ckpt_path: str | None = "auto") -> str | None:
     """`trainer.fit(..., ckpt_path=resume_path(root))`: the CLI's `--ckpt_path auto` (the run's newest checkpoint,
     None to start fresh when there is none) or `last` (an error when there is none); a path is returned as it is."""
-    return resolve_ckpt_path(ckpt_path, checkpoint_dir(default_root_dir), "fit")
+    return resolve_resume(ckpt_path, checkpoint_dir(default_root_dir), "fit")

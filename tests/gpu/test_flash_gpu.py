@@ -19,7 +19,7 @@ import torch
 from _helpers import RecordLosses
 
 from lit_flash import FlashGPT2LM, LitFlashError, WikitextDataModule
-from lit_flash.model import resolve_attn_implementation
+from lit_flash.attention import resolve_attn_implementation
 from lit_flash.synthetic import save_synthetic_dataset, synthetic_blocks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -6,246 +6,46 @@ The `nn.Module` is transformers' own model (`self.model`); this file only adds t
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
-import importlib
-import math
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torchmetrics import Metric
 
+from lit_flash.attention import SDPA_BACKENDS, AttnImplementation, SDPABackend, resolve_attn_implementation
+from lit_flash.blocks import IGNORE_INDEX
 from lit_flash.checkpointing import check_state_dict_fits
-from lit_flash.data import IGNORE_INDEX, perplexity
-from lit_flash.errors import LitFlashError, NonFiniteLossError
-from lit_flash.export import write_export
+from lit_flash.errors import LitFlashError
+from lit_flash.export import export_causal_lm
+from lit_flash.guards import (
+    DataFacts,
+    as_declared_types,
+    check_data_fits_model,
+    check_model_config,
+    check_module_args,
+    check_precision_fits,
+    check_sdpa_backends_run_on,
+    check_skip_supported,
+    finite_or_skip,
+    record_first_nonfinite,
+    stop_if_nonfinite,
+)
 from lit_flash.lightning_adapters import attached_trainer, is_log_step
 from lit_flash.limits import DropoutFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from lit_flash.metrics import TokenMean, flops_per_token, perplexity
 from lit_flash.optim import (
-    new_lr_plan,
+    LR_PLAN_KEY,
+    clip_fused_or_sharded,
+    lr_plan_for,
+    lr_scheduler_for,
     planned_optimizer_steps,
-    schedule_step,
-    stretch_lr_plan,
     weight_decay_groups,
 )
 
-AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
-SDPABackend = Literal["cudnn", "flash", "efficient", "math"]
-SDPA_BACKENDS = {
-    "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"
-}
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 LRSchedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"]
-
-
-def flash_attention_unavailable_reason(device: torch.device | None = None) -> str | None:
-    """Why FlashAttention-2 cannot run here, or None when it can."""
-    if device is not None and device.type != "cuda":
-        return f"the trainer runs on {device.type}, and flash-attn needs a CUDA GPU"
-    try:  # an import, not a find_spec: a wheel built for another torch/CUDA fails here, not mid-training
-        importlib.import_module("flash_attn")
-    except ImportError as err:
-        return f"flash-attn cannot be imported ({err}); pip install 'lit-flash[flash]' on a CUDA machine"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is available"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        name = torch.cuda.get_device_name(device)
-        return f"the GPU {name} is sm_{major}{minor}; flash-attn needs sm_80 (Ampere) or newer"
-    return None
-
-
-def resolve_attn_implementation(
-    requested: str, fallback: bool = True, device: torch.device | None = None
-) -> str:
-    """The attention backend to load: `requested`, or `sdpa` (said once, with the reason) when flash cannot run."""
-    if requested not in get_args(AttnImplementation):
-        raise LitFlashError(
-            f"model.attn_implementation={requested!r} is unknown: choose one of "
-            + ", ".join(get_args(AttnImplementation))
-        )
-    if requested != "flash_attention_2":
-        return requested
-    reason = flash_attention_unavailable_reason(device)
-    if reason is None:
-        return requested
-    if not fallback:
-        raise LitFlashError(
-            f"model.attn_implementation=flash_attention_2 cannot run: {reason}; "
-            "set model.attn_fallback=true to use sdpa instead"
-        )
-    rank_zero_warn(f"flash_attention_2 cannot run: {reason}. Using sdpa instead (model.attn_fallback=false to stop).")
-    return "sdpa"
-
-
-def check_data_fits_model(
-    config: Any,
-    seq_len: int | None = None,
-    max_token_id: int | None = None,
-    tokenizer_size: int | None = None,
-    vocab_size: int | None = None,
-) -> None:
-    """Catch on the host what would otherwise be a CUDA device-side assert deep inside the embedding."""
-    vocab = vocab_size or config.vocab_size
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if seq_len is not None and context is not None and seq_len > context:
-        raise LitFlashError(
-            f"data.block_size: rows have {seq_len} tokens but the model's context is {context}; lower data.block_size"
-        )
-    if max_token_id is not None and max_token_id >= vocab:
-        raise LitFlashError(
-            f"the data holds token id {max_token_id} but the model's vocabulary has {vocab} ids: "
-            "tokenize with the model's tokenizer (data.tokenizer_name) or raise model.model_config.vocab_size"
-        )
-    if tokenizer_size is not None and tokenizer_size > vocab:
-        raise LitFlashError(
-            f"data.tokenizer_name: the tokenizer has {tokenizer_size} tokens but the model only {vocab}: "
-            "use the model's own tokenizer or set model.model_config.vocab_size"
-        )
-
-
-# A model's sizes under transformers' generic names (GPT-2 maps n_embd -> hidden_size etc. in `attribute_map`).
-_SIZE_NAMES = ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads")
-
-
-def check_model_config(model_config: Any, from_scratch: bool = True) -> None:
-    """Refuse `model.model_config` values no model can be built from, naming the key, before anything is built:
-    sizes below 1 or not integers, dropout outside [0, 1), and (from scratch, where every size is known) a width
-    the heads do not divide. transformers would raise deep inside the model's `__init__`, or build a model that
-    cannot train (zero layers, an empty vocabulary)."""
-    if model_config is None:
-        return
-    if not isinstance(model_config, dict):
-        raise LitFlashError(f"model.model_config must be a mapping of config keys to values, got {model_config!r}")
-    from transformers import AutoConfig
-
-    given = dict(model_config)
-    model_type = given.pop("model_type", "gpt2")
-    try:
-        defaults = AutoConfig.for_model(model_type)
-    except (ValueError, KeyError, TypeError) as err:
-        raise LitFlashError(f"model.model_config.model_type={model_type!r}: not a transformers model type") from err
-    own_name = dict(getattr(defaults, "attribute_map", {}))  # generic name -> this model type's own
-
-    def key_of(generic: str) -> str:  # the name the user wrote, or else the model's own name for it
-        return generic if generic in given else own_name.get(generic, generic)
-
-    for generic in _SIZE_NAMES:
-        key = key_of(generic)
-        if key in given and not _is_count(given[key]):
-            raise LitFlashError(f"model.model_config.{key}={given[key]!r}: must be an integer >= 1")
-    for key in ("n_inner", "intermediate_size"):  # the MLP width: null means 4 x the width
-        if given.get(key) is not None and not _is_count(given[key]):
-            raise LitFlashError(f"model.model_config.{key}={given[key]!r}: must be an integer >= 1, or null")
-    for key, value in given.items():
-        if ("pdrop" in key or key.endswith("dropout")) and not _is_fraction_below_one(value):
-            raise LitFlashError(f"model.model_config.{key}={value!r}: must be a dropout probability in [0, 1)")
-        problem = _type_problem(value, getattr(defaults, key, None))
-        if problem:
-            raise LitFlashError(f"model.model_config.{key}={value!r}: {problem}")
-        if ("epsilon" in key or key.endswith("_eps")) and not value > 0:
-            raise LitFlashError(f"model.model_config.{key}={value!r}: must be a number > 0")
-    if not from_scratch:  # a pretrained model's other sizes are unknown until it loads
-        return
-    try:
-        config = AutoConfig.for_model(model_type, **as_declared_types(given, defaults))
-    except Exception as err:  # noqa: BLE001 - any refusal of the config (huggingface_hub's strict dataclasses raise
-        # their own Exception subclass) is a bad model_config, said in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LitFlashError(f"model.model_config: cannot build a {model_type} config ({first})") from err
-    width, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
-    if _is_count(width) and _is_count(heads) and width % heads:
-        raise LitFlashError(
-            f"model.model_config.{key_of('hidden_size')}={width} is not divisible by "
-            f"model.model_config.{key_of('num_attention_heads')}={heads}: choose a head count that divides the width"
-        )
-
-
-def _type_problem(value: Any, default: Any) -> str | None:
-    """What is wrong with `value` for a config key whose default is `default` (its declared kind), if anything."""
-    if isinstance(default, bool):
-        return None if isinstance(value, bool) else "must be true or false"
-    if isinstance(default, int):
-        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
-    if isinstance(default, float):
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        return None if ok else "must be a finite number"
-    return None
-
-
-def as_declared_types(given: dict[str, Any], defaults: Any) -> dict[str, Any]:
-    """`layer_norm_epsilon: 1` is a float the YAML wrote as an int; transformers' strict configs refuse the int."""
-    return {
-        key: float(value)
-        if isinstance(getattr(defaults, key, None), float) and isinstance(value, int) and not isinstance(value, bool)
-        else value
-        for key, value in given.items()
-    }
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 2**63 - 1
-
-
-def _is_fraction_below_one(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
-
-
-def check_skip_supported(on_nonfinite: str, precision: str, strategy: Any) -> None:
-    """Lightning's FSDP precision plugin unscales the fp16 gradients of a skipped step without updating its
-    GradScaler, so the next step would fail; the other strategies' plugin skips both."""
-    if on_nonfinite == "skip" and precision in ("16-mixed", "16") and isinstance(strategy, FSDPStrategy):
-        raise LitFlashError(
-            "model.on_nonfinite=skip cannot skip a step under FSDP with trainer.precision=16-mixed: "
-            "use bf16-mixed, or model.on_nonfinite=stop"
-        )
-
-
-class TokenMean(Metric):
-    """The mean loss over predicted tokens, summed across batches and ranks.
-
-    torchmetrics' MeanMetric looks for NaN in every update with a host read, which stalls the GPU at each evaluation
-    batch. Here a NaN batch (e.g. one with no token to predict) simply makes the mean NaN, as it should: a dropped
-    batch would give a finite, too-good val_ppl.
-    """
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("tokens", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, loss: torch.Tensor, weight: torch.Tensor | int) -> None:
-        """`loss`: a batch's mean over its predicted tokens; `weight`: how many tokens that mean is over."""
-        self.total += loss.double() * weight
-        self.tokens += weight
-
-    def compute(self) -> torch.Tensor:
-        return (self.total / self.tokens).float()
-
-
-def flops_per_token(config: Any, seq_len: int, training: bool = True) -> float:
-    """FLOPs per token: 6N + 12·L·d·T for a training step (N parameters, L layers, width d, T tokens of context;
-    PaLM's appendix B), a third of that for a forward pass alone."""
-    n_params = sum(p.numel() for p in _params_of_config(config))
-    layers, width = config.num_hidden_layers, config.hidden_size  # GPT-2's n_layer/n_embd, by any model's names
-    train_flops = 6 * n_params + 12 * layers * width * seq_len
-    return train_flops if training else train_flops / 3
-
-
-def _params_of_config(config: Any) -> list[torch.Tensor]:
-    # Parameter count without building the model: meta tensors cost nothing.
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return list(model.parameters())
 
 
 def _to_autocast_dtype(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
@@ -335,21 +135,7 @@ class FlashGPT2LM(L.LightningModule):
         on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
-        if compile_mode != "default" and not compile:
-            raise LitFlashError(f"model.compile_mode={compile_mode} needs model.compile=true")
-        if sdpa_backends and attn_implementation != "sdpa":
-            raise LitFlashError(
-                f"model.sdpa_backends is for model.attn_implementation=sdpa, not {attn_implementation}: "
-                "set model.attn_implementation=sdpa or model.sdpa_backends=null"
-            )
-        if lr_scheduler == "constant" and warmup_steps:  # transformers' get_scheduler would drop the warm-up silently
-            raise LitFlashError(
-                f"model.lr_scheduler=constant has no warm-up (model.warmup_steps={warmup_steps}): "
-                "use model.lr_scheduler=constant_with_warmup, or model.warmup_steps=0"
-            )
-        unknown = set(sdpa_backends or ()) - set(SDPA_BACKENDS)
-        if unknown:
-            raise LitFlashError(f"model.sdpa_backends: unknown {sorted(unknown)}; choose from {list(SDPA_BACKENDS)}")
+        check_module_args(attn_implementation, sdpa_backends, lr_scheduler, warmup_steps, compile, compile_mode)
         self.save_hyperparameters()
         self.sdpa_priority = [getattr(SDPBackend, SDPA_BACKENDS[name]) for name in sdpa_backends or ()]
         self.attn_implementation = resolve_attn_implementation(attn_implementation, attn_fallback)
@@ -379,7 +165,6 @@ class FlashGPT2LM(L.LightningModule):
         self.val_loss = TokenMean()
         self.test_loss = TokenMean()
         self.flops_per_batch: float | None = None  # read by Lightning's ThroughputMonitor
-        self.last_validated_step: int | None = None
         self._flops_per_token: dict[tuple[int, bool], float] = {}
 
     def _build_model(self) -> torch.nn.Module:
@@ -426,27 +211,13 @@ class FlashGPT2LM(L.LightningModule):
             fallback = self.hparams.attn_fallback
             self.attn_implementation = resolve_attn_implementation("flash_attention_2", fallback, device)
             self.model.set_attn_implementation(self.attn_implementation)
-        backends = self.hparams.sdpa_backends
-        if device.type != "cuda" and backends and not {"math", "flash"} & set(backends):  # the CPU's only two
-            raise LitFlashError(
-                f"model.sdpa_backends={list(backends)}: none of these runs on {device.type}; add math, or set "
-                "model.sdpa_backends=null"
-            )
         precision = str(self.trainer.precision)
+        check_sdpa_backends_run_on(device, self.hparams.sdpa_backends)
         check_skip_supported(self.hparams.on_nonfinite, precision, self.trainer.strategy)
-        if self.attn_implementation == "flash_attention_2" and precision in ("32-true", "32", "64-true", "64"):
-            raise LitFlashError(
-                f"trainer.precision={precision}: flash_attention_2 runs in fp16/bf16 only; "
-                "use 16-mixed or bf16-mixed, or model.attn_implementation=sdpa"
-            )
-        if self.hparams.low_precision_residual and precision != "bf16-mixed":
-            # fp16's range (65504) is too small for a stream that only grows; without autocast the flag does nothing.
-            raise LitFlashError(
-                f"model.low_precision_residual=true is for trainer.precision=bf16-mixed, not {precision}: "
-                "use bf16-mixed or set model.low_precision_residual=false"
-            )
+        check_precision_fits(self.attn_implementation, precision, self.hparams.low_precision_residual)
         dm = getattr(self.trainer, "datamodule", None)
-        tokenizer = getattr(dm, "tokenizer", None)
+        # Another DataModule (or loaders passed to fit) tells nothing: then only the model's own sizes are known.
+        facts = dm.data_facts() if hasattr(dm, "data_facts") else DataFacts()
         if self.hparams.compile and not self._compiled:
             self._compiled = True
             mode = None if self.hparams.compile_mode == "default" else self.hparams.compile_mode
@@ -459,9 +230,9 @@ class FlashGPT2LM(L.LightningModule):
         check_data_fits_model(
             self.model.config,
             vocab_size=self.vocab_size,
-            seq_len=getattr(dm, "seq_len", None),
-            max_token_id=getattr(dm, "max_token_id", None),
-            tokenizer_size=len(tokenizer) if tokenizer is not None else None,
+            seq_len=facts.seq_len,
+            max_token_id=facts.max_token_id,
+            tokenizer_size=facts.tokenizer_size,
         )
 
     # ------------------------------------------------------------------------------------------- steps
@@ -525,45 +296,22 @@ class FlashGPT2LM(L.LightningModule):
         if self.hparams.on_nonfinite == "stop" and self._host_reads_stall(loss):
             # A per-step check would sync the GPU every step (the CPU could not queue the next step ahead): note
             # the first bad step on the device, look at it on logging steps and before every checkpoint.
-            if self.first_nonfinite_step is None:
-                self.first_nonfinite_step = torch.tensor(-1, device=loss.device)
-            first = self.first_nonfinite_step
-            first.copy_(torch.where(~torch.isfinite(loss.detach()) & (first < 0), self.global_step, first))
+            self.first_nonfinite_step = record_first_nonfinite(self.first_nonfinite_step, loss, self.global_step)
             if is_log_step(self.trainer, before_optimizer_step=True):
-                self._stop_if_nonfinite()
+                self.stop_if_nonfinite()
             return True
-        # One host sync per step. Every rank takes the same decision: a skip on one rank alone would hang DDP.
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if finite:
-            return True
-        where = f"train_loss is {loss.item()} at step {self.global_step}"
-        where += f" (epoch {self.current_epoch}, batch {batch_idx})"
-        if self.hparams.on_nonfinite == "stop":
-            if n_tokens is not None and int(n_tokens) == 0:  # a mean over no token: 0/0, whatever the weights
-                raise NonFiniteLossError(
-                    f"{where}: the batch has no token to predict (every label is {IGNORE_INDEX}); give its rows "
-                    "labels to learn, or leave such rows out of the data"
-                )
-            raise NonFiniteLossError(
-                f"{where}: stopped before updating the weights; lower model.learning_rate, use bf16-mixed instead "
-                "of 16-mixed, or set model.on_nonfinite=skip"
-            )
-        rank_zero_warn(f"{where}: skipped the batch (model.on_nonfinite=skip)")
-        return False
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        return finite_or_skip(loss, n_tokens, self.hparams.on_nonfinite, self.trainer.strategy, where)
 
     @staticmethod
     def _host_reads_stall(tensor: torch.Tensor) -> bool:
         """Whether reading `tensor` on the host waits for the device's queue; on the CPU it costs nothing."""
         return tensor.device.type == "cuda"
 
-    def _stop_if_nonfinite(self) -> None:
-        step = -1 if self.first_nonfinite_step is None else int(self.first_nonfinite_step)
-        if not self.trainer.strategy.reduce_boolean_decision(step < 0, all=True):
-            raise NonFiniteLossError(
-                f"train_loss was NaN/inf at step {step} (on GPU checked every trainer.log_every_n_steps; no checkpoint "
-                "holds the weights since): lower model.learning_rate, use bf16-mixed instead of 16-mixed, or set "
-                "model.on_nonfinite=skip"
-            )
+    def stop_if_nonfinite(self) -> None:
+        """Raise if a training loss was NaN/inf since the last look (on GPU the check is deferred); all ranks call it.
+        Checkpoints and the export call it first: they never hold weights trained on a NaN loss."""
+        stop_if_nonfinite(self.first_nonfinite_step, self.trainer.strategy)
 
     def on_fit_start(self) -> None:
         # Train mode whatever the model's source or what was done with it before (a hub model loads in eval mode; a
@@ -575,7 +323,7 @@ class FlashGPT2LM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.hparams.on_nonfinite == "stop":
-            self._stop_if_nonfinite()  # never write weights trained on a NaN loss
+            self.stop_if_nonfinite()  # never write weights trained on a NaN loss
         if getattr(self, "_lr_plan", None) is not None:
             checkpoint[LR_PLAN_KEY] = self._lr_plan
 
@@ -617,8 +365,6 @@ class FlashGPT2LM(L.LightningModule):
             return  # with several ranks compute() syncs: a rank without batches must still take part
         mean = metric.compute()
         metric.reset()
-        if prefix == "val" and not self.trainer.sanity_checking:
-            self.last_validated_step = self.global_step  # the CLI validates once more after fit unless it is this
         # Already the same on every rank (compute() synced the sums): sync_dist costs a tiny all-reduce and spares
         # Lightning's warning that epoch-level values should be synced.
         self.log(f"{prefix}_loss", mean, prog_bar=True, sync_dist=True)
@@ -626,8 +372,6 @@ class FlashGPT2LM(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> Any:
-        from transformers import get_scheduler
-
         h = self.hparams
         groups = weight_decay_groups(self.model, h.weight_decay)
         trainer = attached_trainer(self)
@@ -638,74 +382,20 @@ class FlashGPT2LM(L.LightningModule):
         fused = on_cuda if h.fused_adamw is None else h.fused_adamw
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
         total = planned_optimizer_steps(self.trainer)
-        plan = self._lr_plan_for(total)
+        stored, at_step = getattr(self, "_resumed_lr_plan", (None, 0))
+        self._resumed_lr_plan = (None, 0)  # used once: a later fit of this module plans afresh
+        self._lr_plan = lr_plan_for(stored, at_step, total)
         if h.warmup_steps >= total and h.lr_scheduler != "constant":
             rank_zero_warn(f"model.warmup_steps={h.warmup_steps} is not below the {total} training steps")
-        extra = {"scheduler_specific_kwargs": {"min_lr_rate": 0.1}} if h.lr_scheduler == "cosine_with_min_lr" else {}
-        planned = int(plan["planned_steps"]) if plan is not None else int(total)
-        scheduler = get_scheduler(
-            h.lr_scheduler, optimizer, num_warmup_steps=h.warmup_steps, num_training_steps=planned, **extra
-        )
-        if plan is not None and len(plan["knots"]) > 1:  # resumed with another length: run on the stretched plan
-            factor = scheduler.lr_lambdas[0]
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, functools.partial(_stretched_factor, factor, plan)
-            )
+        scheduler = lr_scheduler_for(h.lr_scheduler, optimizer, h.warmup_steps, total, self._lr_plan)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _lr_plan_for(self, total: int | float) -> dict[str, Any] | None:
-        """This fit's schedule plan: a fresh one, the checkpoint's, or the checkpoint's stretched to `total` steps
-        (with a warning saying what changed). None for an unbounded run (no length to plan)."""
-        resumed, self._resumed_lr_plan = getattr(self, "_resumed_lr_plan", (None, 0)), (None, 0)
-        stored, at_step = resumed
-        if not math.isfinite(total):
-            self._lr_plan = None
-        elif stored is None:  # a fresh run, or a checkpoint from before plans were stored: built for `total`
-            self._lr_plan = new_lr_plan(int(total))
-        elif int(stored["end"]) == int(total):
-            self._lr_plan = stored
-        else:
-            self._lr_plan = stretch_lr_plan(stored, at_step, int(total))
-            ended = schedule_step(stored, at_step) >= stored["planned_steps"]
-            rank_zero_warn(
-                f"the run now plans {int(total)} optimizer steps instead of {stored['end']} (trainer.max_steps, "
-                "max_epochs, the data or the number of devices changed): "
-                + (
-                    f"its learning-rate schedule had ended at step {at_step}, so it runs once more over steps "
-                    f"{at_step + 1}-{int(total)}: its warm-up from 0, then its decay (a restart)"
-                    if ended
-                    else f"the rest of the learning-rate schedule from step {at_step} is stretched to end at step "
-                    f"{int(total)}, continuing from the current learning rate without a jump"
-                )
-            )
-        return self._lr_plan
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        norm = bool(gradient_clip_val) and gradient_clip_algorithm != "value"
-        fused = bool(optimizer.defaults.get("fused"))
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed's GradScaler, else None
-        if gradient_clip_val and fused and scaler is not None:
-            # Lightning's AMP plugin leaves the unscaling to a fused optimizer's step and so refuses to clip. Unscale
-            # here instead (one foreach kernel, no host sync): GradScaler.step then hands the fused kernel only the
-            # inf flag, and the kernel skips an overflowed step on the device.
-            scaler.unscale_(optimizer)
-        if norm and hasattr(self.trainer.model, "clip_grad_norm_"):
-            # FSDP: the norm spans every rank's shard; only the wrapped module can compute it (Lightning's FSDP
-            # precision refuses 'norm'). The GradScaler, if any, has unscaled the gradients already.
-            self.trainer.model.clip_grad_norm_(gradient_clip_val)
-            return
-        if gradient_clip_val and fused:  # true-scale gradients (bf16, fp32, or unscaled above): clip directly
-            # The optimizer's own list: `self.parameters()` walks every submodule, a millisecond of host time a step.
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            if norm:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
-            else:
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
-            return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if not clip_fused_or_sharded(self.trainer, optimizer, gradient_clip_val, gradient_clip_algorithm):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -------------------------------------------------------------------------------------------- export
     def export_hf(
@@ -724,28 +414,5 @@ class FlashGPT2LM(L.LightningModule):
         rule: anything else already at `path` is refused). `flag`: how errors name `path` (default `path=...`).
         Written into a temporary folder beside `path`, then renamed onto it: never half a model at `path`.
         """
-        from transformers import AutoModelForCausalLM
+        return export_causal_lm(self.model, self.vocab_size, path, tokenizer, state_dict, run_dir, flag)
 
-        path = Path(path)
-        model = self.model
-        if state_dict is not None:
-            model = AutoModelForCausalLM.from_config(self.model.config, attn_implementation="eager")
-            model.load_state_dict(state_dict)
-        if model.config.vocab_size != self.vocab_size:  # slice the padding back off
-            model = copy.deepcopy(model).cpu()
-            model.resize_token_embeddings(self.vocab_size)
-
-        def write(folder: Path) -> None:
-            model.save_pretrained(str(folder), safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(folder))
-
-        return write_export(path, write, run_dir, flag or f"path={path}")
-
-
-LR_PLAN_KEY = "lit_flash_lr_schedule"  # the schedule's plan in a checkpoint (see optim.new_lr_plan)
-
-
-def _stretched_factor(factor: Any, plan: dict[str, Any], step: int) -> float:
-    """The transformers schedule's factor at the step the stretched plan maps `step` to."""
-    return factor(schedule_step(plan, step))

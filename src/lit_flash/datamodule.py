@@ -1,0 +1,328 @@
+"""The LightningDataModule over token blocks: where they come from (cache, load dir, stream), collation, loaders."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from lit_flash.blocks import (
+    IGNORE_INDEX,
+    OPTIONAL_COLUMNS,
+    REQUIRED_COLUMN,
+    BlockRows,
+    load_tokenized,
+    max_token_id,
+    save_dataset_dict,
+)
+from lit_flash.distributed import check_rows_per_rank, shard_sampler
+from lit_flash.errors import LitFlashError
+from lit_flash.guards import DataFacts
+from lit_flash.interrupt import ignore_sigint_in_worker
+from lit_flash.limits import NonNegativeInt, PositiveInt, SeedInt
+from lit_flash.resume import ResumableDataLoader, ResumableSampler
+from lit_flash.text import load_raw_text, resolve_text_files, tokenize_and_group, train_bpe_tokenizer
+
+_CACHE_FORMAT_VERSION = 1
+
+
+def collate_blocks(rows: list[dict[str, torch.Tensor]], pad_rows_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Stack equal-length rows; derive `labels` and drop an all-ones `attention_mask`.
+
+    Without a mask the attention kernels take their dense (faster) path instead of unpadding. `pad_rows_to`: a
+    short batch (an epoch's last) gets copies of its first row with every label ignored (-100), up to that many
+    rows: the loss, a mean over predicted tokens, is unchanged, and a compiled model sees one shape only.
+    """
+    missing = max(0, (pad_rows_to or 0) - len(rows))
+    batch = {"input_ids": torch.stack([r["input_ids"] for r in rows])}
+    batch["labels"] = torch.stack([r["labels"] for r in rows]) if "labels" in rows[0] else batch["input_ids"].clone()
+    if "attention_mask" in rows[0]:
+        mask = torch.stack([r["attention_mask"] for r in rows])
+        if not bool(mask.all()):
+            batch["attention_mask"] = mask
+            if "labels" not in rows[0]:  # derived labels: padding is not something to predict
+                batch["labels"] = batch["labels"].masked_fill(mask == 0, IGNORE_INDEX)
+    if missing:
+        for key, tensor in batch.items():
+            filler = torch.full_like(tensor[:1], IGNORE_INDEX) if key == "labels" else tensor[:1]
+            batch[key] = torch.cat([tensor, filler.expand(missing, -1)])
+    return batch
+
+
+class WikitextDataModule(L.LightningDataModule):
+    """Token blocks for causal-LM fine-tuning: wikitext (or any hub text dataset), local text files, or a
+    pre-tokenized `DatasetDict` such as the reference recipe's `/input`.
+
+    Args:
+        dataset_name: HF hub dataset with a `text` column.
+        dataset_config_name: Its configuration, e.g. `wikitext-2-raw-v1` or `wikitext-103-raw-v1`.
+        text_files: Local text files per split instead of the hub, e.g. `{train: train.txt, validation: val.txt}`;
+            globs work, and `{stdlib}` stands for this Python's standard library folder.
+        tokenized_dataset_load_dir: A `DatasetDict` saved with `save_to_disk` (the reference's `/input`); when set,
+            nothing is tokenized and the raw-text options are ignored.
+        tokenizer_name: Tokenizer (hub id or folder). Saved beside the exported model; may be null with
+            `tokenized_dataset_load_dir`, then no tokenizer is exported.
+        train_tokenizer_vocab_size: If set, train a byte-level BPE tokenizer of this size on the train split
+            (saved in the cache folder) instead of loading `tokenizer_name`. Used by the offline demo.
+        block_size: Tokens per training row when tokenizing raw text.
+        batch_size: Rows per training batch and device (the reference's `--per_device_train_batch_size`).
+        eval_batch_size: Rows per validation/test batch and device (`--per_device_eval_batch_size`).
+        num_workers: DataLoader worker processes (`--dataloader_num_workers`).
+        pin_memory: Pin host memory for faster copies to the GPU.
+        max_train_samples: Keep only the first N training rows (`--max_train_samples`).
+        max_eval_samples: Keep only the first N validation/test rows (`--max_eval_samples`).
+        cache_dir: Where tokenized raw text is cached (default `~/.cache/lit_flash`); a second run reuses it.
+        text_column: Column of the raw dataset holding the text (`--dataset_text_field`).
+        num_proc: Processes for tokenization (`--dataset_num_proc`).
+        seed: Seed of the training shuffle.
+        streaming: Read the raw text as a stream (`--dataset_streaming`): nothing is downloaded whole or cached;
+            lines are tokenized and grouped on the fly, shards split across ranks and dataloader workers, no
+            shuffle. Needs `trainer.max_steps`. Validation/test read the source's `validation`/`test` split (the
+            first `max_eval_samples` blocks if set), and are skipped when it has none (e.g. FineWeb).
+        pad_last_batch: Fill an epoch's short last batch (training, validation, test) up to the batch size with
+            ignored rows (labels -100): the loss is unchanged, and a compiled model (`model.compile`) runs one shape
+            instead of compiling again for the short batch (a step of many seconds; benchmarks/RESULTS.md).
+            Throughput logs count the filler rows as processed tokens.
+    """
+
+    def __init__(
+        self,
+        dataset_name: str | None = "wikitext",
+        dataset_config_name: str | None = "wikitext-2-raw-v1",
+        text_files: dict[str, str | list[str]] | None = None,
+        tokenized_dataset_load_dir: str | None = None,
+        tokenizer_name: str | None = "openai-community/gpt2",
+        train_tokenizer_vocab_size: PositiveInt | None = None,
+        block_size: PositiveInt = 1024,
+        batch_size: PositiveInt = 8,
+        eval_batch_size: PositiveInt = 8,
+        num_workers: NonNegativeInt = 0,
+        pin_memory: bool = True,
+        max_train_samples: PositiveInt | None = None,
+        max_eval_samples: PositiveInt | None = None,
+        cache_dir: str | None = None,
+        text_column: str = "text",
+        num_proc: PositiveInt | None = None,
+        seed: SeedInt = 42,
+        streaming: bool = False,
+        pad_last_batch: bool = False,
+    ) -> None:
+        super().__init__()
+        if streaming and (tokenized_dataset_load_dir or train_tokenizer_vocab_size):
+            raise LitFlashError(
+                "data.streaming=true reads raw text with a given tokenizer: unset data.tokenized_dataset_load_dir "
+                "and data.train_tokenizer_vocab_size"
+            )
+        for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
+            if value is not None and value < 1:
+                raise LitFlashError(f"data.{name}={value}: must be >= 1, or null for all rows")
+        sizes = (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("block_size", block_size))
+        for name, value in sizes:
+            if value < 1:
+                raise LitFlashError(f"data.{name}={value}: must be >= 1")
+        if tokenizer_name is None and tokenized_dataset_load_dir is None and train_tokenizer_vocab_size is None:
+            raise LitFlashError("data.tokenizer_name is null: raw text needs a tokenizer")
+        self.save_hyperparameters()
+        self.tokenizer: Any = None
+        self.train_dataset: Any = None
+        self.val_dataset: Any = None
+        self.test_dataset: Any = None
+        self.predict_dataset: Any = None
+        self.seq_len: int | None = None
+        self.max_token_id: int | None = None
+
+    # -- where the blocks live
+    @property
+    def cache_path(self) -> Path:
+        """The cache folder for this source, tokenizer and block size (unused with a load dir)."""
+        h = self.hparams
+        source: dict[str, Any] = {"tokenizer": h.tokenizer_name, "trained_vocab": h.train_tokenizer_vocab_size}
+        source.update(block_size=h.block_size, text_column=h.text_column, version=_CACHE_FORMAT_VERSION)
+        if h.text_files:
+            files = resolve_text_files(h.text_files)
+            source["files"] = {s: [(f, os.path.getsize(f), os.path.getmtime(f)) for f in fs] for s, fs in files.items()}
+        else:
+            source["hub"] = [h.dataset_name, h.dataset_config_name]
+        key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+        root = Path(h.cache_dir or Path.home() / ".cache" / "lit_flash").expanduser()
+        return root / key
+
+    @property
+    def blocks_path(self) -> Path:
+        return Path(self.hparams.tokenized_dataset_load_dir or self.cache_path / "blocks")
+
+    def data_facts(self) -> DataFacts:
+        """What the model checks these blocks against before training (after `setup`)."""
+        tokenizer_size = len(self.tokenizer) if self.tokenizer is not None else None
+        return DataFacts(seq_len=self.seq_len, max_token_id=self.max_token_id, tokenizer_size=tokenizer_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        # A stream's position is not saved (Lightning's own warning is off for a loader without a length): the
+        # mark lets a resume say so.
+        return {"streaming": True} if self.hparams.streaming else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("streaming") and self.hparams.streaming:
+            rank_zero_warn(
+                "data.streaming=true: the stream restarts from its first block on resume, so the blocks trained on "
+                "before the checkpoint are read again (a pre-tokenized dataset or the cache resumes exactly)"
+            )
+
+    def prepare_data(self) -> None:
+        """Download and tokenize once (rank 0 only), into the cache; a second run finds it there."""
+        h = self.hparams
+        if h.tokenized_dataset_load_dir or h.streaming:
+            if h.tokenizer_name:
+                self._load_tokenizer()
+            return
+        cache = self.cache_path
+        if (cache / "blocks" / "dataset_dict.json").is_file():
+            return
+        cache.mkdir(parents=True, exist_ok=True)
+        raw = load_raw_text(h.dataset_name, h.dataset_config_name, h.text_files, text_column=h.text_column)
+        if "train" not in raw:
+            raise LitFlashError(f"the raw data has no 'train' split (found {sorted(raw)}): name one in data.text_files")
+        if h.train_tokenizer_vocab_size:
+            tokenizer = train_bpe_tokenizer(raw, h.train_tokenizer_vocab_size, cache / "tokenizer")
+        else:
+            tokenizer = self._load_tokenizer()
+        blocks = tokenize_and_group(raw, tokenizer, h.block_size, h.num_proc)
+        save_dataset_dict(blocks, cache / "blocks", overwrite=True)
+
+    def _load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        h = self.hparams
+        if h.train_tokenizer_vocab_size and not h.tokenized_dataset_load_dir:
+            name = str(self.cache_path / "tokenizer")
+        else:
+            name = h.tokenizer_name
+        if name is None:
+            return None
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as err:  # ValueError: a folder transformers cannot make a tokenizer of
+            first = str(err).splitlines()[0]
+            raise LitFlashError(f"data.tokenizer_name={name}: cannot load the tokenizer ({first})") from err
+
+    def setup(self, stage: str) -> None:
+        h = self.hparams
+        if self.tokenizer is None:
+            self.tokenizer = self._load_tokenizer()
+        if h.streaming:
+            return self._setup_streaming(stage)
+        dataset = load_tokenized(self.blocks_path)
+        eval_split = "validation" if "validation" in dataset else "test"
+        if stage == "fit":
+            self.train_dataset = self._subset(dataset["train"], h.max_train_samples)
+        if stage in ("fit", "validate"):
+            if eval_split not in dataset:
+                raise LitFlashError(f"{self.blocks_path}: no 'validation' or 'test' split to validate on")
+            self.val_dataset = self._subset(dataset[eval_split], h.max_eval_samples)
+        if stage == "test":
+            if "test" not in dataset:
+                raise LitFlashError(f"{self.blocks_path}: no 'test' split (found {sorted(dataset)})")
+            self.test_dataset = self._subset(dataset["test"], h.max_eval_samples)
+        if stage == "predict":  # scores the test split (the validation split when there is none)
+            split = "test" if "test" in dataset else eval_split
+            if split not in dataset:
+                raise LitFlashError(f"{self.blocks_path}: no 'test' or 'validation' split to predict on")
+            self.predict_dataset = self._subset(dataset[split], h.max_eval_samples)
+        splits = (self.train_dataset, self.val_dataset, self.test_dataset, self.predict_dataset)
+        used = [d for d in splits if d is not None]
+        self.seq_len = max(len(d[0]["input_ids"]) for d in used)
+        self.max_token_id = max(max_token_id(d) for d in used)
+
+    def _setup_streaming(self, stage: str) -> None:
+        from datasets.distributed import split_dataset_by_node
+
+        h = self.hparams
+        trainer = self.trainer
+        if stage == "fit" and trainer is not None and trainer.max_steps in (None, -1):
+            raise LitFlashError("data.streaming=true: a stream has no length, so set trainer.max_steps")
+        raw = load_raw_text(h.dataset_name, h.dataset_config_name, h.text_files, True, h.text_column)
+        blocks = tokenize_and_group(raw, self.tokenizer, h.block_size)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+        def stream(split: str, limit: int | None) -> Any:
+            ds = blocks[split] if limit is None else blocks[split].take(limit)
+            # Whole shards (files) per rank when they divide evenly, else every world_size-th block; the
+            # DataLoader's workers then split each rank's shards among themselves: no block is read twice.
+            return split_dataset_by_node(ds, rank=rank, world_size=world_size).with_format("torch")
+
+        if "train" not in blocks:
+            raise LitFlashError(f"the streamed data has no 'train' split (found {sorted(blocks)})")
+        eval_split = next((s for s in ("validation", "test") if s in blocks), None)
+        if stage == "fit":
+            self.train_dataset = stream("train", h.max_train_samples)
+        if stage in ("fit", "validate") and eval_split is not None:
+            self.val_dataset = stream(eval_split, h.max_eval_samples)
+        if stage == "test":
+            if "test" not in blocks:
+                raise LitFlashError(f"the streamed data has no 'test' split (found {sorted(blocks)})")
+            self.test_dataset = stream("test", h.max_eval_samples)
+        self.seq_len = h.block_size
+        self.max_token_id = None  # unknown without reading the stream; the tokenizer's size is checked instead
+
+    @staticmethod
+    def _subset(ds: Any, limit: int | None) -> Any:
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        columns = [c for c in (REQUIRED_COLUMN, *OPTIONAL_COLUMNS) if c in ds.column_names]
+        return ds.with_format("torch", columns=columns)
+
+    # -- loaders
+    def _loader(self, dataset: Any, batch_size: int, shuffle: bool, predict: bool = False) -> DataLoader:
+        seed = self.hparams.seed
+        # Streams are read in order and split across ranks by `split_dataset_by_node` already.
+        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        workers = self.hparams.num_workers
+        kwargs: dict[str, Any] = dict(
+            batch_size=batch_size,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            collate_fn=collate_blocks,
+            # Its own generator (for worker seeds): iterating never draws from the global RNG (exact resume).
+            generator=torch.Generator().manual_seed(seed),
+        )
+        if workers > 0:
+            kwargs["worker_init_fn"] = ignore_sigint_in_worker
+        if self.hparams.pad_last_batch and not predict:
+            kwargs["collate_fn"] = functools.partial(collate_blocks, pad_rows_to=batch_size)
+        if iterable:
+            return DataLoader(dataset, **kwargs)
+        dataset = BlockRows(dataset, [c for c in (REQUIRED_COLUMN, *OPTIONAL_COLUMNS) if c in dataset.column_names])
+        if not shuffle:
+            # Several processes: our own shard sampler (no repeated rows), which Lightning then leaves as it is.
+            return DataLoader(dataset, sampler=shard_sampler(dataset, self.trainer, False, seed), **kwargs)
+        # Training: a seeded permutation per epoch (this rank's share of it, the remainder dropped as the shard
+        # sampler does) whose position is saved in checkpoints for an exact resume.
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if replicas > 1:
+            check_rows_per_rank(len(dataset), replicas, "training")
+        sampler = ResumableSampler(dataset, num_replicas=replicas, rank=rank, seed=seed, drop_last=True)
+        return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None and self.hparams.streaming:
+            return []  # a stream without a validation/test split: no validation
+        return self._loader(self.val_dataset, self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, self.hparams.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, self.hparams.eval_batch_size, shuffle=False, predict=True)

@@ -1,0 +1,240 @@
+"""Refuse-early checks (what would otherwise fail deep inside transformers, a CUDA kernel or Lightning mid-run),
+and the guard that stops or skips on a NaN/inf training loss."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lit_flash.attention import SDPA_BACKENDS
+from lit_flash.blocks import IGNORE_INDEX
+from lit_flash.errors import LitFlashError, NonFiniteLossError
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What a DataModule tells the model about its blocks (`WikitextDataModule.data_facts()`); None: unknown."""
+
+    seq_len: int | None = None
+    max_token_id: int | None = None
+    tokenizer_size: int | None = None
+
+
+def check_data_fits_model(
+    config: Any,
+    seq_len: int | None = None,
+    max_token_id: int | None = None,
+    tokenizer_size: int | None = None,
+    vocab_size: int | None = None,
+) -> None:
+    """Catch on the host what would otherwise be a CUDA device-side assert deep inside the embedding."""
+    vocab = vocab_size or config.vocab_size
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if seq_len is not None and context is not None and seq_len > context:
+        raise LitFlashError(
+            f"data.block_size: rows have {seq_len} tokens but the model's context is {context}; lower data.block_size"
+        )
+    if max_token_id is not None and max_token_id >= vocab:
+        raise LitFlashError(
+            f"the data holds token id {max_token_id} but the model's vocabulary has {vocab} ids: "
+            "tokenize with the model's tokenizer (data.tokenizer_name) or raise model.model_config.vocab_size"
+        )
+    if tokenizer_size is not None and tokenizer_size > vocab:
+        raise LitFlashError(
+            f"data.tokenizer_name: the tokenizer has {tokenizer_size} tokens but the model only {vocab}: "
+            "use the model's own tokenizer or set model.model_config.vocab_size"
+        )
+
+
+# A model's sizes under transformers' generic names (GPT-2 maps n_embd -> hidden_size etc. in `attribute_map`).
+_SIZE_NAMES = ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def check_model_config(model_config: Any, from_scratch: bool = True) -> None:
+    """Refuse `model.model_config` values no model can be built from, naming the key, before anything is built:
+    sizes below 1 or not integers, dropout outside [0, 1), and (from scratch, where every size is known) a width
+    the heads do not divide. transformers would raise deep inside the model's `__init__`, or build a model that
+    cannot train (zero layers, an empty vocabulary)."""
+    if model_config is None:
+        return
+    if not isinstance(model_config, dict):
+        raise LitFlashError(f"model.model_config must be a mapping of config keys to values, got {model_config!r}")
+    from transformers import AutoConfig
+
+    given = dict(model_config)
+    model_type = given.pop("model_type", "gpt2")
+    try:
+        defaults = AutoConfig.for_model(model_type)
+    except (ValueError, KeyError, TypeError) as err:
+        raise LitFlashError(f"model.model_config.model_type={model_type!r}: not a transformers model type") from err
+    own_name = dict(getattr(defaults, "attribute_map", {}))  # generic name -> this model type's own
+
+    def key_of(generic: str) -> str:  # the name the user wrote, or else the model's own name for it
+        return generic if generic in given else own_name.get(generic, generic)
+
+    for generic in _SIZE_NAMES:
+        key = key_of(generic)
+        if key in given and not _is_count(given[key]):
+            raise LitFlashError(f"model.model_config.{key}={given[key]!r}: must be an integer >= 1")
+    for key in ("n_inner", "intermediate_size"):  # the MLP width: null means 4 x the width
+        if given.get(key) is not None and not _is_count(given[key]):
+            raise LitFlashError(f"model.model_config.{key}={given[key]!r}: must be an integer >= 1, or null")
+    for key, value in given.items():
+        if ("pdrop" in key or key.endswith("dropout")) and not _is_fraction_below_one(value):
+            raise LitFlashError(f"model.model_config.{key}={value!r}: must be a dropout probability in [0, 1)")
+        problem = _type_problem(value, getattr(defaults, key, None))
+        if problem:
+            raise LitFlashError(f"model.model_config.{key}={value!r}: {problem}")
+        if ("epsilon" in key or key.endswith("_eps")) and not value > 0:
+            raise LitFlashError(f"model.model_config.{key}={value!r}: must be a number > 0")
+    if not from_scratch:  # a pretrained model's other sizes are unknown until it loads
+        return
+    try:
+        config = AutoConfig.for_model(model_type, **as_declared_types(given, defaults))
+    except Exception as err:  # noqa: BLE001 - any refusal of the config (huggingface_hub's strict dataclasses raise
+        # their own Exception subclass) is a bad model_config, said in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LitFlashError(f"model.model_config: cannot build a {model_type} config ({first})") from err
+    width, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if _is_count(width) and _is_count(heads) and width % heads:
+        raise LitFlashError(
+            f"model.model_config.{key_of('hidden_size')}={width} is not divisible by "
+            f"model.model_config.{key_of('num_attention_heads')}={heads}: choose a head count that divides the width"
+        )
+
+
+def _type_problem(value: Any, default: Any) -> str | None:
+    """What is wrong with `value` for a config key whose default is `default` (its declared kind), if anything."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
+    if isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "must be a finite number"
+    return None
+
+
+def as_declared_types(given: dict[str, Any], defaults: Any) -> dict[str, Any]:
+    """`layer_norm_epsilon: 1` is a float the YAML wrote as an int; transformers' strict configs refuse the int."""
+    return {
+        key: float(value)
+        if isinstance(getattr(defaults, key, None), float) and isinstance(value, int) and not isinstance(value, bool)
+        else value
+        for key, value in given.items()
+    }
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 2**63 - 1
+
+
+def _is_fraction_below_one(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
+
+
+def check_skip_supported(on_nonfinite: str, precision: str, strategy: Any) -> None:
+    """Lightning's FSDP precision plugin unscales the fp16 gradients of a skipped step without updating its
+    GradScaler, so the next step would fail; the other strategies' plugin skips both."""
+    if on_nonfinite == "skip" and precision in ("16-mixed", "16") and isinstance(strategy, FSDPStrategy):
+        raise LitFlashError(
+            "model.on_nonfinite=skip cannot skip a step under FSDP with trainer.precision=16-mixed: "
+            "use bf16-mixed, or model.on_nonfinite=stop"
+        )
+
+
+def check_module_args(
+    attn_implementation: str, sdpa_backends: list[str] | None, lr_scheduler: str, warmup_steps: int,
+    compile: bool, compile_mode: str,
+) -> None:
+    """Refuse `FlashGPT2LM` arguments that contradict each other (each alone is checked by its type)."""
+    if compile_mode != "default" and not compile:
+        raise LitFlashError(f"model.compile_mode={compile_mode} needs model.compile=true")
+    if sdpa_backends and attn_implementation != "sdpa":
+        raise LitFlashError(
+            f"model.sdpa_backends is for model.attn_implementation=sdpa, not {attn_implementation}: "
+            "set model.attn_implementation=sdpa or model.sdpa_backends=null"
+        )
+    if lr_scheduler == "constant" and warmup_steps:  # transformers' get_scheduler would drop the warm-up silently
+        raise LitFlashError(
+            f"model.lr_scheduler=constant has no warm-up (model.warmup_steps={warmup_steps}): "
+            "use model.lr_scheduler=constant_with_warmup, or model.warmup_steps=0"
+        )
+    unknown = set(sdpa_backends or ()) - set(SDPA_BACKENDS)
+    if unknown:
+        raise LitFlashError(f"model.sdpa_backends: unknown {sorted(unknown)}; choose from {list(SDPA_BACKENDS)}")
+
+
+def check_sdpa_backends_run_on(device: torch.device, backends: list[str] | None) -> None:
+    """Refuse a list of SDPA kernels none of which exists on `device` (math and flash are the CPU's only two)."""
+    if device.type != "cuda" and backends and not {"math", "flash"} & set(backends):
+        raise LitFlashError(
+            f"model.sdpa_backends={list(backends)}: none of these runs on {device.type}; add math, or set "
+            "model.sdpa_backends=null"
+        )
+
+
+def check_precision_fits(attn_implementation: str, precision: str, low_precision_residual: bool) -> None:
+    """Refuse a trainer precision the model's settings cannot run in."""
+    if attn_implementation == "flash_attention_2" and precision in ("32-true", "32", "64-true", "64"):
+        raise LitFlashError(
+            f"trainer.precision={precision}: flash_attention_2 runs in fp16/bf16 only; "
+            "use 16-mixed or bf16-mixed, or model.attn_implementation=sdpa"
+        )
+    if low_precision_residual and precision != "bf16-mixed":
+        # fp16's range (65504) is too small for a stream that only grows; without autocast the flag does nothing.
+        raise LitFlashError(
+            f"model.low_precision_residual=true is for trainer.precision=bf16-mixed, not {precision}: "
+            "use bf16-mixed or set model.low_precision_residual=false"
+        )
+
+
+# ---------------------------------------------------------------------------------- the non-finite guard
+
+
+def record_first_nonfinite(first: torch.Tensor | None, loss: torch.Tensor, step: int) -> torch.Tensor:
+    """`first` (the first step whose loss was NaN/inf, -1: none), updated on the device without a host sync."""
+    if first is None:
+        first = torch.tensor(-1, device=loss.device)
+    first.copy_(torch.where(~torch.isfinite(loss.detach()) & (first < 0), step, first))
+    return first
+
+
+def stop_if_nonfinite(first: torch.Tensor | None, strategy: Strategy) -> None:
+    """Raise when any rank recorded a NaN/inf loss (`record_first_nonfinite`); every rank must call it."""
+    step = -1 if first is None else int(first)
+    if not strategy.reduce_boolean_decision(step < 0, all=True):
+        raise NonFiniteLossError(
+            f"train_loss was NaN/inf at step {step} (on GPU checked every trainer.log_every_n_steps; no checkpoint "
+            "holds the weights since): lower model.learning_rate, use bf16-mixed instead of 16-mixed, or set "
+            "model.on_nonfinite=skip"
+        )
+
+
+def finite_or_skip(
+    loss: torch.Tensor, n_tokens: torch.Tensor | None, on_nonfinite: str, strategy: Strategy, where: str
+) -> bool:
+    """Whether to train on this batch: True for a finite loss; False (with a warning) to skip a NaN/inf one; or
+    `NonFiniteLossError`. `where`: the step, epoch and batch, for the message. One host sync."""
+    # Every rank takes the same decision: a skip on one rank alone would hang DDP.
+    finite = strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+    if finite:
+        return True
+    where = f"train_loss is {loss.item()} at {where}"
+    if on_nonfinite == "stop":
+        if n_tokens is not None and int(n_tokens) == 0:  # a mean over no token: 0/0, whatever the weights
+            raise NonFiniteLossError(
+                f"{where}: the batch has no token to predict (every label is {IGNORE_INDEX}); give its rows "
+                "labels to learn, or leave such rows out of the data"
+            )
+        raise NonFiniteLossError(
+            f"{where}: stopped before updating the weights; lower model.learning_rate, use bf16-mixed instead "
+            "of 16-mixed, or set model.on_nonfinite=skip"
+        )
+    rank_zero_warn(f"{where}: skipped the batch (model.on_nonfinite=skip)")
+    return False

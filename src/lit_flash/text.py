@@ -1,0 +1,160 @@
+"""Raw text -> token blocks: read text files or a hub dataset, tokenize, cut into fixed-length blocks.
+
+No Lightning here: `prepare` and the DataModule both call these, and the result is saved in the reference
+recipe's format by `blocks.py`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import itertools
+import os
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+from lit_flash.errors import LitFlashError
+
+# The reference recipe groups within map batches of 1000 rows and drops each batch's tail; so do we.
+GROUP_BATCH_ROWS = 1000
+EOS_TOKEN = "<|endoftext|>"
+
+
+def tokenize_texts(texts: list[str], tokenizer: Any) -> dict[str, list[list[int]]]:
+    """Tokenize a batch of lines as the reference recipe does (special tokens on, truncation to the tokenizer's
+    `model_max_length`)."""
+    # As the reference: lines longer than the tokenizer's model_max_length are truncated to it.
+    encoded = tokenizer(texts, add_special_tokens=True, truncation=True, return_attention_mask=False, verbose=False)
+    return {"input_ids": encoded["input_ids"]}
+
+
+def group_texts(examples: dict[str, list[list[int]]], block_size: int) -> dict[str, list[list[int]]]:
+    """Concatenate token lists and cut them into `block_size` blocks; the tail shorter than a block is dropped.
+
+    No separator is inserted between lines, as in the reference recipe and HF's run_clm: the lines carry their own
+    "\n" (wikitext's rows do; `load_raw_text` keeps it for text files). `labels` is a copy of `input_ids`: the model
+    shifts them itself.
+    """
+    if block_size < 1:
+        raise LitFlashError(f"block_size must be >= 1, got {block_size}")
+    tokens = list(itertools.chain.from_iterable(examples["input_ids"]))
+    usable = len(tokens) // block_size * block_size
+    blocks = [tokens[i : i + block_size] for i in range(0, usable, block_size)]
+    return {
+        "input_ids": blocks,
+        "attention_mask": [[1] * block_size for _ in blocks],
+        "labels": [list(b) for b in blocks],
+    }
+
+
+def resolve_text_files(text_files: dict[str, str | list[str]]) -> dict[str, list[str]]:
+    """Expand globs (and `{stdlib}`, the running Python's standard library folder) into sorted file lists."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    resolved: dict[str, list[str]] = {}
+    for split, patterns in text_files.items():
+        files: list[str] = []
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            pattern = os.path.expanduser(pattern.replace("{stdlib}", stdlib))
+            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            missing = [m for m in matches if not os.path.isfile(m)]
+            if not matches or missing:
+                raise LitFlashError(f"data.text_files[{split!r}]: no file matches {missing[0] if missing else pattern}")
+            files.extend(matches)
+        resolved[split] = files
+    return resolved
+
+
+def check_text_file(path: str | os.PathLike, flag: str) -> None:
+    """A text input is UTF-8 text with something in it: an empty file, a binary one (NUL bytes) or another encoding
+    would otherwise fail inside `datasets` as a traceback, or tokenize to nothing without a word."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise LitFlashError(f"{flag}: {path} is empty: give a file with text in it")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # also UTF-32's: their BOMs begin alike
+        raise LitFlashError(f"{flag}: {path} is UTF-16/32 text: convert it to UTF-8, e.g. iconv -f utf-16 -t utf-8")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):  # whole file, a MiB at a time: a bad byte may sit anywhere
+            if b"\0" in chunk:
+                raise LitFlashError(f"{flag}: {path} is a binary file (NUL bytes), not text: give a UTF-8 text file")
+            try:
+                decoder.decode(chunk, final=len(chunk) < 1 << 20)
+            except UnicodeDecodeError as err:
+                raise LitFlashError(
+                    f"{flag}: {path} is not UTF-8 text (byte {chunk[err.start]:#04x} at offset {offset + err.start}):"
+                    " convert it, e.g. iconv -f latin1 -t utf-8"
+                ) from None
+            offset += len(chunk)
+
+
+def load_raw_text(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    text_files: dict[str, str | list[str]] | None,
+    streaming: bool = False,
+    text_column: str = "text",
+) -> Any:
+    """Load raw text from local files (when given) or the HF hub, as a `DatasetDict` with a `text` column."""
+    import datasets
+
+    if text_files:
+        # Each row keeps its "\n", as wikitext's rows on the hub do and as HF's run_clm reads text files: without it
+        # the lines of a file run together ("return 1x = f()").
+        files = resolve_text_files(text_files)
+        for split, paths in files.items():
+            for path in paths:
+                check_text_file(path, f"data.text_files[{split!r}]")
+        raw = datasets.load_dataset("text", data_files=files, streaming=streaming, keep_linebreaks=True)
+    elif dataset_name:
+        try:
+            raw = datasets.load_dataset(dataset_name, dataset_config_name, streaming=streaming)
+        except (ConnectionError, OSError, ValueError) as err:  # offline, no such dataset or configuration
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise LitFlashError(
+                f"data.dataset_name={dataset_name} ({dataset_config_name}): cannot load it ({first}); offline, give "
+                "data.text_files or data.tokenized_dataset_load_dir"
+            ) from err
+    else:
+        raise LitFlashError("no data source: set data.dataset_name, data.text_files or data.tokenized_dataset_load_dir")
+    columns = next(iter(raw.values())).column_names  # None for a stream that does not list its columns
+    if columns is not None and text_column not in columns:
+        raise LitFlashError(f"data.text_column={text_column!r} is not a column of the data ({columns}): set it to one")
+    if text_column != "text":
+        raw = raw.rename_column(text_column, "text")
+    return raw
+
+
+def tokenize_and_group(raw: Any, tokenizer: Any, block_size: int, num_proc: int | None = None) -> Any:
+    """Raw text `DatasetDict` -> reference-format blocks. Empty lines are dropped first, as the reference does."""
+    kwargs = {} if num_proc is None or num_proc < 2 else {"num_proc": num_proc}
+    # Only `text` goes on (a stream may not know its other columns in advance: it cannot list them to drop).
+    raw = raw.select_columns(["text"])
+    raw = raw.filter(lambda ex: [bool(t.strip()) for t in ex["text"]], batched=True, **kwargs)
+    tokens = raw.map(
+        lambda ex: tokenize_texts(ex["text"], tokenizer), batched=True, remove_columns=["text"], **kwargs
+    )
+    return tokens.map(
+        lambda ex: group_texts(ex, block_size), batched=True, batch_size=GROUP_BATCH_ROWS, **kwargs
+    )
+
+
+def train_bpe_tokenizer(raw: Any, vocab_size: int, save_dir: str | Path) -> Any:
+    """Train a byte-level BPE tokenizer (GPT-2's kind) on the `train` split and save it in HF format."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    lines = (t for t in raw["train"]["text"] if t.strip())
+    bpe.train_from_iterator(
+        lines, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN], show_progress=False
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN, model_max_length=1024
+    ).save_pretrained(str(save_dir))
+    # Reloaded, not the object above: that one wraps `bpe`, whose truncation setter transformers 5 cannot call
+    # (`truncation=True` raised a TypeError), and training then uses exactly what `setup` and the export load.
+    return AutoTokenizer.from_pretrained(str(save_dir))
