@@ -654,3 +654,20 @@ def test_a_config_of_nested_yaml_aliases_is_refused_not_expanded(user: dict[str,
     ]
     laughs = _write(user["root"] / "configs" / "laughs.yaml", "\n".join(lines) + "\n")
     assert_refused_and_unchanged(user["root"], fit_args(user, "--config", str(laughs)), "laughs.yaml")
+
+
+@pytest.mark.parametrize("extra", ["--ckpt_path=", "--model.model_config.activation_function=bogus"])
+def test_an_empty_ckpt_path_or_an_unknown_activation_is_one_line(user: dict[str, Path], extra: str) -> None:
+    """`--ckpt_path=` raised Lightning's ValueError; an unknown activation, transformers' bare KeyError."""
+    assert_refused_and_unchanged(user["root"], fit_args(user, extra), extra.split("=")[0].lstrip("-"))
+
+
+def test_resuming_with_max_steps_below_the_checkpoints_step_is_refused(user: dict[str, Path], tmp_path) -> None:
+    """It exited 0 and exported again, with a warning about a schedule 'stretched' to end before it started."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(user["run"], run_dir)
+    args = ["fit", "--config", str(user["config"]), f"--trainer.default_root_dir={run_dir}", "--ckpt_path=auto",
+            "--trainer.max_steps=1"]
+    assert_refused_and_unchanged(run_dir, args, "trainer.max_steps")

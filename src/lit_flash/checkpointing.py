@@ -198,6 +198,8 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcom
     a step checkpoint when a kill landed between writing it and last.ckpt), or None (start fresh) when there is
     none; refuse `last` when there is none, and a fresh `fit` that would overwrite the checkpoints of an earlier
     run in the same folder."""
+    if ckpt_path is not None and not str(ckpt_path).strip():
+        raise LitFlashError("--ckpt_path is empty: give a checkpoint file, auto or last, or leave it out")
     ckpt_dir = Path(ckpt_dir)
     existing = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if ckpt_dir.is_dir() else []
     if ckpt_path == "auto":

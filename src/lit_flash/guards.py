@@ -92,6 +92,14 @@ def check_model_config(model_config: Any, from_scratch: bool = True) -> None:
             raise LitFlashError(f"model.model_config.{key}={value!r}: {problem}")
         if ("epsilon" in key or key.endswith("_eps")) and not value > 0:
             raise LitFlashError(f"model.model_config.{key}={value!r}: must be a number > 0")
+        if key in ("activation_function", "hidden_act") and isinstance(value, str):
+            from transformers.activations import ACT2FN
+
+            if value not in ACT2FN:  # transformers raises a bare KeyError when the model is built
+                raise LitFlashError(
+                    f"model.model_config.{key}={value!r}: not an activation transformers knows; one of "
+                    + ", ".join(sorted(ACT2FN))
+                )
     if not from_scratch:  # a pretrained model's other sizes are unknown until it loads
         return
     try:

@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_flash.errors import LitFlashError
+
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups as the HF Trainer makes them: no decay on biases and norm weights, decay on the rest.
@@ -106,6 +108,11 @@ def lr_plan_for(stored: dict[str, Any] | None, at_step: int, total: int | float)
         return new_lr_plan(int(total))
     if int(stored["end"]) == int(total):
         return stored
+    if int(total) < at_step:  # Lightning would stop at once and the run end as if it had trained to here
+        raise LitFlashError(
+            f"the run now plans {int(total)} optimizer steps, but the checkpoint is at step {at_step}: to train on, "
+            f"set trainer.max_steps (or max_epochs) beyond step {at_step}"
+        )
     plan = stretch_lr_plan(stored, at_step, int(total))
     ended = schedule_step(stored, at_step) >= stored["planned_steps"]
     rank_zero_warn(
