@@ -671,3 +671,26 @@ def test_resuming_with_max_steps_below_the_checkpoints_step_is_refused(user: dic
     args = ["fit", "--config", str(user["config"]), f"--trainer.default_root_dir={run_dir}", "--ckpt_path=auto",
             "--trainer.max_steps=1"]
     assert_refused_and_unchanged(run_dir, args, "trainer.max_steps")
+
+
+@pytest.mark.parametrize("rows", [
+    {"input_ids": [[], []]},
+    {"input_ids": [["1", "2"], ["3", "4"]]},
+    {"input_ids": [[1.5, 2.0], [3.0, 4.0]]},
+    {"input_ids": [[[1, 2]], [[3, 4]]]},
+], ids=["empty rows", "strings", "floats", "nested"])
+def test_token_rows_of_the_wrong_shape_or_type_are_one_line(user: dict[str, Path], tmp_path, rows) -> None:
+    """Empty rows, string or nested ids ended in a TypeError or an Arrow error; float ids were cut silently."""
+    import datasets
+
+    folder = tmp_path / "blocks"
+    datasets.DatasetDict({s: datasets.Dataset.from_dict(rows) for s in ("train", "test")}).save_to_disk(str(folder))
+    assert_refused_and_unchanged(tmp_path, fit_args(user, f"--data.tokenized_dataset_load_dir={folder}"), "blocks")
+
+
+def test_a_cache_dir_that_is_a_file_is_one_line(user: dict[str, Path], tokenizer_dir: Path, tmp_path) -> None:
+    text = _write(tmp_path / "train.txt", "one two three four five six seven\n" * 100)
+    afile = _write(tmp_path / "afile", "the user's file\n")
+    args = fit_args(user, "--data.tokenized_dataset_load_dir=null", f"--data.tokenizer_name={tokenizer_dir}",
+                    f"--data.text_files={{train: {text}, test: {text}}}", f"--data.cache_dir={afile}")
+    assert_refused_and_unchanged(tmp_path, args, "data.cache_dir")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -127,12 +128,25 @@ def check_token_columns(ds: Any, where: str) -> int:
     if len(ds) == 0:
         raise LitFlashError(f"{where}: the split is empty")
     table = ds.data.table
+    for column in (REQUIRED_COLUMN, *OPTIONAL_COLUMNS):
+        if column in ds.column_names:
+            kind = table.schema.field(column).type
+            # Each row a list of integer ids: strings, floats (silently cut to integers) or nested lists are not
+            # token blocks, and the checks below would fail on them with a traceback.
+            listed = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+            if not listed or not pa.types.is_integer(kind.value_type):
+                raise LitFlashError(
+                    f"{where}: column {column!r} holds {kind}, not a list of integer token ids per row: save the "
+                    "dataset with integer ids (e.g. as the tokenizer returns them)"
+                )
     lengths = {}
     for column in (REQUIRED_COLUMN, *OPTIONAL_COLUMNS):
         if column in ds.column_names:
             stats = pc.min_max(pc.list_value_length(table.column(column)))
             lengths[column] = (stats["min"].as_py(), stats["max"].as_py())
     low, high = lengths[REQUIRED_COLUMN]
+    if not high:  # every row empty (min and max 0, or no value at all)
+        raise LitFlashError(f"{where}: the rows hold no tokens: group the text into blocks of token ids")
     if low != high:
         raise LitFlashError(f"{where}: rows of unequal length ({low}..{high} tokens): group them into fixed blocks")
     for column, bounds in lengths.items():

@@ -153,6 +153,8 @@ class WikitextDataModule(L.LightningDataModule):
             source["hub"] = [h.dataset_name, h.dataset_config_name]
         key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
         root = Path(h.cache_dir or Path.home() / ".cache" / "lit_flash").expanduser()
+        if root.exists() and not root.is_dir():
+            raise LitFlashError(f"data.cache_dir={root} is a file: give a folder for the tokenized cache")
         return root / key
 
     @property
