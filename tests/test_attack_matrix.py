@@ -694,3 +694,9 @@ def test_a_cache_dir_that_is_a_file_is_one_line(user: dict[str, Path], tokenizer
     args = fit_args(user, "--data.tokenized_dataset_load_dir=null", f"--data.tokenizer_name={tokenizer_dir}",
                     f"--data.text_files={{train: {text}, test: {text}}}", f"--data.cache_dir={afile}")
     assert_refused_and_unchanged(tmp_path, args, "data.cache_dir")
+
+
+def test_a_validation_interval_longer_than_an_epoch_while_counting_by_epochs_is_one_line(user: dict[str, Path]):
+    """Lightning raised a ValueError traceback when the loader was built."""
+    args = fit_args(user, "--trainer.val_check_interval=1000", "--trainer.check_val_every_n_epoch=1")
+    assert_refused_and_unchanged(user["root"], args, "trainer.val_check_interval")

@@ -246,3 +246,19 @@ def finite_or_skip(
         )
     rank_zero_warn(f"{where}: skipped the batch (model.on_nonfinite=skip)")
     return False
+
+
+def check_validation_interval(trainer: Any, train_batches: int | None) -> None:
+    """An integer `trainer.val_check_interval` above an epoch's training batches, while validating by epochs:
+    Lightning refuses it with a traceback once the loader is built; say it before, naming both keys."""
+    interval, every = trainer.val_check_interval, trainer.check_val_every_n_epoch
+    if train_batches is None or every is None or not isinstance(interval, int) or isinstance(interval, bool):
+        return
+    limit = trainer.limit_train_batches
+    batches = min(train_batches, limit) if isinstance(limit, int) else int(train_batches * limit)
+    if interval > batches:
+        raise LitFlashError(
+            f"trainer.val_check_interval={interval} is more than an epoch's {batches} training batches, and "
+            f"trainer.check_val_every_n_epoch={every} counts within epochs: set check_val_every_n_epoch to null "
+            "(count steps across epochs, as the shipped recipes do) or lower val_check_interval"
+        )

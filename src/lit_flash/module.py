@@ -28,6 +28,7 @@ from lit_flash.guards import (
     check_precision_fits,
     check_sdpa_backends_run_on,
     check_skip_supported,
+    check_validation_interval,
     finite_or_skip,
     record_first_nonfinite,
     stop_if_nonfinite,
@@ -234,6 +235,8 @@ class FlashGPT2LM(L.LightningModule):
             max_token_id=facts.max_token_id,
             tokenizer_size=facts.tokenizer_size,
         )
+        if stage == "fit" and hasattr(dm, "train_dataloader"):
+            check_validation_interval(self.trainer, _length(dm.train_dataloader()))
 
     # ------------------------------------------------------------------------------------------- steps
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -416,3 +419,10 @@ class FlashGPT2LM(L.LightningModule):
         """
         return export_causal_lm(self.model, self.vocab_size, path, tokenizer, state_dict, run_dir, flag)
 
+
+def _length(loader: Any) -> int | None:
+    """A loader's number of batches, or None for a stream (no length)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
