@@ -12,6 +12,7 @@ import errno
 import os
 import pickle
 import shutil
+import struct
 import sys
 import zipfile
 from pathlib import Path
@@ -112,7 +113,13 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = None, weig
 
 
 # What torch.load raises on a truncated, corrupted or (with weights_only) unsafe file.
-LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError)
+# What torch.load raises on a file that is not a checkpoint it can read: bytes that are no pickle fail inside the
+# unpickler with whatever the opcode reader hits (an IndexError, KeyError or struct.error as often as an
+# UnpicklingError).
+LOAD_ERRORS = (
+    pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, IndexError, KeyError,
+    TypeError, OverflowError, struct.error,
+)
 
 
 def load_error(path: str | os.PathLike, err: BaseException) -> LitFlashError:
