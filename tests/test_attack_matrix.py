@@ -715,3 +715,15 @@ def test_any_random_bytes_as_a_checkpoint_are_one_error_not_a_traceback(tmp_path
         path.write_bytes(random.Random(seed).randbytes(4096))
         with pytest.raises(LitFlashError, match="x.ckpt"):
             check_is_lightning_checkpoint(path)
+
+
+def test_an_unknown_subcommand_lists_every_subcommand(capsys) -> None:
+    """LightningCLI's own message listed fit, validate and test only."""
+    from lit_flash.cli import cli_main
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["frobnicate"])
+    assert exit_.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: unknown subcommand 'frobnicate'")
+    assert all(name in line for name in ("fit", "validate", "test", "prepare", "generate", "plot"))

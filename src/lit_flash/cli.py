@@ -487,6 +487,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
             return None
         if args and args[0] == "predict":
             raise LitFlashError("to generate text: python -m lit_flash generate --model_name_or_path <run>/model ...")
+        known = [s for s in (*TRAINER_SUBCOMMANDS, *FUNCTION_SUBCOMMANDS) if s != "predict"]  # predict: above
+        if run and not args[0].startswith("-") and args[0] not in known:  # LightningCLI would list fit/validate/test
+            raise LitFlashError(f"unknown subcommand {args[0]!r}: choose one of {', '.join(known)} (see --help)")
         if args and args[0] in TRAINER_SUBCOMMANDS and not any(a in ("-c", "--config") or a.startswith("--config=")
                                                                for a in args):
             if not any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in args):
