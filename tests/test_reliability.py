@@ -352,6 +352,18 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_143(tm
     assert step > 0 and checkpoint_step(root / "checkpoints" / "last.ckpt") == step
 
 
+def test_a_fit_with_loader_workers_exits_when_it_ends(tmp_path: Path, data_dir: Path) -> None:
+    """The workers ignore SIGTERM (above); multiprocessing's exit hook stops daemonic children with SIGTERM and waits
+    for them, so a finished fit with persistent workers never exited."""
+    import subprocess
+
+    config = _config(tmp_path, tmp_path / "run", data_dir, slow=None, trainer={"max_steps": 3},
+                     data={"num_workers": 2})
+    proc = subprocess.run(cli_command("fit", "--config", config), env=cli_env(), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_ctrl_c_while_the_cli_imports_is_one_line_and_exit_130(tmp_path: Path) -> None:
     """A Ctrl-C in the first seconds, while torch and Lightning import, printed the import's traceback."""
     import signal

@@ -26,7 +26,7 @@ from lit_flash.blocks import (
 from lit_flash.distributed import check_rows_per_rank, shard_sampler
 from lit_flash.errors import LitFlashError
 from lit_flash.guards import DataFacts
-from lit_flash.interrupt import ignore_sigint_in_worker
+from lit_flash.interrupt import ignore_sigint_in_worker, kill_workers_at_exit
 from lit_flash.limits import NonNegativeInt, PositiveInt, SeedInt
 from lit_flash.resume import ResumableDataLoader, ResumableSampler
 from lit_flash.text import load_raw_text, resolve_text_files, tokenize_and_group, train_bpe_tokenizer
@@ -298,6 +298,7 @@ class WikitextDataModule(L.LightningDataModule):
         )
         if workers > 0:
             kwargs["worker_init_fn"] = ignore_sigint_in_worker
+            kill_workers_at_exit()
         if self.hparams.pad_last_batch and not predict:
             kwargs["collate_fn"] = functools.partial(collate_blocks, pad_rows_to=batch_size)
         if iterable:

@@ -11,6 +11,7 @@ second Ctrl-C exits at once (status 130) without saving; the atomic saves leave 
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 
 EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
 _count = 0
+_exit_hook_registered = False
 _saved: tuple[int, str] | None = None  # (step, path) of the checkpoint saved on the way out
 
 
@@ -80,6 +82,24 @@ def ignore_sigint_in_worker(worker_id: int) -> None:
     main process is gone still exits: the DataLoader's workers watch their parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def kill_workers_at_exit() -> None:
+    """Call in the main process when starting loader workers. At exit, multiprocessing stops daemonic children with
+    SIGTERM and then waits for them; workers that ignore SIGTERM (above) would keep the process from ever exiting.
+    Registered after multiprocessing's own exit hook, this runs first and ends them with SIGKILL."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_kill_daemon_children)
+        _exit_hook_registered = True
+
+
+def _kill_daemon_children() -> None:
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def stopped_while_starting() -> SystemExit:
