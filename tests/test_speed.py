@@ -412,7 +412,8 @@ class _ListLogger(Logger):
         self.rows.append((step, dict(metrics)))
 
 
-def test_token_throughput_logs_rates_flops_and_mfu_on_log_steps(tiny_model_config, make_token_dataset, monkeypatch):
+def _spy_on_throughput_updates(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every `Throughput.update` call's arguments, in order (the real update still runs)."""
     updates: list[dict[str, Any]] = []
     real_update = Throughput.update
 
@@ -421,6 +422,11 @@ def test_token_throughput_logs_rates_flops_and_mfu_on_log_steps(tiny_model_confi
         real_update(self, **kwargs)
 
     monkeypatch.setattr(Throughput, "update", spy)
+    return updates
+
+
+def test_token_throughput_logs_rates_flops_and_mfu_on_log_steps(tiny_model_config, make_token_dataset, monkeypatch):
+    updates = _spy_on_throughput_updates(monkeypatch)
     rows, seq, steps, every, peak_tflops = 4, 16, 8, 2, 0.5
     module = tiny_module(_small_config(tiny_model_config))
     dm = _datamodule(make_token_dataset, n_rows=32, seq_len=seq, batch_size=rows, vocab_size=REAL_VOCAB)
@@ -516,14 +522,7 @@ def test_log_and_optimizer_steps_from_public_state_match_lightnings(tiny_model_c
 
 
 def test_token_throughput_records_whole_accumulated_steps(tiny_model_config, make_token_dataset, monkeypatch):
-    updates: list[dict[str, Any]] = []
-    real_update = Throughput.update
-
-    def spy(self: Throughput, **kwargs: Any) -> None:
-        updates.append(kwargs)
-        real_update(self, **kwargs)
-
-    monkeypatch.setattr(Throughput, "update", spy)
+    updates = _spy_on_throughput_updates(monkeypatch)
     module = tiny_module(_small_config(tiny_model_config))
     dm = _datamodule(make_token_dataset, n_rows=32, batch_size=4, vocab_size=REAL_VOCAB)
     logger = _ListLogger()

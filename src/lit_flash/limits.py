@@ -110,25 +110,25 @@ def _clip_value(value: Any) -> str | None:
     return None if ok else "must be a finite number >= 0"
 
 
-def _int_or_fraction(value: Any) -> str | None:
-    # Lightning's meaning: an int counts batches, a float is a fraction of the epoch.
-    if isinstance(value, bool):
-        return "must be a number of batches (an integer >= 1) or a fraction of the epoch in (0, 1]"
-    if isinstance(value, int):
-        return None if 1 <= value <= INT64_MAX else "must be a number of batches >= 1, or a fraction in (0, 1]"
-    if isinstance(value, float) and math.isfinite(value) and 0 < value <= 1:
-        return None
-    return "must be a number of batches (an integer >= 1) or a fraction of the epoch in (0, 1]"
+def _batches_or_fraction(least: int, fraction: str, counts: str) -> Callable[[Any], str | None]:
+    """Lightning's meaning: an int counts batches (at least `least`), a float is a fraction of the epoch.
+    `fraction`: the allowed interval as said; `counts`: the short form of the count's bound."""
+    wrong = f"must be a number of batches (an integer >= {least}) or {fraction}"
+
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool):
+            return wrong
+        if isinstance(value, int):
+            return None if least <= value <= INT64_MAX else f"must be a number of batches >= {least}, or {counts}"
+        if not isinstance(value, float) or not math.isfinite(value):
+            return wrong
+        return None if (0 < value <= 1 if least else 0 <= value <= 1) else wrong
+
+    return check
 
 
-def _limit_batches(value: Any) -> str | None:
-    if isinstance(value, bool):
-        return "must be a number of batches (an integer >= 0) or a fraction in [0, 1]"
-    if isinstance(value, int):
-        return None if 0 <= value <= INT64_MAX else "must be a number of batches >= 0, or a fraction in [0, 1]"
-    if isinstance(value, float) and math.isfinite(value) and 0 <= value <= 1:
-        return None
-    return "must be a number of batches (an integer >= 0) or a fraction in [0, 1]"
+_int_or_fraction = _batches_or_fraction(1, "a fraction of the epoch in (0, 1]", "a fraction in (0, 1]")
+_limit_batches = _batches_or_fraction(0, "a fraction in [0, 1]", "a fraction in [0, 1]")
 
 
 def _devices(value: Any) -> str | None:
