@@ -490,6 +490,28 @@ def test_token_throughput_rate_across_a_validation(tiny_model_config, make_token
     assert rates and rates[-1] == pytest.approx(rows / 1.0)  # the window of steps 4-8: 4 s of training
 
 
+def test_token_throughput_records_evaluation_on_its_log_batches_only(
+    tiny_model_config, make_token_dataset, monkeypatch
+):
+    """A record syncs the GPU: evaluation records its start and the batches that log, not every batch."""
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    updates = _spy_on_throughput_updates(monkeypatch)
+    rows, every = 4, 2
+    module = tiny_module(_small_config(tiny_model_config))
+    dm = _datamodule(make_token_dataset, n_rows=32, seq_len=16, batch_size=rows, vocab_size=REAL_VOCAB)
+    dm.hparams.eval_batch_size = rows
+    logger = _ListLogger()
+    trainer = cpu_trainer(max_steps=2, log_every_n_steps=every, val_check_interval=2, check_val_every_n_epoch=None,
+                          limit_val_batches=7, num_sanity_val_steps=0, logger=logger,
+                          callbacks=[clock, TokenThroughput(window_size=2)])
+    trainer.fit(module, dm)
+    assert [u["batches"] for u in updates] == [2, 0, 2, 4, 6]  # training's log step, then the validation's points
+    val_rows = [m for _, m in logger.rows if "validate/time" in m]
+    assert len(val_rows) == 3  # batches 2, 4 and 6 log; the 7th is counted but not logged
+    assert all(m["validate/device/samples_per_sec"] == pytest.approx(rows / 1.0) for m in val_rows)
+
+
 class _LoopDecisions(L.Callback):
     """Per batch: lit_flash's public-state answers next to Lightning's private ones they stand for."""
 

@@ -112,8 +112,8 @@ class TokenThroughput(L.Callback):
 
     Lightning's `ThroughputMonitor` synchronizes the GPU after every batch, which stops the CPU from queueing the
     next step's kernels ahead. This callback counts every batch on the host and synchronizes only on the steps it
-    records: the optimizer steps that log (so a step's time includes its `optimizer.step()`), and the start of each
-    validation, whose time is left out of training.
+    records: the optimizer steps that log (so a step's time includes its `optimizer.step()`), the start of each
+    validation, whose time is left out of training, and the evaluation batches that log.
 
     Args:
         window_size: Number of recorded points the rates are computed over: the log steps, plus one at the start
@@ -193,6 +193,8 @@ class TokenThroughput(L.Callback):
                 self._record(trainer, RunningStage.TRAINING)
             self._paused_at = time.perf_counter()
         self._start(trainer, stage)
+        # A point at the start (nothing processed yet), so that the first logging batch already has a rate.
+        self._stages[stage].throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0.0)
 
     def _evaluation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, stage: RunningStage
@@ -200,10 +202,12 @@ class TokenThroughput(L.Callback):
         if trainer.sanity_checking or stage not in self._stages:
             return
         self._count(stage, pl_module, batch)
-        self._record(trainer, stage)
         self._eval_steps[stage] = self._eval_steps.get(stage, 0) + 1
         every = trainer.log_every_n_steps
         if every > 0 and (batch_idx + 1) % every == 0:
+            # Recorded (a GPU sync) on the batches that log only: a sync after every batch would stop the host
+            # from queueing the next batch while the GPU runs this one.
+            self._record(trainer, stage)
             self._log(trainer, stage, self._eval_steps[stage])
 
     @rank_zero_only
