@@ -152,7 +152,8 @@ def test_recipe_never_syncs_the_gpu_between_log_steps(tmp_path: Path, pretrained
 
 
 def test_recipe_evaluation_never_syncs_the_gpu_between_batches(tmp_path: Path, pretrained: Path, blocks: Path):
-    """The token-weighted validation mean accumulates on the device: the host queues batch after batch."""
+    """The token-weighted validation mean accumulates on the device, and the CLI's callbacks (throughput included)
+    read nothing back between batches that do not log: the host queues batch after batch."""
 
     class NoSync(L.Callback):
         def on_validation_batch_start(self, trainer: L.Trainer, *_: object, **__: object) -> None:
@@ -161,9 +162,10 @@ def test_recipe_evaluation_never_syncs_the_gpu_between_batches(tmp_path: Path, p
         def on_validation_batch_end(self, *_: object, **__: object) -> None:
             torch.cuda.set_sync_debug_mode("default")  # Lightning's own per-batch bookkeeping is not ours to judge
 
-    cli = cli_main([*recipe_args(tmp_path, tmp_path / "run", pretrained, blocks, max_steps=2), "--export.dirname=null"],
-                   run=False)
-    cli.trainer.callbacks.insert(0, NoSync())
+    # No evaluation batch logs (4 batches, logging every 50): then no callback may read the GPU.
+    args = recipe_args(tmp_path, tmp_path / "run", pretrained, blocks, max_steps=2, log_every_n_steps=50)
+    cli = cli_main([*args, "--export.dirname=null"], run=False)
+    cli.trainer.callbacks.append(NoSync())  # its batch-end hook runs after every other callback's
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
