@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from lit_flash.cli import GROUP_TITLES, RESUME_TITLE
+from lit_flash.cli import GROUP_TITLES
+from lit_flash.parsing import RESUME_TITLE
 
 # Trainer.validate's own title, over `--verbose`: a whole sentence in Lightning's docstring.
 VALIDATE_TITLE = "Perform one evaluation epoch over the validation set"

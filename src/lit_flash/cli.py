@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import sys
@@ -10,8 +9,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -22,14 +19,21 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from lit_flash import interrupt
 from lit_flash.callbacks import HFExport, LastValidatedStep, TokenThroughput
-from lit_flash.checkpointing import LOAD_ERRORS, load_error, resolve_resume
+from lit_flash.checkpointing import (
+    LOAD_ERRORS,
+    check_is_lightning_checkpoint,
+    load_error,
+    resolve_resume,
+    warn_replaced_model_values,
+)
 from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError
 from lit_flash.guards import check_model_config
 from lit_flash.lightning_adapters import last_saved_step
-from lit_flash.limits import RANGE_TYPES, check_lightning_values, check_training_length
+from lit_flash.limits import check_lightning_values, check_training_length
 from lit_flash.lock import acquire_run_lock, release_all
 from lit_flash.module import FlashGPT2LM
+from lit_flash.parsing import OneLineErrorParser, OneLineToolParser, check_config_files
 from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
 from lit_flash.resume import last_checkpoint_path
 from lit_flash.trainer_setup import (
@@ -96,97 +100,6 @@ CALLBACK_SECTIONS = {
     "lr_monitor": LearningRateMonitor,
     "throughput": TokenThroughput,
 }
-RESUME_TITLE = "Where the run starts from"
-# The help of the trainer subcommands' `--ckpt_path`; its values are resolved by checkpointing.resolve_resume.
-CKPT_PATH_HELP = (
-    "The checkpoint to start from. A file path; or `auto`: the intact checkpoint with the highest step in "
-    "<default_root_dir>/checkpoints/, or a fresh start when there is none (for jobs that restart on their own); "
-    "or `last`: that folder's last.ckpt, an error when there is none (the resume command printed after a SIGTERM "
-    "or Ctrl-C). Unset with `fit`: a fresh run, refused when the folder already holds checkpoints."
-)
-WEIGHTS_ONLY_HELP = (
-    "Unset (null) or true: the checkpoint is loaded with torch.load(weights_only=True), which reads tensors and "
-    "plain values only and runs no code from the file (lit_flash's default, not torch's or Lightning's). false: "
-    "full unpickling, which can run code from the file: only for a checkpoint you trust. A sharded FSDP "
-    "checkpoint (a folder) is read by torch.distributed.checkpoint, which this flag does not change."
-)
-
-
-class _OneLineErrors:
-    """Config mistakes (a typo'd key, a wrong type) as one line, not the whole usage text.
-
-    Abbreviated options are off: `--trainer.max_step 3` would otherwise silently set `max_steps`, and a typo such
-    as `--model.learning_rat` would pass as `learning_rate`.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str, *args: Any, **kwargs: Any) -> None:
-        if os.environ.get("JSONARGPARSE_DEBUG"):
-            return super().error(message, *args, **kwargs)  # type: ignore[misc]
-        sys.stderr.write(f"error: {one_line_parser_error(message)}  (see --help)\n")
-        raise SystemExit(2)
-
-
-class OneLineErrorParser(_OneLineErrors, LightningArgumentParser):
-    """The Trainer subcommands' parser."""
-
-    def add_method_arguments(self, class_type: type, method_name: str, *args: Any, **kwargs: Any) -> list[str]:
-        """The trainer subcommands' `--ckpt_path` and `--weights_only`, with lit_flash's meaning of their values
-        (Lightning's docstrings describe Trainer.fit's, without `auto`)."""
-        params = inspect.signature(getattr(class_type, method_name)).parameters
-        ours = {"ckpt_path": CKPT_PATH_HELP, "weights_only": WEIGHTS_ONLY_HELP}
-        ours = {name: text for name, text in ours.items() if name in params}
-        if not issubclass(class_type, Trainer) or not ours:
-            return super().add_method_arguments(class_type, method_name, *args, **kwargs)
-        kwargs["skip"] = set(kwargs.get("skip") or ()) | set(ours)
-        added = super().add_method_arguments(class_type, method_name, *args, **kwargs)
-        group = self.add_argument_group(RESUME_TITLE)
-        if "ckpt_path" in ours:
-            group.add_argument("--ckpt_path", type=str | None, default=None, help=ours["ckpt_path"])
-        if "weights_only" in ours:
-            group.add_argument("--weights_only", type=bool | None, default=None, help=ours["weights_only"])
-        return added + list(ours)
-
-
-class OneLineToolParser(_OneLineErrors, ArgumentParser):
-    """The parser of `prepare`, `generate` and `plot` (plain functions, not LightningCLI)."""
-
-
-def one_line_parser_error(message: str) -> str:
-    """jsonargparse's message as one line: the key, then what was wrong with its value. A range type's reason
-    (`model.learning_rate: must be a finite number > 0, got '-1'`) is used as it is; a Union's many lines (one per
-    member type, `null` included) shrink to the reasons of its non-null members and the given value."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    if not lines:
-        return "invalid arguments"
-    key = re.match(r'Parser key "([^"]+)"', lines[0])
-    # "Not of type X: reason" (a registered type's own reason); a union lists them as "- Not of type X: reason".
-    reasons = [m.group(1) for line in lines[1:] if (m := re.match(r"-?\s*Not of type \S+: (.*)", line))]
-    types = [m.group(1) for line in lines[1:] if (m := re.match(r"-?\s*Not of type (\S+):", line))]
-    given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
-    if key and types and types[0] in RANGE_TYPES and given is not None:
-        # A Union's member errors are rewritten by jsonargparse (it blanks the value inside them): say the range
-        # from the type itself.
-        nullable = any("NoneType" in line for line in lines[1:])
-        return f"{key.group(1)}={given}: must be {RANGE_TYPES[types[0]].__doc__}{', or null' if nullable else ''}"
-    if key and reasons:
-        # A range type says "must be <range>, got <value>": as lit_flash's other lines, "key=value: must be ...".
-        got = re.match(r"(must be .*), got (.*)$", reasons[0])
-        if got:
-            return f"{key.group(1)}={got.group(2).strip(chr(39))}: {got.group(1)}"
-        return f"{key.group(1)}: {'; or '.join(dict.fromkeys(reasons))}"
-    details = [line for line in lines[1:] if line.startswith(("Expected", "Given value:"))]
-    if key and any(line.startswith("Does not validate") for line in lines[1:]):
-        members = [line[2:] for line in lines[1:] if line.startswith("- ") and "NoneType" not in line]
-        return " ".join([f"{key.group(1)}:", *members[:2], *details[-1:]])
-    details += [line for line in lines[1:] if line.startswith("Does not validate")]
-    details += [line for line in lines[1:] if "not expected" in line or "No action" in line][:1]
-    return " ".join(lines[:1] + details) if details else " ".join(lines[:2])
-
-
 class LitFlashCLI(LightningCLI):
     """LightningCLI with lit_flash's fixed parts: checkpoints, HF export, loggers, LR and throughput monitors."""
 
@@ -312,136 +225,6 @@ class LitFlashCLI(LightningCLI):
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath:
             if last_saved_step(checkpoint) != trainer.global_step:
                 trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"))
-
-
-def check_is_lightning_checkpoint(path: str | os.PathLike) -> None:
-    """Refuse a file that is not a Lightning checkpoint before Lightning reads it (a KeyError deep in its restore):
-    a safetensors file, a plain zip or pickle, text, or a torch file without Lightning's keys."""
-    import zipfile
-
-    import torch
-
-    kind = sniff_file_kind(path)
-    if kind is not None:
-        raise LitFlashError(
-            f"ckpt_path={path} is {kind}, not a Lightning checkpoint: give a .ckpt file lit_flash wrote "
-            "(e.g. <run>/checkpoints/last.ckpt); to start from Hugging Face weights use --model.model_name_or_path"
-        )
-    try:
-        # mmap: only the small dictionary is read, not the tensors (LightningCLI loads the file again anyway).
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except LOAD_ERRORS as err:
-        raise load_error(path, err) from err
-    keys = checkpoint if isinstance(checkpoint, dict) else {}
-    missing = [k for k in ("state_dict", "pytorch-lightning_version") if k not in keys]
-    if missing:
-        raise LitFlashError(
-            f"ckpt_path={path} is a torch file without Lightning's {missing}, not a Lightning checkpoint: "
-            "give a .ckpt file lit_flash wrote (e.g. <run>/checkpoints/last.ckpt)"
-        )
-
-
-def sniff_file_kind(path: str | os.PathLike) -> str | None:
-    """What a checkpoint-to-be is by its first bytes, when that is surely not a torch checkpoint; None otherwise."""
-    import zipfile
-
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
-        return "a safetensors file"  # an 8-byte header length, then the JSON header
-    if head.startswith(b"PK"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except zipfile.BadZipFile:
-            return None  # a damaged torch file: load_error says truncated or corrupted
-        # torch's zip checkpoints hold <name>/data.pkl; any other zip is some other archive
-        return None if any(n.endswith("data.pkl") for n in names) else "a zip archive"
-    if head.startswith((b"{", b"[")) or (head and all(32 <= b < 127 or b in b"\t\r\n" for b in head)):
-        return "a text file"
-    if head.startswith(b"\x80") and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "a plain pickle file"  # Lightning's checkpoints are torch's zip format
-    return None
-
-
-def warn_replaced_model_values(user: Any, used: Any, ckpt_path: str | os.PathLike) -> None:
-    """Say which model.* values the checkpoint's hyperparameters replaced (LightningCLI does it silently)."""
-    user_flat, used_flat = _flatten(user), _flatten(used)
-    for key, value in user_flat.items():
-        if key in used_flat and used_flat[key] != value:
-            sys.stderr.write(
-                f"lit_flash: model.{key}={value!r} is ignored: --ckpt_path {ckpt_path} was saved with "
-                f"model.{key}={used_flat[key]!r}, which is used\n"
-            )
-
-
-def _flatten(namespace: Any) -> dict[str, Any]:
-    as_dict = namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace or {})
-    flat: dict[str, Any] = {}
-    for key, value in as_dict.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in _flatten(value).items()})
-        else:
-            flat[key] = value
-    return flat
-
-
-MAX_CONFIG_NODES = 100_000
-
-
-def expanded_yaml_size(node: Any, sizes: dict[int, int] | None = None) -> int:
-    """How many values a composed YAML document holds once its aliases are expanded, counted without expanding
-    them (an alias is the same node object: its size is computed once)."""
-    sizes = {} if sizes is None else sizes
-    if node is None:
-        return 0
-    if id(node) not in sizes:
-        children = node.value if isinstance(node.value, list) else []
-        items = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
-        sizes[id(node)] = 1 + sum(expanded_yaml_size(item, sizes) for item in items)
-    return sizes[id(node)]
-
-
-def check_config_files(args: list[str]) -> None:
-    """Each `--config FILE`: UTF-8 text holding a YAML mapping. jsonargparse would raise a UnicodeDecodeError
-    traceback for other bytes, and call an empty file or a list "Unexpected config"."""
-    import yaml
-
-    paths = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")]
-    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
-    for path in paths:
-        if not os.path.exists(path):
-            continue  # jsonargparse names a missing one
-        if not os.path.isfile(path):  # a FIFO would block the read for ever; a folder is not a config
-            raise LitFlashError(f"--config {path}: not a regular file: give a YAML file")
-        raw = Path(path).read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise LitFlashError(
-                f"--config {path}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}): "
-                "save it as UTF-8 (a YAML file)"
-            ) from None
-        try:
-            content = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise LitFlashError(f"--config {path}: not valid YAML{where} ({problem}): fix the file") from None
-        size = expanded_yaml_size(yaml.compose(text))
-        if size > MAX_CONFIG_NODES:  # nested anchors expand exponentially ("billion laughs"): a hang
-            raise LitFlashError(
-                f"--config {path}: its YAML aliases (*name) expand to {size:.3g} values, more than a config can "
-                f"hold ({MAX_CONFIG_NODES}): write the values out"
-            )
-        if content is None:
-            raise LitFlashError(f"--config {path} is empty: give a YAML file with trainer:, model:, data: ... keys")
-        if not isinstance(content, dict):
-            raise LitFlashError(
-                f"--config {path}: holds a {type(content).__name__}, not a mapping: give a YAML file with "
-                "trainer:, model:, data: ... keys"
-            )
 
 
 def _as_list(value: Any) -> list[Any]:
