@@ -336,6 +336,7 @@ def test_ctrl_c_at_random_moments_saves_says_how_to_resume_and_exits_within_seco
     assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 200
 
 
+@pytest.mark.slow  # a whole CLI run in a subprocess
 def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_143(tmp_path: Path, data_dir: Path) -> None:
     """`timeout`, systemd and Slurm send SIGTERM to the whole group: the DataLoader workers died of it, the batch
     being fetched failed (`DataLoader worker ... is killed by signal: Terminated`, exit 1) and nothing was saved."""
@@ -352,6 +353,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_143(tm
     assert step > 0 and checkpoint_step(root / "checkpoints" / "last.ckpt") == step
 
 
+@pytest.mark.slow  # a whole CLI run in a subprocess
 def test_a_fit_with_loader_workers_exits_when_it_ends(tmp_path: Path, data_dir: Path) -> None:
     """The workers ignore SIGTERM (above); multiprocessing's exit hook stops daemonic children with SIGTERM and waits
     for them, so a finished fit with persistent workers never exited."""
@@ -380,6 +382,7 @@ def test_ctrl_c_while_the_cli_imports_is_one_line_and_exit_130(tmp_path: Path) -
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a whole CLI run in a subprocess
 def test_a_second_ctrl_c_exits_at_once(tmp_path: Path, data_dir: Path) -> None:
     """Steps of 2 s: the first Ctrl-C waits for the running one; the second, 0.1 s later, does not."""
     config = _config(tmp_path, tmp_path / "run", data_dir, slow=2.0, trainer={"max_steps": 200})
