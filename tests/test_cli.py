@@ -110,6 +110,16 @@ def test_fit_without_a_logger(tiny_config, run_cli, tmp_path):
     assert not (root / "logs").exists() and (root / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
+def test_fit_with_checkpointing_off_writes_no_checkpoint(tiny_config, run_cli, tmp_path):
+    # lit_flash's always-on ModelCheckpoint is left out (Lightning refuses one beside enable_checkpointing=false).
+    code, _, err = run_cli(["fit", "--config", str(tiny_config), "--trainer.enable_checkpointing=false",
+                            "--trainer.max_steps=2"])
+    assert code == 0, err
+    root = tmp_path / "run"
+    assert not list(root.rglob("*.ckpt")) and (root / "logs").is_dir()
+
+
 def test_prepare_output_feeds_tokenized_dataset_load_dir(tiny_config, text_files, tokenizer_dir, run_cli, tmp_path):
     prepared = tmp_path / "prepared"
     files = json.dumps({"train": text_files["train"], "test": text_files["test"]})

@@ -13,11 +13,9 @@ from lit_flash.callbacks import TokenThroughput
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lit_flash"
 ADAPTERS = "lightning_adapters.py"
-# LightningCLI's protected helpers, used by cli.py's overrides: `_instantiate_trainer` adds the config-file callback
-# (SaveConfigCallback, built from LightningCLI's private state) and `_parse_ckpt_path` reads a checkpoint's
-# hyperparameters; no public hook does either.
+# LightningCLI's protected `_parse_ckpt_path` (reads a checkpoint's hyperparameters), overridden by cli.py: no public
+# hook exists (Lightning#20801, #21408).
 REMAINING = {
-    ("cli.py", "self._instantiate_trainer"),
     ("cli.py", "super()._parse_ckpt_path"),
     ("interrupt.py", "os._exit"),  # public in the standard library despite its name: exit without cleanup
 }

@@ -124,7 +124,9 @@ class LitFlashCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key, callback_class in CALLBACK_SECTIONS.items():
-            parser.add_lightning_class_args(callback_class, key)
+            # As `add_lightning_class_args` does, without registering them as LightningCLI's callback keys: which
+            # of them the trainer gets depends on its settings (see instantiate_trainer).
+            parser.add_class_arguments(callback_class, key, fail_untyped=False, sub_configs=True)
         parser.set_defaults({f"checkpoint.{key}": value for key, value in CHECKPOINT_DEFAULTS.items()})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         for key, title in GROUP_TITLES.items():
@@ -159,14 +161,14 @@ class LitFlashCLI(LightningCLI):
         plugins = _as_list(config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, *trainer_plugins()]
-        config["callbacks"] = [*_as_list(config.get("callbacks")), *fixed_callbacks()]
-        callbacks = [self._run_config(self.config_init)[key] for key in CALLBACK_SECTIONS]
+        sections = [self._run_config(self.config_init)[key] for key in CALLBACK_SECTIONS]
         if config.get("enable_checkpointing") is False:  # the user turned our always-on checkpointing off
-            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+            sections = [c for c in sections if not isinstance(c, ModelCheckpoint)]
         if config["logger"] is False:  # nothing to log the learning rate to: Lightning would refuse to start
-            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+            sections = [c for c in sections if not isinstance(c, LearningRateMonitor)]
+        config["callbacks"] = [*_as_list(config.get("callbacks")), *fixed_callbacks(), *sections]
         try:
-            return self._instantiate_trainer(config, callbacks)
+            return super().instantiate_trainer(**config)
         except LitFlashError:
             raise
         except (MisconfigurationException, ValueError, ImportError) as err:
@@ -179,9 +181,11 @@ class LitFlashCLI(LightningCLI):
             raise LitFlashError(f"{where}: Lightning refuses it ({first[:200]})") from err
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads a given checkpoint file's hyperparameters here, with a bare torch.load, and lets them
-        # replace the user's model.* values. The user's own values are checked first (a bad one must not pass just
-        # because the checkpoint's replaces it), and each one replaced is said.
+        # An override of LightningCLI's protected method: it has no public hook around this step (Lightning#20801;
+        # a public `adapt_checkpoint_hparams` hook is proposed in Lightning#21408). LightningCLI reads a given
+        # checkpoint file's hyperparameters here, with a bare torch.load, and lets them replace the user's model.*
+        # values. The user's own values are checked first (a bad one must not pass just because the checkpoint's
+        # replaces it), and each one replaced is said.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
