@@ -247,6 +247,25 @@ def test_model_sizes_that_cannot_be_built(user: dict[str, Path], key: str, value
     assert_refused_and_unchanged(user["root"], fit_args(user, f"--model.model_config.{key}={value}"), key)
 
 
+@pytest.mark.parametrize("key", ["vocab_size", "n_embd", "n_layer", "n_positions"])
+def test_model_sizes_past_this_machines_memory(user: dict[str, Path], key: str) -> None:
+    # Buildable, but its fp32 weights alone would not fit in memory: refused before anything is allocated.
+    huge = {"vocab_size": 10**12, "n_embd": 2**24, "n_layer": 10**9, "n_positions": 10**12}[key]
+    args = fit_args(user, f"--model.model_config.{key}={huge}")
+    assert_refused_and_unchanged(user["root"], args, "model.model_config")
+
+
+def test_model_size_within_memory_is_counted_as_built() -> None:
+    from transformers import GPT2Config
+
+    from lit_flash.errors import LitFlashError
+    from lit_flash.guards import check_model_fits_memory
+
+    check_model_fits_memory(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=100))  # small: no refusal
+    with pytest.raises(LitFlashError, match="model.model_config"):
+        check_model_fits_memory(GPT2Config(n_layer=10**8, n_embd=32, n_head=2, vocab_size=100))
+
+
 @pytest.mark.parametrize(
     ("setting", "name"),
     [

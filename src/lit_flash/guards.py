@@ -4,6 +4,7 @@ and the guard that stops or skips on a NaN/inf training loss."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,39 @@ def check_model_config(model_config: Any, from_scratch: bool = True) -> None:
         raise LitFlashError(
             f"model.model_config.{key_of('hidden_size')}={width} is not divisible by "
             f"model.model_config.{key_of('num_attention_heads')}={heads}: choose a head count that divides the width"
+        )
+    check_model_fits_memory(config)
+
+
+def check_model_fits_memory(config: Any) -> None:
+    """Refuse a from-scratch model whose fp32 weights alone exceed this machine's memory: building it would fail
+    deep inside torch's allocator, or drive the machine into swap. Counted on the meta device (nothing allocated)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    def count(layers: int | None) -> int:
+        shape = copy.deepcopy(config)
+        if layers is not None:
+            shape.num_hidden_layers = layers
+        with torch.device("meta"):
+            return sum(p.numel() for p in AutoModelForCausalLM.from_config(shape).parameters())
+
+    layers = getattr(config, "num_hidden_layers", None)
+    try:
+        if isinstance(layers, int) and layers > 2:  # two layers built, the rest counted: a huge depth builds fast
+            one, two = count(1), count(2)
+            params = one + (layers - 1) * (two - one)
+        else:
+            params = count(None)
+    except Exception:  # noqa: BLE001 - a config the model cannot be built from is said where it is built
+        return
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * params > memory:
+        raise LitFlashError(
+            f"model.model_config: this {config.model_type} model has {params:.3g} parameters, {4 * params / 2**30:,.0f}"
+            f" GiB in fp32 before any training state, more than this machine's {memory / 2**30:,.0f} GiB of memory: "
+            "make its sizes (vocab_size, n_embd, n_layer, n_positions) smaller"
         )
 
 
