@@ -604,6 +604,38 @@ def test_more_cpu_devices_than_cores_is_refused_before_any_process_starts(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_several_nodes_without_a_launcher_is_refused_instead_of_waiting_for_ever(tmp_path, capsys, monkeypatch):
+    """`--trainer.num_nodes 2` started by hand on one machine waited for ever for a second node."""
+    from lit_flash.cli import cli_main
+
+    for name in ("NODE_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_NTASKS",
+                 "LSB_JOBID"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--trainer.accelerator", "cpu", "--trainer.num_nodes", "2",
+                  "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: trainer.num_nodes=2:") and "torchrun" in err[-1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_several_nodes_under_a_launcher_or_a_set_node_rank_pass_the_launch_check(monkeypatch):
+    from lit_flash.errors import LitFlashError
+    from lit_flash.preflight import check_multi_node_launch
+
+    for name in ("NODE_RANK", "RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "LSB_JOBID"):
+        monkeypatch.delenv(name, raising=False)
+    check_multi_node_launch(1)
+    with pytest.raises(LitFlashError, match="trainer.num_nodes=2"):
+        check_multi_node_launch(2)
+    for launched in ({"TORCHELASTIC_RUN_ID": "job"}, {"WORLD_SIZE": "16", "RANK": "3"}, {"NODE_RANK": "1"}):
+        with monkeypatch.context() as env:  # torchrun; Kubeflow-style variables; Lightning's launcher by hand
+            for name, value in launched.items():
+                env.setenv(name, value)
+            check_multi_node_launch(2)
+
+
 def test_a_typo_in_the_number_of_loader_workers_is_refused(tmp_path, capsys):
     """`--data.num_workers=100000` forked workers until the run died."""
     from lit_flash.cli import cli_main

@@ -34,7 +34,13 @@ from lit_flash.limits import check_lightning_values, check_training_length
 from lit_flash.lock import acquire_run_lock, release_all
 from lit_flash.module import FlashGPT2LM
 from lit_flash.parsing import OneLineErrorParser, OneLineToolParser, check_config_files
-from lit_flash.preflight import bf16_supported, check_output_dir, check_precision_supported, trainer_device_type
+from lit_flash.preflight import (
+    bf16_supported,
+    check_multi_node_launch,
+    check_output_dir,
+    check_precision_supported,
+    trainer_device_type,
+)
 from lit_flash.resume import last_checkpoint_path
 from lit_flash.trainer_setup import (
     CHECKPOINT_DEFAULTS,
@@ -154,6 +160,7 @@ class LitFlashCLI(LightningCLI):
         config = {**self._run_config(self.config_init).get("trainer", {}), **kwargs}
         device_type = trainer_device_type(config.get("accelerator"))
         check_precision_supported(config.get("precision"), device_type, bf16_supported())
+        check_multi_node_launch(config.get("num_nodes"))
         root = config.get("default_root_dir") or os.getcwd()
         check_output_dir(root)
         config["logger"] = with_default_loggers(config.get("logger"), root)

@@ -60,3 +60,22 @@ def check_output_dir(path: str | os.PathLike, flag: str = "trainer.default_root_
                 f"{flag}={path}: {path / name} is a file, where the run keeps its {name} folder: move the file, or "
                 f"give this run another {flag}"
             )
+
+
+def check_multi_node_launch(num_nodes: int | None) -> None:
+    """Several nodes need a launcher that tells each process its place (torchrun, SLURM, LSF, or a Kubeflow-style
+    `WORLD_SIZE` + `RANK`) or a hand-set `NODE_RANK`: without one, this process would wait for ever for nodes that
+    never start."""
+    from lightning.fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
+    if not num_nodes or int(num_nodes) <= 1 or "NODE_RANK" in os.environ:
+        return
+    if {"WORLD_SIZE", "RANK"} <= set(os.environ):
+        return
+    if any(env.detect() for env in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment)):
+        return
+    raise LitFlashError(
+        f"trainer.num_nodes={num_nodes}: this process was not started by a multi-node launcher (torchrun, SLURM, "
+        "...), so it would wait for ever for the other nodes: start it with torchrun on every node "
+        "(docs/multi-gpu.md), or set trainer.num_nodes=1"
+    )
