@@ -699,6 +699,25 @@ def test_a_config_that_is_a_fifo_is_refused_not_read_for_ever(user: dict[str, Pa
     assert_refused_and_unchanged(user["root"], fit_args(user, "--config", str(fifo)), "fifo.yaml")
 
 
+@pytest.mark.parametrize("kind", ["fifo", "folder", "missing"])
+@pytest.mark.parametrize("flag", ["--ckpt_path", "--prompts_file", "--config"])
+def test_a_path_that_is_not_a_regular_file_is_named_for_what_it_is(user: dict[str, Path], flag: str, kind: str) -> None:
+    if flag == "--config" and kind == "missing":
+        pytest.skip("jsonargparse itself names a missing config")
+    path = user["root"] / "odd" / f"{flag.strip('-')}-{kind}"
+    path.parent.mkdir(exist_ok=True)
+    if kind == "fifo" and not path.exists():
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir(exist_ok=True)
+    said = {"fifo": "named pipe", "folder": "folder", "missing": "no such file"}[kind]
+    if flag == "--prompts_file":
+        args = ["generate", "--model_name_or_path", str(user["run"] / "model"), flag, str(path)]
+    else:
+        args = fit_args(user, flag, str(path))
+    assert_refused_and_unchanged(user["root"], args, flag.strip("-"), said)
+
+
 def test_a_config_of_nested_yaml_aliases_is_refused_not_expanded(user: dict[str, Path]) -> None:
     """Nine levels of nine aliases ("billion laughs") hung the parser."""
     lines = ['a0: &a0 ["lol"]'] + [

@@ -146,7 +146,7 @@ CASES = [
     ),
     ("fp16 on CPU", lambda tmp: ["--trainer.precision=16-mixed"], "trainer.precision=16-mixed"),
     ("output dir not writable", _file_as_output_parent, "trainer.default_root_dir="),
-    ("missing checkpoint", lambda tmp: ["--ckpt_path", str(tmp / "no.ckpt")], "no such checkpoint file"),
+    ("missing checkpoint", lambda tmp: ["--ckpt_path", str(tmp / "no.ckpt")], "no such file"),
     ("corrupted checkpoint", lambda tmp: _checkpoint(tmp, b"\x00garbage" * 1000), "truncated or corrupted"),
     ("truncated checkpoint", _truncated_checkpoint, "truncated or corrupted"),
     ("checkpoint of another model shape", _other_shape_checkpoint, "from a different model"),

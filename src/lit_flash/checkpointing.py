@@ -23,7 +23,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lit_flash.distributed import check_resume
-from lit_flash.errors import LitFlashError
+from lit_flash.errors import LitFlashError, not_a_file
 
 
 def _is_local(path: str | os.PathLike) -> bool:
@@ -104,7 +104,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = None, weig
     corrupted or unsafe files."""
     weights_only = True if weights_only is None else weights_only
     if not Path(path).is_file():
-        raise LitFlashError(f"ckpt_path={path}: no such checkpoint file")
+        raise LitFlashError(f"ckpt_path={path}: {not_a_file(path)}: give a checkpoint file (a .ckpt)")
     try:
         with open(path, "rb") as f:
             return torch.load(f, map_location=map_location, weights_only=weights_only)

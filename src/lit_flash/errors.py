@@ -1,4 +1,9 @@
-"""The one exception type for mistakes the user can fix."""
+"""The one exception type for mistakes the user can fix, and how a path that is not a file is said."""
+
+from __future__ import annotations
+
+import os
+import stat
 
 
 class LitFlashError(ValueError):
@@ -10,3 +15,19 @@ class LitFlashError(ValueError):
 
 class NonFiniteLossError(LitFlashError):
     """The training loss became NaN or infinite (`model.on_nonfinite=stop`); the message names the step."""
+
+
+def not_a_file(path: str | os.PathLike) -> str:
+    """Why `path` is not a regular file, in words: missing, a folder, or a FIFO, socket or device (which a read
+    would block on, or read for ever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    kinds = {stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a device",
+             stat.S_ISBLK: "a device"}
+    return next((f"{name}, not a regular file" for test, name in kinds.items() if test(mode)), "not a regular file")

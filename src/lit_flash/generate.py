@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 
 from lit_flash.attention import AttnImplementation
-from lit_flash.errors import LitFlashError
+from lit_flash.errors import LitFlashError, not_a_file
 from lit_flash.limits import NonNegativeFloat, OpenUnitFloat, PositiveInt, SeedInt
 
 
@@ -220,7 +220,7 @@ def read_prompts(prompts_file: str | Path) -> list[str]:
 
     path = Path(prompts_file)
     if not path.is_file():
-        raise LitFlashError(f"--prompts_file {path}: no such file")
+        raise LitFlashError(f"--prompts_file {path}: {not_a_file(path)}: give a text file, one prompt a line")
     check_text_file(path, "--prompts_file")
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 

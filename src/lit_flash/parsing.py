@@ -14,7 +14,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
-from lit_flash.errors import LitFlashError
+from lit_flash.errors import LitFlashError, not_a_file
 from lit_flash.limits import RANGE_TYPES
 
 RESUME_TITLE = "Where the run starts from"
@@ -135,7 +135,7 @@ def check_config_files(args: list[str]) -> None:
         if not os.path.exists(path):
             continue  # jsonargparse names a missing one
         if not os.path.isfile(path):  # a FIFO would block the read for ever; a folder is not a config
-            raise LitFlashError(f"--config {path}: not a regular file: give a YAML file")
+            raise LitFlashError(f"--config {path}: {not_a_file(path)}: give a YAML file")
         raw = Path(path).read_bytes()
         try:
             text = raw.decode("utf-8")
