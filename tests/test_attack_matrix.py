@@ -391,12 +391,27 @@ def test_text_file_that_is_not_text(user: dict[str, Path], tokenizer_folder: Pat
     files = f"--data.text_files={{train: {path}, test: {good}}}"
     args = fit_args(user, "--data.tokenized_dataset_load_dir=null", f"--data.tokenizer_name={tokenizer_folder}", files,
                     f"--data.cache_dir={user['root'] / 'cache'}")
-    assert_refused_and_unchanged(user["root"], args, str(path))
+    assert_refused_and_unchanged(user["root"], args, str(path), "data.text_files")
     prepare = ["prepare", "--save_dir", str(user["root"] / "prepared"), f"--tokenizer_name={tokenizer_folder}",
                f"--text_files={{train: {path}}}", "--splits=[train]"]
-    assert_refused_and_unchanged(user["root"], prepare, str(path))
+    assert_refused_and_unchanged(user["root"], prepare, str(path), "--text_files")  # prepare's flag, not fit's key
     prompts = ["generate", "--model_name_or_path", str(user["run"] / "model"), "--prompts_file", str(path)]
     assert_refused_and_unchanged(user["root"], prompts, str(path))
+
+
+@pytest.mark.parametrize(
+    ("setting", "flag"),
+    [("--text_files={train: /no/such/file.txt}", "--text_files"), ("--text_column=body", "--text_column"),
+     ("--splits=[train, validation]", "--splits")],
+)
+def test_prepare_errors_name_prepares_own_flags(user: dict[str, Path], tokenizer_folder: Path, setting: str,
+                                               flag: str) -> None:
+    good = _write(user["root"] / "texts" / "good.txt", "one two three four five six seven\n" * 100)
+    args = ["prepare", "--save_dir", str(user["root"] / "prepared"), f"--tokenizer_name={tokenizer_folder}",
+            f"--text_files={{train: {good}}}", "--splits=[train]", setting]
+    code, err = run(args)
+    assert_one_error_line(code, err, flag)
+    assert "data." not in err  # fit's keys mean nothing to a prepare user
 
 
 @pytest.mark.parametrize(

@@ -243,10 +243,13 @@ def prepare_dataset(
     if Path(save_dir).exists() and any(Path(save_dir).iterdir()):
         raise LitFlashError(f"--save_dir {save_dir} exists and is not empty: choose a new folder")
     splits = splits or ["train", "test"]
-    raw = load_raw_text(dataset_name, dataset_config_name, text_files, text_column=text_column)
+    raw = load_raw_text(dataset_name, dataset_config_name, text_files, text_column=text_column, prefix="--")
     missing = [s for s in splits if s not in raw]
     if missing:
-        raise LitFlashError(f"--splits: {missing} not in the source (it has {sorted(raw)})")
+        raise LitFlashError(
+            f"--splits: {missing} not in the source (it has {sorted(raw)}): give text for them, or set --splits "
+            f"{sorted(raw)}"
+        )
     raw = type(raw)({s: raw[s] for s in splits})
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)

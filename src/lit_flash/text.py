@@ -48,8 +48,9 @@ def group_texts(examples: dict[str, list[list[int]]], block_size: int) -> dict[s
     }
 
 
-def resolve_text_files(text_files: dict[str, str | list[str]]) -> dict[str, list[str]]:
-    """Expand globs (and `{stdlib}`, the running Python's standard library folder) into sorted file lists."""
+def resolve_text_files(text_files: dict[str, str | list[str]], prefix: str = "data.") -> dict[str, list[str]]:
+    """Expand globs (and `{stdlib}`, the running Python's standard library folder) into sorted file lists.
+    `prefix`: how errors name the options (`data.` for fit's keys, `--` for `prepare`'s flags)."""
     stdlib = sysconfig.get_paths()["stdlib"]
     resolved: dict[str, list[str]] = {}
     for split, patterns in text_files.items():
@@ -59,7 +60,8 @@ def resolve_text_files(text_files: dict[str, str | list[str]]) -> dict[str, list
             matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
             missing = [m for m in matches if not os.path.isfile(m)]
             if not matches or missing:
-                raise LitFlashError(f"data.text_files[{split!r}]: no file matches {missing[0] if missing else pattern}")
+                first = missing[0] if missing else pattern
+                raise LitFlashError(f"{prefix}text_files[{split!r}]: no file matches {first}")
             files.extend(matches)
         resolved[split] = files
     return resolved
@@ -97,17 +99,19 @@ def load_raw_text(
     text_files: dict[str, str | list[str]] | None,
     streaming: bool = False,
     text_column: str = "text",
+    prefix: str = "data.",
 ) -> Any:
-    """Load raw text from local files (when given) or the HF hub, as a `DatasetDict` with a `text` column."""
+    """Load raw text from local files (when given) or the HF hub, as a `DatasetDict` with a `text` column.
+    `prefix`: how errors name the options (`data.` for fit's keys, `--` for `prepare`'s flags)."""
     import datasets
 
     if text_files:
         # Each row keeps its "\n", as wikitext's rows on the hub do and as HF's run_clm reads text files: without it
         # the lines of a file run together ("return 1x = f()").
-        files = resolve_text_files(text_files)
+        files = resolve_text_files(text_files, prefix)
         for split, paths in files.items():
             for path in paths:
-                check_text_file(path, f"data.text_files[{split!r}]")
+                check_text_file(path, f"{prefix}text_files[{split!r}]")
         raw = datasets.load_dataset("text", data_files=files, streaming=streaming, keep_linebreaks=True)
     elif dataset_name:
         try:
@@ -115,14 +119,17 @@ def load_raw_text(
         except (ConnectionError, OSError, ValueError) as err:  # offline, no such dataset or configuration
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise LitFlashError(
-                f"data.dataset_name={dataset_name} ({dataset_config_name}): cannot load it ({first}); offline, give "
-                "data.text_files or data.tokenized_dataset_load_dir"
+                f"{prefix}dataset_name={dataset_name} ({dataset_config_name}): cannot load it ({first}); offline, "
+                f"give {prefix}text_files" + (" or data.tokenized_dataset_load_dir" if prefix == "data." else "")
             ) from err
     else:
-        raise LitFlashError("no data source: set data.dataset_name, data.text_files or data.tokenized_dataset_load_dir")
+        also = ", or data.tokenized_dataset_load_dir" if prefix == "data." else ""
+        raise LitFlashError(f"no data source: set {prefix}dataset_name or {prefix}text_files{also}")
     columns = next(iter(raw.values())).column_names  # None for a stream that does not list its columns
     if columns is not None and text_column not in columns:
-        raise LitFlashError(f"data.text_column={text_column!r} is not a column of the data ({columns}): set it to one")
+        raise LitFlashError(
+            f"{prefix}text_column={text_column!r} is not a column of the data ({columns}): set it to one"
+        )
     if text_column != "text":
         raw = raw.rename_column(text_column, "text")
     return raw
