@@ -103,6 +103,7 @@ CLI_CASES = [
     ("label past the vocabulary", _label_past_vocab, f"token id {VOCAB + 1} but the model's vocabulary has {VOCAB}"),
     ("all labels -100", lambda tmp: _save(tmp / "user_data", ROWS, IGNORED), "no token to predict"),
     ("empty train split", lambda tmp: save_blocks(tmp / "user_data", {"train": [], "test": ROWS}), "split is empty"),
+    ("one-token rows", lambda tmp: _save(tmp / "user_data", [[5]] * 8), "rows are 1 token long"),
 ]
 
 
@@ -117,7 +118,9 @@ def test_cli_refuses_bad_token_values_before_training(build, expected: str, tmp_
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err
     assert expected in errors[0]
-    if "vocabulary" not in expected:  # the data checks name the folder; the size check names the fix
+    if "vocabulary" in expected:  # the model's size check names the column, split and folder holding the id
+        assert f"labels of the 'train' rows in {data}" in errors[0]
+    else:  # the data checks name the folder by its flag
         assert f"{FLAG}={data}" in errors[0]
     assert {name: snapshot(tmp_path).get(name) for name in before} == before
     assert not list((tmp_path / "run").rglob("*.ckpt"))

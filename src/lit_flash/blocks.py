@@ -179,6 +179,12 @@ def check_token_values(ds: Any, where: str) -> None:
         low = pc.min(values).as_py()
         if low is not None and low < 0:
             raise LitFlashError(f"{where}: input_ids holds the negative token id {low}: tokenize the data again")
+    width = pc.max(pc.list_value_length(ds.data.table.column(REQUIRED_COLUMN))).as_py() if len(ds) else None
+    if width is not None and width < 2:
+        raise LitFlashError(
+            f"{where}: rows are {width} token long, and a row's first token is predicted by nothing: no token to "
+            "predict; make rows of at least 2 tokens (a larger block size)"
+        )
     if "labels" in ds.column_names:
         predicted = 0
         for values in _flat_chunks(ds, "labels", skip_first=True):
@@ -203,11 +209,16 @@ def check_token_values(ds: Any, where: str) -> None:
         )
 
 
-def max_token_id(ds: Any) -> int:
-    """Largest token id in a split's input_ids and labels (one Arrow pass each, no Python loop): an id or a label
-    past the vocabulary is an IndexError on CPU and a device-side assert on GPU."""
+def max_token_ids(ds: Any) -> dict[str, int]:
+    """Largest token id in each of a split's input_ids and labels (one Arrow pass each, no Python loop): an id or a
+    label past the vocabulary is an IndexError on CPU and a device-side assert on GPU."""
     columns = [c for c in (REQUIRED_COLUMN, "labels") if c in ds.column_names]
-    return max(int(pc.max(pc.list_flatten(ds.data.table.column(c))).as_py()) for c in columns)
+    return {c: int(pc.max(pc.list_flatten(ds.data.table.column(c))).as_py()) for c in columns}
+
+
+def max_token_id(ds: Any) -> int:
+    """Largest token id in a split's input_ids and labels."""
+    return max(max_token_ids(ds).values())
 
 
 def prepare_dataset(

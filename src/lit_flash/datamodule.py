@@ -20,7 +20,7 @@ from lit_flash.blocks import (
     REQUIRED_COLUMN,
     BlockRows,
     load_tokenized,
-    max_token_id,
+    max_token_ids,
     save_dataset_dict,
 )
 from lit_flash.distributed import check_rows_per_rank, shard_sampler
@@ -138,6 +138,7 @@ class WikitextDataModule(L.LightningDataModule):
         self.predict_dataset: Any = None
         self.seq_len: int | None = None
         self.max_token_id: int | None = None
+        self.max_token_where: str | None = None  # the column, split and folder holding it
 
     # -- where the blocks live
     @property
@@ -164,7 +165,7 @@ class WikitextDataModule(L.LightningDataModule):
     def data_facts(self) -> DataFacts:
         """What the model checks these blocks against before training (after `setup`)."""
         tokenizer_size = len(self.tokenizer) if self.tokenizer is not None else None
-        return DataFacts(seq_len=self.seq_len, max_token_id=self.max_token_id, tokenizer_size=tokenizer_size)
+        return DataFacts(self.seq_len, self.max_token_id, tokenizer_size, self.max_token_where)
 
     def state_dict(self) -> dict[str, Any]:
         # A stream's position is not saved (Lightning's own warning is off for a loader without a length): the
@@ -241,7 +242,11 @@ class WikitextDataModule(L.LightningDataModule):
         splits = (self.train_dataset, self.val_dataset, self.test_dataset, self.predict_dataset)
         used = [d for d in splits if d is not None]
         self.seq_len = max(len(d[0]["input_ids"]) for d in used)
-        self.max_token_id = max(max_token_id(d) for d in used)
+        names = ("train", eval_split, "test", "predict")
+        tops = [(v, c, n) for n, d in zip(names, splits, strict=True) if d is not None
+                for c, v in max_token_ids(d).items()]
+        self.max_token_id, column, split = max(tops)
+        self.max_token_where = f"{column} of the {split!r} rows in {self.blocks_path}"
 
     def _setup_streaming(self, stage: str) -> None:
         from datasets.distributed import split_dataset_by_node

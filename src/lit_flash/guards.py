@@ -24,6 +24,7 @@ class DataFacts:
     seq_len: int | None = None
     max_token_id: int | None = None
     tokenizer_size: int | None = None
+    max_token_where: str | None = None  # e.g. "labels of the 'train' rows in /input"
 
 
 def check_data_fits_model(
@@ -32,6 +33,7 @@ def check_data_fits_model(
     max_token_id: int | None = None,
     tokenizer_size: int | None = None,
     vocab_size: int | None = None,
+    max_token_where: str | None = None,
 ) -> None:
     """Catch on the host what would otherwise be a CUDA device-side assert deep inside the embedding."""
     vocab = vocab_size or config.vocab_size
@@ -42,8 +44,8 @@ def check_data_fits_model(
         )
     if max_token_id is not None and max_token_id >= vocab:
         raise LitFlashError(
-            f"the data holds token id {max_token_id} but the model's vocabulary has {vocab} ids: "
-            "tokenize with the model's tokenizer (data.tokenizer_name) or raise model.model_config.vocab_size"
+            f"{max_token_where or 'the data'}: holds token id {max_token_id} but the model's vocabulary has {vocab} "
+            "ids: tokenize with the model's tokenizer (data.tokenizer_name) or raise model.model_config.vocab_size"
         )
     if tokenizer_size is not None and tokenizer_size > vocab:
         raise LitFlashError(
