@@ -226,6 +226,7 @@ def test_cli_refuses_an_export_target_it_did_not_write_before_training(
     assert f"export.dirname={dirname}" in line and "choose another export.dirname" in line
     assert {name: snapshot(tmp_path).get(name) for name in before} == before
     assert not list((tmp_path / "run").rglob("*.ckpt")), "it trained before refusing"
+    assert not (tmp_path / "run" / "logs").exists(), "a refused run left a logs folder behind"
 
 
 def test_cli_refuses_an_unwritable_export_parent_before_training(tmp_path: Path, dataset: Path, run_cli) -> None:
@@ -233,7 +234,7 @@ def test_cli_refuses_an_unwritable_export_parent_before_training(tmp_path: Path,
     code, _, err = run_cli(["fit", "--config", _config(tmp_path, dataset), f"--export.dirname={tmp_path}/a_file/m"])
     assert "export.dirname=" in _one_error(code, err)
     assert (tmp_path / "a_file").read_text() == "user data"
-    assert not list((tmp_path / "run").rglob("*.ckpt"))
+    assert not list((tmp_path / "run").rglob("*.ckpt")) and not (tmp_path / "run" / "logs").exists()
 
 
 @pytest.mark.slow

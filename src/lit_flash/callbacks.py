@@ -40,14 +40,20 @@ class HFExport(L.Callback):
     def export_path(self, trainer: L.Trainer) -> Path | None:
         return None if self.dirname is None else Path(trainer.default_root_dir) / self.dirname
 
-    def _flag(self) -> str:
+    @property
+    def flag(self) -> str:
         return f"export.dirname={self.dirname}"
 
+    def check_target(self, default_root_dir: str | Path) -> None:
+        """Refuse a target this run may not write (see above). The CLI calls it before the trainer exists, so a
+        refused run writes nothing; `setup` calls it for a Trainer built in Python."""
+        if self.dirname is not None:
+            check_export_target(Path(default_root_dir) / self.dirname, default_root_dir, self.flag)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        path = self.export_path(trainer)
-        if stage == "fit" and path is not None:
+        if stage == "fit":
             # Every rank checks (the same answer on a shared filesystem): one rank raising alone would hang the rest.
-            check_export_target(path, trainer.default_root_dir, self._flag())
+            self.check_target(trainer.default_root_dir)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self.export_path(trainer)
@@ -61,7 +67,7 @@ class HFExport(L.Callback):
     @rank_zero_only
     def _export(self, pl_module: Any, trainer: L.Trainer, path: Path, state_dict: dict | None) -> None:
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
-        pl_module.export_hf(path, tokenizer, state_dict=state_dict, run_dir=trainer.default_root_dir, flag=self._flag())
+        pl_module.export_hf(path, tokenizer, state_dict=state_dict, run_dir=trainer.default_root_dir, flag=self.flag)
         rank_zero_info(f"Exported the Hugging Face model to {path}")
 
 

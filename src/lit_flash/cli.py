@@ -163,6 +163,9 @@ class LitFlashCLI(LightningCLI):
         check_multi_node_launch(config.get("num_nodes"))
         root = config.get("default_root_dir") or os.getcwd()
         check_output_dir(root)
+        export = self._run_config(self.config_init).get("export")
+        if self.subcommand == "fit" and isinstance(export, HFExport):  # before the loggers write anything
+            export.check_target(root)
         config["logger"] = with_default_loggers(config.get("logger"), root)
         # Atomic checkpoint files, weights_only loads; exact resume (RNG states, a checkpoint on SIGTERM).
         plugins = _as_list(config.get("plugins"))
