@@ -522,6 +522,21 @@ def test_a_finished_run_trained_longer_runs_its_schedule_again_from_zero(
     assert logged(root)[max(logged(root))] != logged(uninterrupted)[max(logged(uninterrupted))]
 
 
+def test_resuming_a_finished_run_at_its_end_says_there_is_nothing_to_train(
+    tmp_path: Path, uninterrupted: Path, data_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A finished run resumed with the same length ended at once and silently (a restarted job, a repeated
+    command): it says so, and neither validates nor rewrites its checkpoint."""
+    root = tmp_path / "done"
+    shutil.copytree(uninterrupted, root)
+    last = (root / "checkpoints" / "last.ckpt").read_bytes()
+    rows = len(logged(root, "val_loss"))
+    cli_main(["fit", "--config", _config(tmp_path, root, data_dir, slow=None), "--ckpt_path", "auto"])
+    assert "lit_flash: nothing to train: the checkpoint is at step 60" in capsys.readouterr().err
+    assert (root / "checkpoints" / "last.ckpt").read_bytes() == last
+    assert len(logged(root, "val_loss")) == rows  # no validation was run again
+
+
 # ------------------------------------------------------------------------------------- atomic saves
 
 

@@ -73,10 +73,15 @@ class HFExport(L.Callback):
 
 class LastValidatedStep(L.Callback):
     """The `global_step` of the last validation (the sanity check aside): the CLI validates the final weights once
-    more after fit unless the last step just did."""
+    more after fit unless the last step just did. Also whether this fit trained at all: resumed from a checkpoint
+    already at the run's end, Lightning ends the fit at once, and the CLI says so instead of validating again."""
 
     def __init__(self) -> None:
         self.step: int | None = None
+        self.trained = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.trained = True
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

@@ -231,8 +231,15 @@ class LitFlashCLI(LightningCLI):
         trainer = self.trainer
         if trainer.interrupted or trainer.state.status != TrainerStatus.FINISHED:
             return
-        last = next((c.step for c in trainer.callbacks if isinstance(c, LastValidatedStep)), None)
-        validated = last == trainer.global_step
+        record = next((c for c in trainer.callbacks if isinstance(c, LastValidatedStep)), None)
+        if record is not None and not record.trained and self._run_config(self.config_init).get("ckpt_path"):
+            if trainer.is_global_zero:
+                sys.stderr.write(
+                    f"lit_flash: nothing to train: the checkpoint is at step {trainer.global_step}, where this run "
+                    "ends; to train longer, raise trainer.max_steps (or trainer.max_epochs)\n"
+                )
+            return
+        validated = record is not None and record.step == trainer.global_step
         if sum(trainer.num_val_batches) > 0 and not validated and not interrupt.received():  # Ctrl-C: be quick
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         checkpoint = trainer.checkpoint_callback
