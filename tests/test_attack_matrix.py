@@ -619,6 +619,28 @@ def test_more_cpu_devices_than_cores_is_refused_before_any_process_starts(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [(["--model.learning_rat=3"], "--model.learning_rate"), (["--trainer.max_step=3"], "--trainer.max_steps"),
+     (["--modle.dropout=0.1"], "--model.dropout"), (["--data.batch_sise=4"], "--data.batch_size"),
+     (["--config", "TYPO_YAML"], "--model.learning_rate")],
+    ids=["option", "trainer option", "section", "data option", "key in a config file"],
+)
+def test_a_typo_in_a_key_is_refused_with_the_key_it_likely_meant(user: dict[str, Path], typo: list[str],
+                                                                 meant: str) -> None:
+    typo_yaml = _write(user["root"] / "typo.yaml", "model:\n  learnin_rate: 0.1\n")
+    args = fit_args(user, *[str(typo_yaml) if a == "TYPO_YAML" else a for a in typo])
+    code, err = run(args)
+    assert_one_error_line(code, err)
+    assert f"did you mean {meant}?" in err
+
+
+def test_a_key_like_no_other_gets_no_guess(user: dict[str, Path]) -> None:
+    code, err = run(fit_args(user, "--zzzz=3"))
+    assert_one_error_line(code, err)
+    assert "did you mean" not in err
+
+
 def test_several_nodes_without_a_launcher_is_refused_instead_of_waiting_for_ever(tmp_path, capsys, monkeypatch):
     """`--trainer.num_nodes 2` started by hand on one machine waited for ever for a second node."""
     from lit_flash.cli import cli_main

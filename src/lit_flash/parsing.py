@@ -7,6 +7,7 @@ import inspect
 import os
 import re
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ WEIGHTS_ONLY_HELP = (
 )
 
 
+_PARSERS: weakref.WeakSet = weakref.WeakSet()  # this process's lit_flash parsers, for did_you_mean
+
+
 class _OneLineErrors:
     """Config mistakes (a typo'd key, a wrong type) as one line, not the whole usage text.
 
@@ -43,12 +47,32 @@ class _OneLineErrors:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        _PARSERS.add(self)
 
     def error(self, message: str, *args: Any, **kwargs: Any) -> None:
         if os.environ.get("JSONARGPARSE_DEBUG"):
             return super().error(message, *args, **kwargs)  # type: ignore[misc]
-        sys.stderr.write(f"error: {one_line_parser_error(message)}  (see --help)\n")
+        line = one_line_parser_error(message)
+        sys.stderr.write(f"error: {line}{did_you_mean(line, self)}  (see --help)\n")
         raise SystemExit(2)
+
+
+def did_you_mean(line: str, parser: ArgumentParser) -> str:
+    """`; did you mean --model.learning_rate?` for the unknown keys an error line names, from the parser's keys."""
+    import difflib
+
+    unknown = re.findall(r"--([\w.]+)", line) + re.findall(r"option '([\w.]+)'", line)
+    if not unknown:
+        return ""
+    known: list[str] = []
+    # The subcommands' parsers as well: a config file's unknown key is reported by the top-level parser.
+    for candidate in {parser, *_PARSERS}:
+        try:
+            known += [re.sub(r"^(fit|validate|test|predict)\.", "", k) for k in candidate.get_defaults().keys()]
+        except Exception:  # noqa: BLE001 - a hint is a nicety: never let it hide the error itself
+            continue
+    guesses = [m for key in unknown for m in difflib.get_close_matches(key, known, n=1, cutoff=0.75)]
+    return f"; did you mean {', '.join('--' + g for g in dict.fromkeys(guesses))}?" if guesses else ""
 
 
 class OneLineErrorParser(_OneLineErrors, LightningArgumentParser):
