@@ -133,3 +133,17 @@ def test_wandb_is_added_to_csv_and_tensorboard_and_offline_without_key(tmp_path,
     own = CSVLogger(tmp_path)
     assert with_default_loggers([own, wandb_logger], tmp_path) == [own, wandb_logger]
     assert with_default_loggers(False, tmp_path) is False
+
+
+@pytest.mark.slow  # a whole CLI run in a subprocess
+def test_a_fit_prints_no_library_notice_its_user_cannot_act_on(tmp_path: Path) -> None:
+    """Lightning's cloud-logger advertisement, transformers' guess at GPT-2's loss, torch's LeafSpec deprecation
+    (raised from Lightning at every step): a newcomer read them as problems with their run."""
+    from _helpers import make_dataset, run_cli, tiny_run_config, write_config
+
+    data = make_dataset(tmp_path / "blocks", n_train=16, n_val=8)
+    config = write_config(tmp_path / "c.yaml", tiny_run_config(tmp_path / "run", data, trainer={"max_steps": 2}))
+    proc = run_cli("fit", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr
+    for notice in ("litlogger", "loss_type", "LeafSpec"):
+        assert notice not in proc.stderr, notice

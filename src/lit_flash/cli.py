@@ -29,7 +29,7 @@ from lit_flash.checkpointing import (
 from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError
 from lit_flash.guards import check_model_config
-from lit_flash.lightning_adapters import last_saved_step
+from lit_flash.lightning_adapters import last_saved_step, quiet_library_notices
 from lit_flash.limits import check_lightning_values, check_training_length
 from lit_flash.lock import acquire_run_lock, release_all
 from lit_flash.module import FlashGPT2LM
@@ -300,6 +300,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
                 print(f"lit_flash: no --config given, running the offline demo ({config_path(DEFAULT_CONFIG)})")
             args[1:1] = ["--config", str(config_path(DEFAULT_CONFIG))]
         check_config_files(args)
+        quiet_library_notices()
         previous = interrupt.install()
         try:
             cli = LitFlashCLI(

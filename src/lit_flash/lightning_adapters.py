@@ -7,6 +7,9 @@ says why no public API serves (test_lightning_api.py keeps it that way).
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -52,3 +55,15 @@ def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
         return module.trainer
     except RuntimeError:
         return None
+
+
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def quiet_library_notices() -> None:
+    """Hide two notices a lit_flash user cannot act on: Lightning's advertisement for its cloud logger at every fit,
+    and the deprecation warning torch >= 2.13 raises at each step for the `LeafSpec` that Lightning 2.6 builds."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLitLoggerTip())
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", module=r"lightning\.pytorch\.utilities")

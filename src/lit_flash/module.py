@@ -141,6 +141,8 @@ class FlashGPT2LM(L.LightningModule):
         self.sdpa_priority = [getattr(SDPBackend, SDPA_BACKENDS[name]) for name in sdpa_backends or ()]
         self.attn_implementation = resolve_attn_implementation(attn_implementation, attn_fallback)
         self.model = self._build_model()
+        if getattr(self.model, "loss_type", "") is None:  # GPT-2's class name does not tell transformers its loss
+            self.model.loss_type = "ForCausalLM"  # (it would guess this one, with a warning at the first step)
         self.vocab_size = self.model.config.vocab_size  # the real vocabulary, before any padding
         if pad_vocab_to_multiple_of:
             self.model.resize_token_embeddings(self.vocab_size, pad_to_multiple_of=pad_vocab_to_multiple_of)
