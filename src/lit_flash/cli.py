@@ -266,6 +266,24 @@ OVERVIEW = """usage: python -m lit_flash <subcommand> [options]   (or: lit-flash
 """
 
 
+# The program's name as users type it (argparse would say `__main__.py`), and a short usage line per subcommand
+# (argparse lists every one of the ~100 options there, before the help itself).
+PARSER_KWARGS: dict[str, Any] = {
+    "prog": "python -m lit_flash",
+    **{
+        name: {
+            "usage": f"python -m lit_flash {name} [--config FILE ...] [--ckpt_path PATH|last|auto] "
+                     "[--<section>.<key> VALUE ...]   (sections: trainer, model, data, checkpoint, export, ...)",
+            "description": f"{what} Every option below is a key of a YAML config (--config) or a flag; "
+                           "--ckpt_path is explained at the end, under 'Where the run starts from'.",
+        }
+        for name, what in (("fit", "Train, validate every trainer.val_check_interval, save checkpoints, export."),
+                           ("validate", "Validation loss and perplexity of a model or a checkpoint."),
+                           ("test", "Test loss and perplexity of a model or a checkpoint (the test split)."))
+    },
+}
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | None:
     """Run the CLI in-process (tests, notebooks) or from the shell; `args` as on the command line.
 
@@ -309,6 +327,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
                 args=args,
                 run=run,
                 parser_class=OneLineErrorParser,
+                parser_kwargs=PARSER_KWARGS,
                 save_config_kwargs={"overwrite": False},
                 auto_configure_optimizers=False,  # FlashGPT2LM owns AdamW and its schedule (model.* keys)
             )
