@@ -232,15 +232,39 @@ def test_prepare_packing_writes_position_ids_that_fit_loads(tmp_path, text_files
     assert "position_ids" not in next(iter(plain.train_dataloader()))  # read unpacked, the column is left out
 
 
+def test_two_ranks_share_packed_rows_without_overlap_and_with_one_shape(tmp_path, text_files, tokenizer_dir):
+    from types import SimpleNamespace
+
+    dm = _datamodule(tmp_path, text_files, tokenizer_dir, batch_size=3)
+    dm.prepare_data()
+    dm.setup("fit")
+    seen, shapes = [], set()
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank,
+                                     distributed_sampler_kwargs={"num_replicas": 2, "rank": rank})
+        rows = []
+        for loader in (dm.train_dataloader(), dm.val_dataloader()):
+            for b in loader:
+                shapes.add((loader.batch_size, tuple(b["cu_seq_lens"].shape)))
+                rows += [tuple(r.tolist()) for r in b["input_ids"]]
+        seen.append(rows)
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])  # each rank its own rows
+    assert len({shape for size, shape in shapes if size == 3}) == 1  # one cu_seq_lens shape on every rank
+
+
 def test_packing_with_streaming_is_one_clear_error():
     with pytest.raises(LitFlashError, match="data.packing=true does not work with data.streaming"):
         WikitextDataModule(streaming=True, packing=True)
 
 
 @pytest.mark.slow
-def test_packing_is_in_fit_help(run_cli):
+def test_packing_is_in_fit_help_and_bad_use_exits_2_with_one_line(run_cli, tiny_config):
     code, out, _ = run_cli(["fit", "--help"])
     assert code == 0 and "--data.packing" in out and "--data.packing_documents" in out
+    code, _, err = run_cli(["fit", "--config", str(tiny_config), "--data.packing", "true", "--data.streaming", "true",
+                            "--trainer.max_steps", "2"])
+    assert code == 2 and "data.packing=true does not work with data.streaming" in err
+    assert "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------- compile, resume
