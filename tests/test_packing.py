@@ -163,6 +163,9 @@ def test_flash_gets_the_boundaries_explicitly(tiny_model_config):
     assert seen["cu_seq_lens_q"] is cu and seen["cu_seq_lens_k"] is cu
     assert seen["max_length_q"] == seen["max_length_k"] == 4 and isinstance(seen["max_length_q"], int)
     assert seen["position_ids"] is positions and seen["use_cache"] is False and seen["attention_mask"] is None
+    # A batch from another collate function (position_ids alone): the boundaries are found here instead.
+    module._loss_impl(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long), None, positions)
+    assert seen["cu_seq_lens_q"].tolist() == [0, 3, 4, 5, 8]
 
 
 def test_without_packing_nothing_changes(tiny_model_config):

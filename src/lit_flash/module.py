@@ -44,6 +44,7 @@ from lit_flash.optim import (
     planned_optimizer_steps,
     weight_decay_groups,
 )
+from lit_flash.packing import cu_seq_lens as packing_cu_seq_lens
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 LRSchedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"]
@@ -264,7 +265,9 @@ class FlashGPT2LM(L.LightningModule):
             return {}
         # No cache: with one (GPT-2's config default), transformers ignores position_ids when building the mask.
         packed: dict[str, Any] = {"position_ids": position_ids, "use_cache": False}
-        if self.attn_implementation == "flash_attention_2" and cu_seq_lens is not None:
+        if self.attn_implementation == "flash_attention_2":
+            if cu_seq_lens is None:  # a batch from another collate function: found here, at the cost of a sync
+                cu_seq_lens = packing_cu_seq_lens(position_ids, 0)
             longest = position_ids.shape[1]
             packed.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest,
                           max_length_k=longest)

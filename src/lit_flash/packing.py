@@ -128,7 +128,7 @@ def cu_seq_lens(position_ids: torch.Tensor, length: int) -> torch.Tensor:
     by repeating the total: the padding is empty sequences. Longer when the batch holds more documents."""
     flat = position_ids.reshape(-1)
     starts = torch.nonzero(flat == 0).reshape(-1).to(torch.int32)
-    cu = torch.full((max(length, len(starts) + 1),), flat.numel(), dtype=torch.int32)
+    cu = torch.full((max(length, len(starts) + 1),), flat.numel(), dtype=torch.int32, device=flat.device)
     cu[: len(starts)] = starts
     return cu
 
