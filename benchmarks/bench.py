@@ -329,7 +329,8 @@ def run_packing(work: Path, block: int, cpu: list[str], weights: Path, steps: in
     """data.packing on the recipe (gpt2_flash.yaml): (a) wikitext-like documents (a few blocks long) packed vs
     grouped, tokens/s; (b) documents of varied length, packed vs one per row padded to the block, trained (non-pad)
     tokens/s; (c) validation loss after `quality_steps` steps of packed-with-boundaries, packed-without (the same
-    blocks) and one-per-row padded, each evaluated on the same held-out documents, each alone in a padded row."""
+    blocks) and one-per-row padded (as many real tokens: more steps), each evaluated on the same held-out documents,
+    each alone in a padded row."""
     rng = np.random.default_rng(0)
     n_rows = 64 if smoke else 3000
     out: dict[str, Any] = {}
@@ -360,11 +361,14 @@ def run_packing(work: Path, block: int, cpu: list[str], weights: Path, steps: in
     b["packed_vs_padded_trained"] = b["packed"]["trained_tokens_per_s"] / b["padded"]["trained_tokens_per_s"]
     out["varied_length"] = b
     print(json.dumps({"packing_varied_length": b}), flush=True)
-    # (c) the same documents, the same steps, evaluated alike (each held-out document alone).
-    c: dict[str, Any] = {"steps": quality_steps}
-    for name, data, extra in (("packed_with_boundaries", packed_dir, packing), ("packed_without", packed_dir, []),
-                              ("unpacked_padded", padded_dir, [])):
-        c[name] = run_lit(data, "gpt2_flash.yaml", cpu + extra, weights, quality_steps, 2)["val_loss"]
+    # (c) the same documents and about as many of their tokens (the padded rows hold fewer: more steps), evaluated
+    # alike (each held-out document alone in a padded row).
+    padded_steps = round(quality_steps / real)
+    c: dict[str, Any] = {"steps": quality_steps, "padded_steps": padded_steps}
+    for name, data, extra, n in (("packed_with_boundaries", packed_dir, packing, quality_steps),
+                                 ("packed_without", packed_dir, [], quality_steps),
+                                 ("unpacked_padded", padded_dir, [], padded_steps)):
+        c[name] = run_lit(data, "gpt2_flash.yaml", cpu + extra, weights, n, 2)["val_loss"]
     out["val_loss"] = c
     print(json.dumps({"packing_val_loss": c}), flush=True)
     return out
