@@ -4,6 +4,7 @@
                                                       # torch_compile at each config's batch and precision, the
                                                       # recipe (16-mixed, + bf16), fast, fastest, quality
     python benchmarks/bench.py --out /tmp/b --cpu-smoke  # a few tiny steps on CPU: checks the script itself
+    python benchmarks/bench.py --out results/ --parts packing   # data.packing: speed and validation loss
 
 Every run trains GPT-2 124M from one random init saved with `save_pretrained` (loaded as hub weights are; the
 speed does not depend on the weights) on the same synthetic reference-format token blocks (lit_flash.synthetic),
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 GPT2_124M = {"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}
@@ -264,6 +266,114 @@ LEVERS: list[tuple[str, str, list[str]]] = [
 ]
 
 
+EOS = 50256  # GPT-2's <|endoftext|>: ends each synthetic document
+
+
+def synthetic_documents(lengths: np.ndarray, seed: int) -> list[np.ndarray]:
+    """Documents of the given lengths (the last token EOS), each with its own "topic": the synthetic stream shifted
+    by a per-document offset, which only the document's own earlier tokens reveal."""
+    from lit_flash.synthetic import synthetic_blocks
+
+    rng = np.random.default_rng(seed)
+    stream = synthetic_blocks(1, int(lengths.sum()), seed=seed)[0].astype(np.int64)
+    docs, at = [], 0
+    for n in lengths:
+        doc = (stream[at : at + n] + rng.integers(0, 50000)) % EOS
+        doc[-1] = EOS
+        docs.append(doc)
+        at += n
+    return docs
+
+
+def packed_split(docs: list[np.ndarray], block: int) -> dict[str, np.ndarray]:
+    """Documents concatenated and cut into blocks (tail dropped), with position ids restarting after each EOS."""
+    from lit_flash.packing import positions_from_starts
+
+    tokens = np.concatenate(docs)
+    rows = len(tokens) // block
+    ids = tokens[: rows * block].reshape(rows, block)
+    start = np.zeros_like(ids, dtype=bool)
+    start[:, 1:] = ids[:, :-1] == EOS
+    return {"input_ids": ids, "labels": ids, "position_ids": positions_from_starts(start)}
+
+
+def padded_split(docs: list[np.ndarray], block: int) -> dict[str, np.ndarray]:
+    """One document per row (cut at the block), right-padded with EOS whose labels are ignored (-100). Causal
+    attention never lets a real token see the padding after it, so the rows need no attention mask."""
+    ids = np.full((len(docs), block), EOS, dtype=np.int64)
+    labels = np.full((len(docs), block), -100, dtype=np.int64)
+    for i, doc in enumerate(docs):
+        ids[i, : min(len(doc), block)] = labels[i, : min(len(doc), block)] = doc[:block]
+    return {"input_ids": ids, "labels": labels, "position_ids": np.broadcast_to(np.arange(block), ids.shape)}
+
+
+def save_splits(path: Path, train: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> Path:
+    import datasets
+    import pyarrow as pa
+
+    from lit_flash.blocks import save_dataset_dict
+
+    def table(split: dict[str, np.ndarray]) -> datasets.Dataset:
+        def rows(values: np.ndarray) -> pa.ListArray:
+            offsets = np.arange(0, values.size + 1, values.shape[1], dtype=np.int32)
+            return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(values).reshape(-1)))
+
+        return datasets.Dataset(pa.table({k: rows(v) for k, v in split.items()}))
+
+    save_dataset_dict(datasets.DatasetDict(train=table(train), test=table(test)), path)
+    return path
+
+
+def run_packing(work: Path, block: int, cpu: list[str], weights: Path, steps: int, warmup: int, quality_steps: int,
+                smoke: bool) -> dict:
+    """data.packing on the recipe (gpt2_flash.yaml): (a) wikitext-like documents (a few blocks long) packed vs
+    grouped, tokens/s; (b) documents of varied length, packed vs one per row padded to the block, trained (non-pad)
+    tokens/s; (c) validation loss after `quality_steps` steps of packed-with-boundaries, packed-without (the same
+    blocks) and one-per-row padded (as many real tokens: more steps), each evaluated on the same held-out documents,
+    each alone in a padded row."""
+    rng = np.random.default_rng(0)
+    n_rows = 64 if smoke else 3000
+    out: dict[str, Any] = {}
+    packing = ["--data.packing", "true"]
+    # (a) wikitext-2's articles run about 3.5 blocks of 1024 tokens (lognormal spread).
+    long_docs = synthetic_documents(np.clip(rng.lognormal(np.log(3 * block), 0.6, n_rows // 2), 32, None)
+                                    .astype(int), seed=1)
+    held_out = synthetic_documents(rng.integers(block // 8, block + 1, 16 if smoke else 256), seed=2)
+    test = padded_split(held_out, block)
+    wiki = save_splits(work / "pack_wiki", packed_split(long_docs, block), test)
+    a = {"packed": run_lit(wiki, "gpt2_flash.yaml", cpu + packing, weights, steps, warmup, evaluate=False),
+         "unpacked": run_lit(wiki, "gpt2_flash.yaml", cpu, weights, steps, warmup, evaluate=False)}
+    a["packed_vs_unpacked"] = a["packed"]["tokens_per_s"] / a["unpacked"]["tokens_per_s"]
+    out["wikitext_like"] = a
+    print(json.dumps({"packing_wikitext_like": a}), flush=True)
+    # (b) documents of 1/16 to 1 block (lognormal around 1/4 block): padding one per row wastes most of a row.
+    lengths = np.clip(rng.lognormal(np.log(block / 4), 0.8, n_rows * 3), block // 16, block).astype(int)
+    docs = synthetic_documents(lengths, seed=3)
+    packed_dir = save_splits(work / "pack_varied", packed_split(docs, block), test)
+    padded = padded_split(docs, block)
+    padded_dir = save_splits(work / "pad_varied", padded, test)
+    real = float((padded["labels"] != -100).mean())  # the padded rows' share of trained tokens
+    b = {"packed": run_lit(packed_dir, "gpt2_flash.yaml", cpu + packing, weights, steps, warmup, evaluate=False),
+         "padded": run_lit(padded_dir, "gpt2_flash.yaml", cpu, weights, steps, warmup, evaluate=False),
+         "padded_real_token_share": real}
+    b["packed"]["trained_tokens_per_s"] = b["packed"]["tokens_per_s"]
+    b["padded"]["trained_tokens_per_s"] = b["padded"]["tokens_per_s"] * real
+    b["packed_vs_padded_trained"] = b["packed"]["trained_tokens_per_s"] / b["padded"]["trained_tokens_per_s"]
+    out["varied_length"] = b
+    print(json.dumps({"packing_varied_length": b}), flush=True)
+    # (c) the same documents and about as many of their tokens (the padded rows hold fewer: more steps), evaluated
+    # alike (each held-out document alone in a padded row).
+    padded_steps = round(quality_steps / real)
+    c: dict[str, Any] = {"steps": quality_steps, "padded_steps": padded_steps}
+    for name, data, extra, n in (("packed_with_boundaries", packed_dir, packing, quality_steps),
+                                 ("packed_without", packed_dir, [], quality_steps),
+                                 ("unpacked_padded", padded_dir, [], padded_steps)):
+        c[name] = run_lit(data, "gpt2_flash.yaml", cpu + extra, weights, n, 2)["val_loss"]
+    out["val_loss"] = c
+    print(json.dumps({"packing_val_loss": c}), flush=True)
+    return out
+
+
 # The honest peer of each lit_flash run: HF Trainer with its one `--torch_compile` flag, same batch and precision.
 PEERS = {
     "recipe": (8, "float16"), "recipe_bf16": (8, "bfloat16"), "fast": (32, "bfloat16"), "fastest": (64, "bfloat16")
@@ -281,7 +391,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--parts", default="matmul,reference,peers,recipe,recipe_bf16,fast,fastest,quality",
                    help="comma-separated subset of: matmul, reference, peers, recipe, recipe_bf16, fast, fastest, "
-                        "quality (recipe vs HF Trainer from the same weights), quality_fast, levers")
+                        "quality (recipe vs HF Trainer from the same weights), quality_fast, levers, packing")
     p.add_argument("--peers", default="recipe,recipe_bf16,fast,fastest", help="whose HF+torch_compile peer to run")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--warmup", type=int, default=25)
@@ -367,6 +477,10 @@ def main() -> None:
         q["rel_diff"] = abs(q["fast_val_loss"] - q["plain_val_loss"]) / q["plain_val_loss"]
         results["quality_fast"] = q
         print(json.dumps(q), flush=True)
+        save()
+    if "packing" in parts:
+        results["packing"] = run_packing(work, block, cpu, weights, steps, warmup, 8 if smoke else a.quality_steps,
+                                         smoke)
         save()
     if "levers" in parts:
         chosen = [int(i) for i in a.levers.split(",")] if a.levers else range(len(LEVERS))

@@ -21,12 +21,13 @@ import torch
 
 from lit_flash.errors import LitFlashError
 from lit_flash.limits import PositiveInt
+from lit_flash.packing import Documents
 from lit_flash.text import load_raw_text, tokenize_and_group
 
 IGNORE_INDEX = -100  # labels the loss skips (transformers' convention)
 
 REQUIRED_COLUMN = "input_ids"
-OPTIONAL_COLUMNS = ("attention_mask", "labels")
+OPTIONAL_COLUMNS = ("attention_mask", "labels", "position_ids")  # position_ids: packed rows (packing.py)
 
 
 class BlockRows(torch.utils.data.Dataset):
@@ -231,6 +232,8 @@ def prepare_dataset(
     splits: list[str] | None = None,
     text_column: str = "text",
     num_proc: PositiveInt | None = None,
+    packing: bool = False,
+    packing_documents: Documents = "auto",
 ) -> None:
     """Tokenize raw text into blocks and `save_to_disk` them, as the reference's `prepare_save_dataset.py` does.
 
@@ -246,15 +249,22 @@ def prepare_dataset(
         splits: Splits to keep; default `[train, test]`, as the reference (it drops wikitext's validation split).
         text_column: Column holding the text. The reference's `--dataset_text_field`.
         num_proc: Worker processes for tokenization.
+        packing: Pack documents with a `position_ids` column (document boundaries), as `data.packing` does.
+        packing_documents: Where documents start, as `data.packing_documents`.
     """
     from transformers import AutoTokenizer
+
+    from lit_flash.packing import pack_documents, resolve_documents, sample_by
 
     if Path(save_dir).exists() and not Path(save_dir).is_dir():
         raise LitFlashError(f"--save_dir {save_dir} is a file: choose a new folder")
     if Path(save_dir).exists() and any(Path(save_dir).iterdir()):
         raise LitFlashError(f"--save_dir {save_dir} exists and is not empty: choose a new folder")
     splits = splits or ["train", "test"]
-    raw = load_raw_text(dataset_name, dataset_config_name, text_files, text_column=text_column, prefix="--")
+    documents = resolve_documents(packing_documents, text_files, dataset_name)
+    read_by = sample_by(documents) if packing else "line"
+    raw = load_raw_text(dataset_name, dataset_config_name, text_files, text_column=text_column, prefix="--",
+                        sample_by=read_by)
     missing = [s for s in splits if s not in raw]
     if missing:
         raise LitFlashError(
@@ -268,7 +278,10 @@ def prepare_dataset(
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LitFlashError(f"--tokenizer_name {tokenizer_name}: cannot load the tokenizer ({first})") from err
     block_size = min(block_size, tokenizer.model_max_length)
-    blocks = tokenize_and_group(raw, tokenizer, block_size, num_proc)
+    if packing:
+        blocks = pack_documents(raw, tokenizer, block_size, documents, num_proc)
+    else:
+        blocks = tokenize_and_group(raw, tokenizer, block_size, num_proc)
     empty = [split for split in splits if len(blocks[split]) == 0]
     if empty:  # saving it would hand fit a dataset it refuses later, far from the cause
         raise LitFlashError(

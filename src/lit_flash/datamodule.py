@@ -28,6 +28,7 @@ from lit_flash.errors import LitFlashError
 from lit_flash.guards import DataFacts
 from lit_flash.interrupt import ignore_sigint_in_worker, kill_workers_at_exit
 from lit_flash.limits import NonNegativeInt, PositiveInt, SeedInt
+from lit_flash.packing import Documents, check_packable, pack_documents, packed_collate, resolve_documents, sample_by
 from lit_flash.resume import ResumableDataLoader, ResumableSampler
 from lit_flash.text import load_raw_text, resolve_text_files, tokenize_and_group, train_bpe_tokenizer
 
@@ -91,6 +92,14 @@ class WikitextDataModule(L.LightningDataModule):
             ignored rows (labels -100): the loss is unchanged, and a compiled model (`model.compile`) runs one shape
             instead of compiling again for the short batch (a step of many seconds; benchmarks/RESULTS.md).
             Throughput logs count the filler rows as processed tokens.
+        packing: Pack whole documents into the blocks, each attending only to itself: `position_ids` restart at
+            every document, nothing is predicted across a boundary, and flash_attention_2 runs its variable-length
+            kernel (sdpa/eager a block-diagonal mask). No padding: documents continue in the next block. A
+            pre-tokenized load dir needs a `position_ids` column (`prepare --packing true`) or end-of-text tokens
+            between documents (the tokenizer's eos id). Not with `streaming`.
+        packing_documents: Where documents start with `packing`: `headings` (wikitext's top-level ` = Title = `
+            lines), `file` (one per text file), `paragraph` (blank-line-separated blocks), `row` (one per dataset
+            row); `auto`: `file` for `text_files`, `headings` for wikitext, else `row`.
     """
 
     def __init__(
@@ -114,6 +123,8 @@ class WikitextDataModule(L.LightningDataModule):
         seed: SeedInt = 42,
         streaming: bool = False,
         pad_last_batch: bool = False,
+        packing: bool = False,
+        packing_documents: Documents = "auto",
     ) -> None:
         super().__init__()
         if streaming and (tokenized_dataset_load_dir or train_tokenizer_vocab_size):
@@ -121,6 +132,8 @@ class WikitextDataModule(L.LightningDataModule):
                 "data.streaming=true reads raw text with a given tokenizer: unset data.tokenized_dataset_load_dir "
                 "and data.train_tokenizer_vocab_size"
             )
+        if streaming and packing:
+            raise LitFlashError("data.packing=true does not work with data.streaming=true yet: set one of them false")
         for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
             if value is not None and value < 1:
                 raise LitFlashError(f"data.{name}={value}: must be >= 1, or null for all rows")
@@ -152,6 +165,8 @@ class WikitextDataModule(L.LightningDataModule):
             source["files"] = {s: [(f, os.path.getsize(f), os.path.getmtime(f)) for f in fs] for s, fs in files.items()}
         else:
             source["hub"] = [h.dataset_name, h.dataset_config_name]
+        if h.packing:  # packed blocks differ from grouped ones; unpacked runs keep their existing cache key
+            source["packing"] = resolve_documents(h.packing_documents, h.text_files, h.dataset_name)
         key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
         root = Path(h.cache_dir or Path.home() / ".cache" / "lit_flash").expanduser()
         if root.exists() and not root.is_dir():
@@ -190,14 +205,20 @@ class WikitextDataModule(L.LightningDataModule):
         if (cache / "blocks" / "dataset_dict.json").is_file():
             return
         cache.mkdir(parents=True, exist_ok=True)
-        raw = load_raw_text(h.dataset_name, h.dataset_config_name, h.text_files, text_column=h.text_column)
+        documents = resolve_documents(h.packing_documents, h.text_files, h.dataset_name)
+        read_by = sample_by(documents) if h.packing else "line"
+        raw = load_raw_text(h.dataset_name, h.dataset_config_name, h.text_files, text_column=h.text_column,
+                            sample_by=read_by)
         if "train" not in raw:
             raise LitFlashError(f"the raw data has no 'train' split (found {sorted(raw)}): name one in data.text_files")
         if h.train_tokenizer_vocab_size:
             tokenizer = train_bpe_tokenizer(raw, h.train_tokenizer_vocab_size, cache / "tokenizer")
         else:
             tokenizer = self._load_tokenizer()
-        blocks = tokenize_and_group(raw, tokenizer, h.block_size, h.num_proc)
+        if h.packing:
+            blocks = pack_documents(raw, tokenizer, h.block_size, documents, h.num_proc)
+        else:
+            blocks = tokenize_and_group(raw, tokenizer, h.block_size, h.num_proc)
         save_dataset_dict(blocks, cache / "blocks", overwrite=True)
 
     def _load_tokenizer(self) -> Any:
@@ -241,6 +262,9 @@ class WikitextDataModule(L.LightningDataModule):
             self.predict_dataset = self._subset(dataset[split], h.max_eval_samples)
         splits = (self.train_dataset, self.val_dataset, self.test_dataset, self.predict_dataset)
         used = [d for d in splits if d is not None]
+        if h.packing:
+            for d in used:
+                check_packable(d, self._eos_id(), str(self.blocks_path))
         self.seq_len = max(len(d[0]["input_ids"]) for d in used)
         names = ("train", eval_split, "test", "predict")
         tops = [(v, c, n) for n, d in zip(names, splits, strict=True) if d is not None
@@ -279,12 +303,17 @@ class WikitextDataModule(L.LightningDataModule):
         self.seq_len = h.block_size
         self.max_token_id = None  # unknown without reading the stream; the tokenizer's size is checked instead
 
-    @staticmethod
-    def _subset(ds: Any, limit: int | None) -> Any:
+    def _eos_id(self) -> int | None:
+        return getattr(self.tokenizer, "eos_token_id", None)
+
+    def _columns(self, ds: Any) -> list[str]:
+        skip = () if self.hparams.packing else ("position_ids",)  # a packed dataset read unpacked: plain blocks
+        return [c for c in (REQUIRED_COLUMN, *OPTIONAL_COLUMNS) if c in ds.column_names and c not in skip]
+
+    def _subset(self, ds: Any, limit: int | None) -> Any:
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
-        columns = [c for c in (REQUIRED_COLUMN, *OPTIONAL_COLUMNS) if c in ds.column_names]
-        return ds.with_format("torch", columns=columns)
+        return ds.with_format("torch", columns=self._columns(ds))
 
     # -- loaders
     def _loader(self, dataset: Any, batch_size: int, shuffle: bool, predict: bool = False) -> DataLoader:
@@ -308,7 +337,10 @@ class WikitextDataModule(L.LightningDataModule):
             kwargs["collate_fn"] = functools.partial(collate_blocks, pad_rows_to=batch_size)
         if iterable:
             return DataLoader(dataset, **kwargs)
-        dataset = BlockRows(dataset, [c for c in (REQUIRED_COLUMN, *OPTIONAL_COLUMNS) if c in dataset.column_names])
+        dataset = BlockRows(dataset, self._columns(dataset))
+        if self.hparams.packing:
+            pad_to = batch_size if self.hparams.pad_last_batch and not predict else None
+            kwargs["collate_fn"] = packed_collate(dataset, batch_size, self._eos_id(), pad_to)
         if not shuffle:
             # Several processes: our own shard sampler (no repeated rows), which Lightning then leaves as it is.
             return DataLoader(dataset, sampler=shard_sampler(dataset, self.trainer, False, seed), **kwargs)

@@ -44,6 +44,7 @@ from lit_flash.optim import (
     planned_optimizer_steps,
     weight_decay_groups,
 )
+from lit_flash.packing import cu_seq_lens as packing_cu_seq_lens
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 LRSchedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"]
@@ -250,15 +251,36 @@ class FlashGPT2LM(L.LightningModule):
         labels = batch["labels"]
         self.flops_per_batch = self._flops(labels.shape[1], training) * labels.numel()
         with self._sdpa_kernels():
-            loss = self._compute_loss(batch["input_ids"], labels, batch.get("attention_mask"))
+            loss = self._compute_loss(
+                batch["input_ids"], labels, batch.get("attention_mask"), batch.get("position_ids"),
+                batch.get("cu_seq_lens"),
+            )
         return loss, (labels[:, 1:] != IGNORE_INDEX).sum()
 
+    def _packed_kwargs(self, position_ids: torch.Tensor | None, cu_seq_lens: torch.Tensor | None) -> dict[str, Any]:
+        """Packed rows (data.packing): sdpa/eager build a block-diagonal mask from `position_ids`; flash gets the
+        boundaries explicitly (transformers' own inference from position_ids syncs with the host in every layer)
+        and a Python-int longest length (a document is at most a row: one compiled shape)."""
+        if position_ids is None:
+            return {}
+        # No cache: with one (GPT-2's config default), transformers ignores position_ids when building the mask.
+        packed: dict[str, Any] = {"position_ids": position_ids, "use_cache": False}
+        if self.attn_implementation == "flash_attention_2":
+            if cu_seq_lens is None:  # a batch from another collate function: found here, at the cost of a sync
+                cu_seq_lens = packing_cu_seq_lens(position_ids, 0)
+            longest = position_ids.shape[1]
+            packed.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest,
+                          max_length_k=longest)
+        return packed
+
     def _loss_impl(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        packed = self._packed_kwargs(position_ids, cu_seq_lens)
         if self.fused_ce is None and self.model.config.vocab_size == self.vocab_size:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **packed).loss
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **packed).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])
         # Shift the labels, not the hidden states (as transformers' own loss does): the last position predicts
         # nothing (ignored), and the head's matmul keeps all batch x seq rows, contiguous, with no slice copy.
@@ -351,7 +373,9 @@ class FlashGPT2LM(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Score rows: each row's mean loss over its predicted tokens, its perplexity and token count."""
-        logits = self(batch["input_ids"], batch.get("attention_mask")).logits[:, :-1, : self.vocab_size].float()
+        packed = self._packed_kwargs(batch.get("position_ids"), batch.get("cu_seq_lens"))
+        logits = self(batch["input_ids"], batch.get("attention_mask"), **packed).logits
+        logits = logits[:, :-1, : self.vocab_size].float()
         targets = batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"

@@ -100,9 +100,11 @@ def load_raw_text(
     streaming: bool = False,
     text_column: str = "text",
     prefix: str = "data.",
+    sample_by: str = "line",
 ) -> Any:
     """Load raw text from local files (when given) or the HF hub, as a `DatasetDict` with a `text` column.
-    `prefix`: how errors name the options (`data.` for fit's keys, `--` for `prepare`'s flags)."""
+    `prefix`: how errors name the options (`data.` for fit's keys, `--` for `prepare`'s flags). `sample_by`: a
+    file's rows are its lines, blank-line-separated `paragraph`s, or the whole `document`."""
     import datasets
 
     if text_files:
@@ -112,7 +114,9 @@ def load_raw_text(
         for split, paths in files.items():
             for path in paths:
                 check_text_file(path, f"{prefix}text_files[{split!r}]")
-        raw = datasets.load_dataset("text", data_files=files, streaming=streaming, keep_linebreaks=True)
+        raw = datasets.load_dataset(
+            "text", data_files=files, streaming=streaming, keep_linebreaks=True, sample_by=sample_by
+        )
     elif dataset_name:
         try:
             raw = datasets.load_dataset(dataset_name, dataset_config_name, streaming=streaming)
