@@ -86,8 +86,9 @@ class WikitextDataModule(L.LightningDataModule):
         seed: Seed of the training shuffle.
         streaming: Read the raw text as a stream (`--dataset_streaming`): nothing is downloaded whole or cached;
             lines are tokenized and grouped on the fly, shards split across ranks and dataloader workers, no
-            shuffle; a resume continues the stream where it stopped (`stream.py`). Needs `trainer.max_steps`. Validation/test read the source's `validation`/`test` split (the
-            first `max_eval_samples` blocks if set), and are skipped when it has none (e.g. FineWeb).
+            shuffle; a resume continues the stream where it stopped. Needs `trainer.max_steps`. Validation/test
+            read the source's `validation`/`test` split (the first `max_eval_samples` blocks if set), and are
+            skipped when it has none (e.g. FineWeb).
         pad_last_batch: Fill an epoch's short last batch (training, validation, test) up to the batch size with
             ignored rows (labels -100): the loss is unchanged, and a compiled model (`model.compile`) runs one shape
             instead of compiling again for the short batch (a step of many seconds; benchmarks/RESULTS.md).
