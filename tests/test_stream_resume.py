@@ -17,7 +17,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from _helpers import checkpoint_step, fork_cli, logged, tiny_run_config, wait_for_file, write_config
+from _helpers import (
+    checkpoint_step,
+    fork_cli,
+    logged,
+    print_config,
+    tiny_run_config,
+    wait_for_file,
+    write_config,
+)
 from test_streaming import word_level_tokenizer
 
 from lit_flash.cli import cli_main
@@ -238,3 +246,10 @@ def test_a_streaming_run_killed_after_a_checkpoint_resumes_without_repeating_or_
     assert not [row for row, n in Counter(trained).items() if n > 1]
     losses = logged(root)
     assert all(losses[s] == uninterrupted_stream.losses[s] for s in range(step, STEPS))
+
+
+def test_the_streaming_overlay_streams_fineweb_on_the_recipe(capsys: pytest.CaptureFixture) -> None:
+    config = print_config("gpt2_flash.yaml", "streaming.yaml", capsys=capsys)
+    assert config["data"]["streaming"] is True and config["data"]["dataset_name"] == "HuggingFaceFW/fineweb"
+    assert config["trainer"]["max_steps"] > 0 and config["data"]["num_workers"] > 0
+    assert config["model"]["model_name_or_path"] == "openai-community/gpt2"  # the recipe's, kept
