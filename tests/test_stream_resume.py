@@ -15,13 +15,16 @@ import signal
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
+import lightning as L
 import pytest
 from _helpers import (
     checkpoint_step,
     fork_cli,
     logged,
     print_config,
+    run_cli,
     tiny_run_config,
     wait_for_file,
     write_config,
@@ -253,3 +256,39 @@ def test_the_streaming_overlay_streams_fineweb_on_the_recipe(capsys: pytest.Capt
     assert config["data"]["streaming"] is True and config["data"]["dataset_name"] == "HuggingFaceFW/fineweb"
     assert config["trainer"]["max_steps"] > 0 and config["data"]["num_workers"] > 0
     assert config["model"]["model_name_or_path"] == "openai-community/gpt2"  # the recipe's, kept
+
+
+class RecordRankRows(L.Callback):
+    """Test-only (in the DDP subprocesses): each rank appends the rows it trains on to `<prefix><rank>.jsonl`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        with open(f"{self.prefix}{trainer.global_rank}.jsonl", "a") as f:
+            for row in batch["input_ids"].tolist():
+                f.write(json.dumps([trainer.current_epoch, row]) + "\n")
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_resume_each_their_own_place_in_the_stream(tmp_path: Path, cli_shards) -> None:
+    """A real 2-rank DDP run (gloo; `python -m lit_flash`, Lightning starts rank 1): the checkpoint holds both
+    ranks' positions, gathered when it is saved; resumed on 2 ranks, each continues its own share exactly."""
+    def run(name: str, *args: str) -> list[list[tuple[int, ...]]]:
+        config = _stream_config(tmp_path, f"{name}.yaml", tmp_path / name, cli_shards, 0, tmp_path / "unused.jsonl")
+        recorder = {"class_path": "test_stream_resume.RecordRankRows", "init_args": {"prefix": str(tmp_path / name)}}
+        proc = run_cli("fit", "--config", config, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                       f"--trainer.callbacks+={json.dumps(recorder)}", *args, timeout=400)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        return [_rows(tmp_path / f"{name}{rank}.jsonl") for rank in range(2)]
+
+    full = run("full")
+    assert all(len(rows) == STEPS * 2 for rows in full) and not set(full[0]) & set(full[1])
+    (ckpt,) = (tmp_path / "full" / "checkpoints").glob(f"*step={EVERY}.ckpt")
+    import torch
+
+    (saved,) = torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert saved["world_size"] == 2 and [r["positions"][0][0] for r in saved["ranks"]] == [EVERY, EVERY]
+    resumed = run("resumed", "--ckpt_path", str(ckpt))
+    for rank in range(2):
+        assert full[rank][: EVERY * 2] + resumed[rank] == full[rank], f"rank {rank}"
