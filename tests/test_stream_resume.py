@@ -108,6 +108,9 @@ def test_a_resumed_stream_continues_with_the_next_blocks(shards, workers: int) -
     resumed = _datamodule(shards, workers).train_dataloader()
     resumed.load_state_dict(loader.state_dict())
     assert [*resumed] == [] and len([*resumed]) == len(full)
+    # stopped in the next pass (epoch): that pass's position, not the last one's
+    first = _train(dm, loader, 1)
+    assert first + _resumed(shards, loader.state_dict(), workers) == full
 
 
 def test_each_rank_resumes_its_own_share_of_the_stream(shards) -> None:

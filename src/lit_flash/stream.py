@@ -91,6 +91,9 @@ class StreamLoader(DataLoader):
         self._untracked = 0  # batches handed out since the last `record_trained`
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        if self._starts is None:  # a pass from the start of the stream (a new epoch): no position in it yet
+            self._positions = [[0, None, None] for _ in range(self._workers)]
+            self._last_worker = None
         self.dataset.starts, self._starts = self._starts, None
         batches = super().__iter__()  # the workers (or the main process) have read their starts by now
         self.dataset.starts = None
