@@ -149,6 +149,14 @@ def test_a_resume_that_cannot_continue_the_stream_says_why(shards) -> None:
     assert sum(first, []) + sum(rest, []) == sum(full, [])
 
 
+def test_a_loader_whose_batches_nobody_records_says_its_position_is_not_tracked(shards) -> None:
+    loader = _datamodule(shards, 0).train_dataloader()
+    it = iter(loader)
+    next(it), next(it)  # Lightning's loop records each batch (the DataModule's hook); one is prefetched
+    with pytest.warns(UserWarning, match="position is not tracked"):
+        loader.state_dict()
+
+
 def test_a_checkpoint_from_before_stream_positions_says_the_stream_restarts(shards) -> None:
     dm = _datamodule(shards, 0)
     assert dm.state_dict() == {"streaming": True, "stream_position": True}

@@ -182,8 +182,8 @@ class WikitextDataModule(L.LightningDataModule):
             )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, dict) and POSITION_KEY in batch:  # a training batch of a stream: its position
-            self._train_loader.record_trained(batch)
+        if isinstance(batch, dict) and isinstance(self._train_loader, StreamLoader) and POSITION_KEY in batch:
+            self._train_loader.record_trained(batch)  # a training batch of a stream: the position to save
         return batch
 
     def prepare_data(self) -> None:
