@@ -2,7 +2,9 @@
 
 The position comes from `datasets`' own `IterableDataset.state_dict()` (shard, row in the shard, and the batched
 `map`s' place in their current batch: the grouping into blocks is recomputed from that batch's start, so the
-blocks after a resume are those an uninterrupted run reads). No torchdata: what it adds here is done below.
+blocks after a resume are those an uninterrupted run reads). Not torchdata's `StatefulDataLoader`: it saves the
+state of the last batch it yielded, and Lightning's loop fetches one batch ahead of the one it trains on (for a
+loader without a length), so a resume would skip a batch; the position below is the last batch trained on.
 
 - Each loader worker (or the main process, without workers) reads its own shards; `BlockStream` tags the last
   block of each batch it hands out with its worker, its count of batches and the dataset's state after it.
