@@ -34,6 +34,7 @@ from test_streaming import word_level_tokenizer
 from lit_flash.cli import cli_main
 from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError
+from lit_flash.resume import ResumableDataLoader, ResumableSampler
 from lit_flash.stream import POSITION_KEY
 
 BLOCK = 4
@@ -142,6 +143,9 @@ def test_a_resume_that_cannot_continue_the_stream_says_why(shards) -> None:
         _datamodule(shards, 0, block_size=8).train_dataloader().load_state_dict(state)
     with pytest.raises(LitFlashError, match="did not stream"):  # a map-style loader's state
         loader.load_state_dict({"epoch": 0, "batches": 3, "rows": 12})
+    rows = list(range(12))
+    with pytest.raises(LitFlashError, match="saved while streaming: resume it with data.streaming=true"):
+        ResumableDataLoader(rows, sampler=ResumableSampler(rows)).load_state_dict(state)
     # another batch size: every block once, in new batches (with a warning)
     with pytest.warns(UserWarning, match="no block skipped or repeated"):
         rest = _resumed(shards, state, 0, batch_size=2)
