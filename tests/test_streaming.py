@@ -94,10 +94,3 @@ def test_streaming_needs_max_steps_and_a_raw_text_source(corpus):
     with pytest.raises(LitFlashError, match="tokenized_dataset_load_dir"):
         WikitextDataModule(tokenized_dataset_load_dir="somewhere", streaming=True)
 
-
-def test_a_resumed_stream_says_it_starts_over(corpus):
-    files, tokenizer = corpus
-    dm = WikitextDataModule(text_files={"train": files}, tokenizer_name=tokenizer, block_size=BLOCK, streaming=True)
-    with pytest.warns(UserWarning, match="restarts from its first block on resume"):
-        dm.load_state_dict(dm.state_dict())
-    assert WikitextDataModule(text_files={"train": files}, tokenizer_name=tokenizer).state_dict() == {}

@@ -30,6 +30,7 @@ from lit_flash.interrupt import ignore_sigint_in_worker, kill_workers_at_exit
 from lit_flash.limits import NonNegativeInt, PositiveInt, SeedInt
 from lit_flash.packing import Documents, check_packable, pack_documents, packed_collate, resolve_documents, sample_by
 from lit_flash.resume import ResumableDataLoader, ResumableSampler
+from lit_flash.stream import POSITION_KEY, BlockStream, StreamLoader, collate_with_position
 from lit_flash.text import load_raw_text, resolve_text_files, tokenize_and_group, train_bpe_tokenizer
 
 _CACHE_FORMAT_VERSION = 1
@@ -86,8 +87,9 @@ class WikitextDataModule(L.LightningDataModule):
         seed: Seed of the training shuffle.
         streaming: Read the raw text as a stream (`--dataset_streaming`): nothing is downloaded whole or cached;
             lines are tokenized and grouped on the fly, shards split across ranks and dataloader workers, no
-            shuffle. Needs `trainer.max_steps`. Validation/test read the source's `validation`/`test` split (the
-            first `max_eval_samples` blocks if set), and are skipped when it has none (e.g. FineWeb).
+            shuffle; a resume continues the stream where it stopped. Needs `trainer.max_steps`. Validation/test
+            read the source's `validation`/`test` split (the first `max_eval_samples` blocks if set), and are
+            skipped when it has none (e.g. FineWeb).
         pad_last_batch: Fill an epoch's short last batch (training, validation, test) up to the batch size with
             ignored rows (labels -100): the loss is unchanged, and a compiled model (`model.compile`) runs one shape
             instead of compiling again for the short batch (a step of many seconds; benchmarks/RESULTS.md).
@@ -152,6 +154,7 @@ class WikitextDataModule(L.LightningDataModule):
         self.seq_len: int | None = None
         self.max_token_id: int | None = None
         self.max_token_where: str | None = None  # the column, split and folder holding it
+        self._train_loader: Any = None
 
     # -- where the blocks live
     @property
@@ -183,16 +186,20 @@ class WikitextDataModule(L.LightningDataModule):
         return DataFacts(self.seq_len, self.max_token_id, tokenizer_size, self.max_token_where)
 
     def state_dict(self) -> dict[str, Any]:
-        # A stream's position is not saved (Lightning's own warning is off for a loader without a length): the
-        # mark lets a resume say so.
-        return {"streaming": True} if self.hparams.streaming else {}
+        # The stream's position is the train loader's state (`StreamLoader`); the mark tells a resume it was saved.
+        return {"streaming": True, "stream_position": True} if self.hparams.streaming else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("streaming") and self.hparams.streaming:
+        if state_dict.get("streaming") and not state_dict.get("stream_position") and self.hparams.streaming:
             rank_zero_warn(
-                "data.streaming=true: the stream restarts from its first block on resume, so the blocks trained on "
-                "before the checkpoint are read again (a pre-tokenized dataset or the cache resumes exactly)"
+                "data.streaming=true: this checkpoint was saved before lit_flash saved stream positions, so the "
+                "stream restarts from its first block (the blocks trained on before it are read again)"
             )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and isinstance(self._train_loader, StreamLoader) and POSITION_KEY in batch:
+            self._train_loader.record_trained(batch)  # a training batch of a stream: the position to save
+        return batch
 
     def prepare_data(self) -> None:
         """Download and tokenize once (rank 0 only), into the cache; a second run finds it there."""
@@ -293,7 +300,7 @@ class WikitextDataModule(L.LightningDataModule):
             raise LitFlashError(f"the streamed data has no 'train' split (found {sorted(blocks)})")
         eval_split = next((s for s in ("validation", "test") if s in blocks), None)
         if stage == "fit":
-            self.train_dataset = stream("train", h.max_train_samples)
+            self.train_dataset = BlockStream(stream("train", h.max_train_samples), h.batch_size, h.block_size)
         if stage in ("fit", "validate") and eval_split is not None:
             self.val_dataset = stream(eval_split, h.max_eval_samples)
         if stage == "test":
@@ -335,6 +342,10 @@ class WikitextDataModule(L.LightningDataModule):
             kill_workers_at_exit()
         if self.hparams.pad_last_batch and not predict:
             kwargs["collate_fn"] = functools.partial(collate_blocks, pad_rows_to=batch_size)
+        if isinstance(dataset, BlockStream):  # training on a stream: its position is saved in checkpoints
+            kwargs["collate_fn"] = functools.partial(collate_with_position, collate=kwargs["collate_fn"])
+            replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            return StreamLoader(dataset, rank=rank, world_size=replicas, **kwargs)
         if iterable:
             return DataLoader(dataset, **kwargs)
         dataset = BlockRows(dataset, self._columns(dataset))
@@ -354,7 +365,8 @@ class WikitextDataModule(L.LightningDataModule):
         return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+        self._train_loader = self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+        return self._train_loader
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None and self.hparams.streaming:

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lit_flash.errors import LitFlashError
 from lit_flash.interrupt import note_saved, signal_name
 
 
@@ -89,6 +90,8 @@ class ResumableDataLoader(DataLoader):
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if "epoch" not in state:  # a stream's position (`stream.StreamLoader`)
+            raise LitFlashError("the checkpoint was saved while streaming: resume it with data.streaming=true")
         epoch, batches = state["epoch"], state["batches"]
         saved_batch_size = state.get("batch_size", self.batch_size)
         rows = state.get("rows", batches * saved_batch_size)  # checkpoints from before rows were stored
