@@ -289,3 +289,26 @@ def prepare_dataset(
             "give more text or a smaller --block_size"
         )
     save_dataset_dict(blocks, save_dir)
+
+
+def collate_blocks(rows: list[dict[str, torch.Tensor]], pad_rows_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Stack equal-length rows; derive `labels` and drop an all-ones `attention_mask`.
+
+    Without a mask the attention kernels take their dense (faster) path instead of unpadding. `pad_rows_to`: a
+    short batch (an epoch's last) gets copies of its first row with every label ignored (-100), up to that many
+    rows: the loss, a mean over predicted tokens, is unchanged, and a compiled model sees one shape only.
+    """
+    missing = max(0, (pad_rows_to or 0) - len(rows))
+    batch = {"input_ids": torch.stack([r["input_ids"] for r in rows])}
+    batch["labels"] = torch.stack([r["labels"] for r in rows]) if "labels" in rows[0] else batch["input_ids"].clone()
+    if "attention_mask" in rows[0]:
+        mask = torch.stack([r["attention_mask"] for r in rows])
+        if not bool(mask.all()):
+            batch["attention_mask"] = mask
+            if "labels" not in rows[0]:  # derived labels: padding is not something to predict
+                batch["labels"] = batch["labels"].masked_fill(mask == 0, IGNORE_INDEX)
+    if missing:
+        for key, tensor in batch.items():
+            filler = torch.full_like(tensor[:1], IGNORE_INDEX) if key == "labels" else tensor[:1]
+            batch[key] = torch.cat([tensor, filler.expand(missing, -1)])
+    return batch

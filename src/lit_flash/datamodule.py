@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -15,7 +14,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_flash.blocks import (
-    IGNORE_INDEX,
     OPTIONAL_COLUMNS,
     REQUIRED_COLUMN,
     BlockRows,
@@ -23,40 +21,15 @@ from lit_flash.blocks import (
     max_token_ids,
     save_dataset_dict,
 )
-from lit_flash.distributed import check_rows_per_rank, shard_sampler
 from lit_flash.errors import LitFlashError
 from lit_flash.guards import DataFacts
-from lit_flash.interrupt import ignore_sigint_in_worker, kill_workers_at_exit
 from lit_flash.limits import NonNegativeInt, PositiveInt, SeedInt
-from lit_flash.packing import Documents, check_packable, pack_documents, packed_collate, resolve_documents, sample_by
-from lit_flash.resume import ResumableDataLoader, ResumableSampler
-from lit_flash.stream import POSITION_KEY, BlockStream, StreamLoader, collate_with_position
+from lit_flash.loaders import block_loader
+from lit_flash.packing import Documents, check_packable, pack_documents, resolve_documents, sample_by
+from lit_flash.stream import POSITION_KEY, BlockStream, StreamLoader
 from lit_flash.text import load_raw_text, resolve_text_files, tokenize_and_group, train_bpe_tokenizer
 
 _CACHE_FORMAT_VERSION = 1
-
-
-def collate_blocks(rows: list[dict[str, torch.Tensor]], pad_rows_to: int | None = None) -> dict[str, torch.Tensor]:
-    """Stack equal-length rows; derive `labels` and drop an all-ones `attention_mask`.
-
-    Without a mask the attention kernels take their dense (faster) path instead of unpadding. `pad_rows_to`: a
-    short batch (an epoch's last) gets copies of its first row with every label ignored (-100), up to that many
-    rows: the loss, a mean over predicted tokens, is unchanged, and a compiled model sees one shape only.
-    """
-    missing = max(0, (pad_rows_to or 0) - len(rows))
-    batch = {"input_ids": torch.stack([r["input_ids"] for r in rows])}
-    batch["labels"] = torch.stack([r["labels"] for r in rows]) if "labels" in rows[0] else batch["input_ids"].clone()
-    if "attention_mask" in rows[0]:
-        mask = torch.stack([r["attention_mask"] for r in rows])
-        if not bool(mask.all()):
-            batch["attention_mask"] = mask
-            if "labels" not in rows[0]:  # derived labels: padding is not something to predict
-                batch["labels"] = batch["labels"].masked_fill(mask == 0, IGNORE_INDEX)
-    if missing:
-        for key, tensor in batch.items():
-            filler = torch.full_like(tensor[:1], IGNORE_INDEX) if key == "labels" else tensor[:1]
-            batch[key] = torch.cat([tensor, filler.expand(missing, -1)])
-    return batch
 
 
 class WikitextDataModule(L.LightningDataModule):
@@ -324,45 +297,14 @@ class WikitextDataModule(L.LightningDataModule):
 
     # -- loaders
     def _loader(self, dataset: Any, batch_size: int, shuffle: bool, predict: bool = False) -> DataLoader:
-        seed = self.hparams.seed
-        # Streams are read in order and split across ranks by `split_dataset_by_node` already.
-        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
-        workers = self.hparams.num_workers
-        kwargs: dict[str, Any] = dict(
-            batch_size=batch_size,
-            num_workers=workers,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-            collate_fn=collate_blocks,
-            # Its own generator (for worker seeds): iterating never draws from the global RNG (exact resume).
-            generator=torch.Generator().manual_seed(seed),
+        h = self.hparams
+        stream = isinstance(dataset, torch.utils.data.IterableDataset)
+        rows = dataset if stream else BlockRows(dataset, self._columns(dataset))
+        return block_loader(
+            rows, batch_size, shuffle=shuffle, trainer=self.trainer, seed=h.seed, num_workers=h.num_workers,
+            pin_memory=h.pin_memory, pad_rows=h.pad_last_batch and not predict,
+            packing_eos_id=self._eos_id() if h.packing else False,
         )
-        if workers > 0:
-            kwargs["worker_init_fn"] = ignore_sigint_in_worker
-            kill_workers_at_exit()
-        if self.hparams.pad_last_batch and not predict:
-            kwargs["collate_fn"] = functools.partial(collate_blocks, pad_rows_to=batch_size)
-        if isinstance(dataset, BlockStream):  # training on a stream: its position is saved in checkpoints
-            kwargs["collate_fn"] = functools.partial(collate_with_position, collate=kwargs["collate_fn"])
-            replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-            return StreamLoader(dataset, rank=rank, world_size=replicas, **kwargs)
-        if iterable:
-            return DataLoader(dataset, **kwargs)
-        dataset = BlockRows(dataset, self._columns(dataset))
-        if self.hparams.packing:
-            pad_to = batch_size if self.hparams.pad_last_batch and not predict else None
-            kwargs["collate_fn"] = packed_collate(dataset, batch_size, self._eos_id(), pad_to)
-        if not shuffle:
-            # Several processes: our own shard sampler (no repeated rows), which Lightning then leaves as it is.
-            return DataLoader(dataset, sampler=shard_sampler(dataset, self.trainer, False, seed), **kwargs)
-        # Training: a seeded permutation per epoch (this rank's share of it, the remainder dropped as the shard
-        # sampler does) whose position is saved in checkpoints for an exact resume.
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        if replicas > 1:
-            check_rows_per_rank(len(dataset), replicas, "training")
-        sampler = ResumableSampler(dataset, num_replicas=replicas, rank=rank, seed=seed, drop_last=True)
-        return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         self._train_loader = self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)

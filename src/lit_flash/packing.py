@@ -157,7 +157,7 @@ def collate_packed(
 ) -> dict[str, torch.Tensor]:
     """Stack packed rows: `input_ids`, `labels` (-100 at each document's first token), `position_ids` and
     `cu_seq_lens`. Filler rows (`pad_rows_to`) are one document each with every label ignored."""
-    from lit_flash.datamodule import collate_blocks
+    from lit_flash.blocks import collate_blocks
 
     batch = collate_blocks(rows, pad_rows_to)
     if "attention_mask" in batch:
