@@ -323,6 +323,12 @@ def test_resume_from_a_mid_epoch_lora_checkpoint_is_bit_identical_and_exports_a_
         assert after and got == after, key  # bit-identical
     weights = "model/model.safetensors"
     assert (whole / weights).read_bytes() == (resumed / weights).read_bytes()
+    # validate a LoRA checkpoint without the overlay: its hyperparameters bring model.lora back, the hub the base.
+    last_val = logged(whole, "val_loss")[max(logged(whole, "val_loss"))]
+    cli = cli_main(["validate", "--config", str(RECIPE), "--config", str(tmp_path / "whole.yaml"), "--ckpt_path",
+                    str(whole / "checkpoints" / "last.ckpt")])
+    assert cli.model.lora is not None
+    assert float(cli.trainer.callback_metrics["val_loss"]) == pytest.approx(last_val, rel=1e-6)
     exported = AutoModelForCausalLM.from_pretrained(str(whole / "model"))
     assert not any("lora" in k for k in exported.state_dict())
     first = AutoModelForCausalLM.from_pretrained(str(pretrained))
