@@ -3,15 +3,15 @@ export is the merged plain model (default) or the adapter alone.
 
 The adapter is injected into transformers' own model in place (`peft.inject_adapter_in_model`), not wrapped in a
 `PeftModel`: `FlashGPT2LM.model` stays the transformers model, so `model.base_model` (the transformer body the loss
-calls), `get_output_embeddings()`, `config.vocab_size`, the FSDP/DDP wrapping and generation are unchanged. A
-`PeftModel` would make `base_model` the `LoraModel` (the whole LM, logits out) and prefix every name.
-`peft` is imported inside the functions: `import lit_flash` does not need it.
+calls), `get_output_embeddings()`, `config.vocab_size`, DDP and generation are unchanged. A `PeftModel` would make
+`base_model` the `LoraModel` (the whole LM, logits out) and prefix every name. `peft` is imported inside the
+functions: `import lit_flash` does not need it.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,19 +59,12 @@ class LoraSettings:
 
 def as_settings(lora: LoraSettings | dict[str, Any] | None) -> LoraSettings | None:
     """`lora` as `LoraSettings` (a checkpoint's hyperparameters hold it as a plain dict)."""
-    if lora is None or isinstance(lora, LoraSettings):
-        return lora
-    unknown = sorted(set(lora) - {f.name for f in fields(LoraSettings)})
-    if unknown:
-        raise LitFlashError(f"model.lora: {unknown} is not a LoRA setting; they are r, alpha, dropout, "
-                            "target_modules, export")
-    return LoraSettings(**lora)
+    return LoraSettings(**lora) if isinstance(lora, dict) else lora
 
 
 def as_hparam(lora: LoraSettings | dict[str, Any] | None) -> dict[str, Any] | None:
     """The settings as plain values: checkpoints are loaded with `weights_only=True`, which refuses a dataclass."""
-    settings = as_settings(lora)
-    return None if settings is None else asdict(settings)
+    return None if lora is None else asdict(as_settings(lora))
 
 
 def _peft() -> Any:
