@@ -352,3 +352,27 @@ def test_compiled_lora_trains_as_uncompiled(tmp_path: Path, pretrained: Path, bl
         losses[compile] = record.losses
     assert losses[True] != losses[True][:1] * 6  # it learns
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_lora_under_ddp_trains_checkpoints_and_exports_once(tmp_path: Path, pretrained: Path, blocks: Path) -> None:
+    import subprocess
+
+    from _helpers import cli_env
+
+    ddp = yaml.safe_load((CONFIGS / "ddp.yaml").read_text())["trainer"]["strategy"]
+    root = tmp_path / "run"
+    overlay = cpu_overlay(root, pretrained, blocks, max_epochs=1, devices=2, strategy=ddp)
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(overlay))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lit_flash", "fit", "--config", str(RECIPE), "--config", str(CONFIGS / "lora.yaml"),
+         "--config", str(tmp_path / "ddp.yaml")],
+        env=cli_env(OMP_NUM_THREADS="1"), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert output.count("Exported the Hugging Face model") == 1
+    keys = set(torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
+    # lora.yaml's four layers a block (c_attn, attn.c_proj, c_fc, mlp.c_proj), A and B each
+    assert len(keys) == N_LAYER * 4 * 2 and all("lora_" in k for k in keys)
+    assert (root / "model" / "model.safetensors").is_file()
