@@ -13,11 +13,11 @@ import torch
 import yaml
 from _helpers import BLOCK, VOCAB, cpu_trainer, logged, save_blocks, token_rows
 
-from lit_flash import FlashGPT2LM, WikitextDataModule
+from lit_flash import FlashGPT2LM, LoraSettings, WikitextDataModule
 from lit_flash.checkpointing import load_checkpoint_file
 from lit_flash.cli import cli_main
 from lit_flash.errors import LitFlashError
-from lit_flash.lora import LoraSettings, check_strategy
+from lit_flash.lora import check_strategy
 from lit_flash.optim import weight_decay_groups
 
 pytest.importorskip("peft")
@@ -152,6 +152,17 @@ def test_without_peft_the_error_names_the_extra(pretrained: Path, monkeypatch: p
     with pytest.raises(LitFlashError, match=r"pip install 'lit-flash\[lora\]'"):
         lora_module(pretrained)
     FlashGPT2LM(model_name_or_path=str(pretrained), attn_implementation="sdpa")  # no LoRA: no peft needed
+
+
+@pytest.mark.slow  # a fresh interpreter's imports
+def test_lit_flash_imports_without_peft() -> None:
+    import subprocess
+
+    from _helpers import cli_env
+
+    code = "import sys; sys.modules['peft'] = None; import lit_flash.cli, lit_flash.module; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_fsdp_is_refused() -> None:
