@@ -387,7 +387,8 @@ LIT_RUNS = {  # part: (config, overlay)
     "fast": ("gpt2_fast.yaml", []),
     "fastest": ("gpt2_fast.yaml", ["--config", str(ROOT / "configs" / "batch64.yaml")]),
     # LoRA against full fine-tuning (the recipe): tokens/s, peak memory, trainable parameters and the validation
-    # loss after the same steps. Its learning rate is lora.yaml's (2e-4), the recipe's 5e-5.
+    # loss after the same steps. Its learning rate is lora.yaml's (2e-4), the recipe's 5e-5. Its mfu_* count full
+    # fine-tuning's FLOPs (6N a token): LoRA skips the frozen weights' gradients (about 4N), so compare tokens/s.
     "lora": ("gpt2_flash.yaml", ["--config", str(ROOT / "configs" / "lora.yaml")]),
 }
 
