@@ -3,6 +3,7 @@
     python benchmarks/bench.py --out results/         # GPU machine: the reference as shipped, HF Trainer with
                                                       # torch_compile at each config's batch and precision, the
                                                       # recipe (16-mixed, + bf16), fast, fastest, quality
+    python benchmarks/bench.py --out results/ --parts recipe,lora   # LoRA (configs/lora.yaml) vs full fine-tuning
     python benchmarks/bench.py --out /tmp/b --cpu-smoke  # a few tiny steps on CPU: checks the script itself
     python benchmarks/bench.py --out results/ --parts packing   # data.packing: speed and validation loss
 
@@ -209,7 +210,9 @@ def run_lit(
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     rows, seq = cli.datamodule.hparams.batch_size, cli.datamodule.seq_len
     out = {"tokens_per_s": clock.rate(rows * seq), "peak_mem_gib": peak_mem_gib(), "batch": rows,
-           "precision": str(cli.trainer.precision), **clock.stalls()}
+           "precision": str(cli.trainer.precision), **clock.stalls(),
+           "trainable_params": sum(p.numel() for p in cli.model.parameters() if p.requires_grad),
+           "params": sum(p.numel() for p in cli.model.parameters())}
     if torch.cuda.is_available():  # cudaFree on a retry synchronizes the device: a hidden per-step stall
         out["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     losses = cli.trainer.callback_metrics
@@ -383,15 +386,20 @@ LIT_RUNS = {  # part: (config, overlay)
     "recipe_bf16": ("gpt2_flash.yaml", ["--trainer.precision", "bf16-mixed"]),
     "fast": ("gpt2_fast.yaml", []),
     "fastest": ("gpt2_fast.yaml", ["--config", str(ROOT / "configs" / "batch64.yaml")]),
+    # LoRA against full fine-tuning (the recipe): tokens/s, peak memory, trainable parameters and the validation
+    # loss after the same steps. Its learning rate is lora.yaml's (2e-4), the recipe's 5e-5. Its mfu_* count full
+    # fine-tuning's FLOPs (6N a token): LoRA skips the frozen weights' gradients (about 4N), so compare tokens/s.
+    "lora": ("gpt2_flash.yaml", ["--config", str(ROOT / "configs" / "lora.yaml")]),
 }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--parts", default="matmul,reference,peers,recipe,recipe_bf16,fast,fastest,quality",
+    p.add_argument("--parts", default="matmul,reference,peers,recipe,recipe_bf16,fast,fastest,lora,quality",
                    help="comma-separated subset of: matmul, reference, peers, recipe, recipe_bf16, fast, fastest, "
-                        "quality (recipe vs HF Trainer from the same weights), quality_fast, levers, packing")
+                        "lora (the recipe with configs/lora.yaml), quality (recipe vs HF Trainer from the same "
+                        "weights), quality_fast, levers, packing")
     p.add_argument("--peers", default="recipe,recipe_bf16,fast,fastest", help="whose HF+torch_compile peer to run")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--warmup", type=int, default=25)

@@ -16,6 +16,7 @@ _EXPORTS = {
     "FlashGPT2LM": "lit_flash.module",
     "WikitextDataModule": "lit_flash.datamodule",
     "LitFlashError": "lit_flash.errors",
+    "LoraSettings": "lit_flash.lora",
     "cli_main": "lit_flash.cli",
     "HFExport": "lit_flash.callbacks",
     "TokenThroughput": "lit_flash.callbacks",
@@ -32,6 +33,7 @@ __all__ = [
     "FlashGPT2LM",
     "HFExport",
     "LitFlashError",
+    "LoraSettings",
     "TokenThroughput",
     "WikitextDataModule",
     "__version__",
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from lit_flash.cli import cli_main
     from lit_flash.datamodule import WikitextDataModule
     from lit_flash.errors import LitFlashError
+    from lit_flash.lora import LoraSettings
     from lit_flash.module import FlashGPT2LM
     from lit_flash.resume import ExactResume
     from lit_flash.trainer_setup import resume_path, trainer_callbacks, trainer_kwargs, trainer_plugins

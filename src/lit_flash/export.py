@@ -100,7 +100,8 @@ def write_export(
     try:
         write(tmp)
         weights = [p for p in tmp.iterdir() if p.suffix == ".safetensors"]
-        if not (tmp / "config.json").is_file() or not weights:
+        configs = ("config.json", "adapter_config.json")  # a model, or a LoRA adapter alone (lit_flash.lora)
+        if not any((tmp / name).is_file() for name in configs) or not weights:
             raise LitFlashError(
                 f"{flag}: the model was saved without config.json or weights (transformers logged why above); "
                 "nothing was exported"

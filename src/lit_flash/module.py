@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lit_flash import lora as adapters
 from lit_flash.attention import SDPA_BACKENDS, AttnImplementation, SDPABackend, resolve_attn_implementation
 from lit_flash.blocks import IGNORE_INDEX
 from lit_flash.checkpointing import check_state_dict_fits
@@ -35,6 +36,7 @@ from lit_flash.guards import (
 )
 from lit_flash.lightning_adapters import attached_trainer, is_log_step
 from lit_flash.limits import DropoutFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from lit_flash.lora import LoraSettings
 from lit_flash.metrics import TokenMean, flops_per_token, perplexity
 from lit_flash.optim import (
     LR_PLAN_KEY,
@@ -111,6 +113,8 @@ class FlashGPT2LM(L.LightningModule):
             the weights and the last checkpoint stay finite), or `skip`s that batch (no update) with a warning. On
             GPU, `stop` looks every `log_every_n_steps` and before each checkpoint instead of syncing every step:
             up to that many updates may see the NaN, but no checkpoint ever holds them.
+        lora: LoRA adapters (`lit_flash.lora.LoraSettings`: `r`, `alpha`, `dropout`, `target_modules`, `export`) on
+            a pretrained model: only the adapter trains and is checkpointed. Null (default): full fine-tuning.
     """
 
     def __init__(
@@ -135,9 +139,12 @@ class FlashGPT2LM(L.LightningModule):
         fused_adamw: bool | None = None,
         low_precision_residual: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
+        lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
         check_module_args(attn_implementation, sdpa_backends, lr_scheduler, warmup_steps, compile, compile_mode)
+        # The hyperparameter as plain values (checkpoints load with weights_only), the settings as a dataclass.
+        self.lora, lora = adapters.as_settings(lora), adapters.as_hparam(lora)
         self.save_hyperparameters()
         self.sdpa_priority = [getattr(SDPBackend, SDPA_BACKENDS[name]) for name in sdpa_backends or ()]
         self.attn_implementation = resolve_attn_implementation(attn_implementation, attn_fallback)
@@ -151,6 +158,9 @@ class FlashGPT2LM(L.LightningModule):
             for module in self.model.base_model.modules():
                 if isinstance(module, torch.nn.Embedding):  # GPT-2: tokens (wte) and positions (wpe)
                     module.register_forward_hook(_to_autocast_dtype)
+        if self.lora is not None:  # after the padding, before compile; the frozen base is not checkpointed
+            adapters.apply_lora(self.model, self.lora, pretrained=model_name_or_path is not None)
+            self.strict_loading = False
         padded = self.model.config.vocab_size
         # 0 for real ids, a huge negative for pad ids: their probability is exactly 0 and they get no gradient.
         bias = torch.zeros(padded)
@@ -217,6 +227,8 @@ class FlashGPT2LM(L.LightningModule):
             self.model.set_attn_implementation(self.attn_implementation)
         precision = str(self.trainer.precision)
         check_sdpa_backends_run_on(device, self.hparams.sdpa_backends)
+        if self.lora is not None:
+            adapters.check_strategy(self.trainer.strategy)
         check_skip_supported(self.hparams.on_nonfinite, precision, self.trainer.strategy)
         check_precision_fits(self.attn_implementation, precision, self.hparams.low_precision_residual)
         dm = getattr(self.trainer, "datamodule", None)
@@ -354,11 +366,15 @@ class FlashGPT2LM(L.LightningModule):
             self.stop_if_nonfinite()  # never write weights trained on a NaN loss
         if getattr(self, "_lr_plan", None) is not None:
             checkpoint[LR_PLAN_KEY] = self._lr_plan
+        if self.lora is not None:  # only what trains: the frozen base comes from model_name_or_path
+            checkpoint["state_dict"] = adapters.trainable_state_dict(self, checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Before Lightning's load_state_dict: a wrong-shape checkpoint is one line, not a page of size mismatches.
         if "state_dict" in checkpoint:  # FSDP loads (and pops) the weights itself, before this hook
-            check_state_dict_fits(self.state_dict(), checkpoint["state_dict"])
+            expected = self.state_dict()
+            expected = expected if self.lora is None else adapters.trainable_state_dict(self, expected)
+            check_state_dict_fits(expected, checkpoint["state_dict"])
         # Read by configure_optimizers, which Lightning calls after this hook and before restoring the scheduler.
         self._resumed_lr_plan = (checkpoint.get(LR_PLAN_KEY), int(checkpoint.get("global_step", 0)))
 
@@ -444,6 +460,8 @@ class FlashGPT2LM(L.LightningModule):
         rule: anything else already at `path` is refused). `flag`: how errors name `path` (default `path=...`).
         Written into a temporary folder beside `path`, then renamed onto it: never half a model at `path`.
         """
+        if self.lora is not None:  # merged into a copy (this module keeps training unchanged), or the adapter alone
+            return adapters.export_lora(self.model, self.lora, self.vocab_size, path, tokenizer, run_dir, flag)
         return export_causal_lm(self.model, self.vocab_size, path, tokenizer, state_dict, run_dir, flag)
 
 

@@ -50,7 +50,8 @@ class _OneLineErrors:
         _PARSERS.add(self)
 
     def error(self, message: str, *args: Any, **kwargs: Any) -> None:
-        if os.environ.get("JSONARGPARSE_DEBUG"):
+        # A nested parser (a dataclass's, a class's init_args) raises instead: its parent's message names the key.
+        if os.environ.get("JSONARGPARSE_DEBUG") or not self.exit_on_error:
             return super().error(message, *args, **kwargs)  # type: ignore[misc]
         line = one_line_parser_error(message)
         sys.stderr.write(f"error: {line}{did_you_mean(line, self)}  (see --help)\n")
@@ -104,6 +105,9 @@ def one_line_parser_error(message: str) -> str:
     """jsonargparse's message as one line: the key, then what was wrong with its value. A range type's reason
     (`model.learning_rate: must be a finite number > 0, got '-1'`) is used as it is; a Union's many lines (one per
     member type, `null` included) shrink to the reasons of its non-null members and the given value."""
+    nested = _nested_error(str(message))
+    if nested is not None:
+        return nested
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
     if not lines:
         return "invalid arguments"
@@ -130,6 +134,25 @@ def one_line_parser_error(message: str) -> str:
     details += [line for line in lines[1:] if line.startswith("Does not validate")]
     details += [line for line in lines[1:] if "not expected" in line or "No action" in line][:1]
     return " ".join(lines[:1] + details) if details else " ".join(lines[:2])
+
+
+def _nested_error(message: str) -> str | None:
+    """A dataclass's setting inside a Union (`model.lora.r`): that setting's own error, under its full key."""
+    raw = message.splitlines()
+    key = re.match(r'Parser key "([^"]+)"', raw[0]) if raw else None
+    start = next((i for i, line in enumerate(raw) if line.strip().startswith("- Problem with given class_path")), None)
+    if key is None or start is None:
+        return None
+    depth = len(raw[start]) - len(raw[start].lstrip())
+    inner = []
+    for line in raw[start + 1 :]:
+        if len(line) - len(line.lstrip()) <= depth:
+            break
+        inner.append(line.strip())
+    sub = re.match(r'Parser key "([^"]+)":', inner[0]) if inner else None
+    if sub:
+        return one_line_parser_error("\n".join([f'Parser key "{key.group(1)}.{sub.group(1)}":', *inner[1:]]))
+    return f"{key.group(1)}: {inner[0]}" if inner else None
 
 
 MAX_CONFIG_NODES = 100_000

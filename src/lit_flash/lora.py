@@ -1,0 +1,161 @@
+"""LoRA adapters through PEFT (`model.lora`): only the adapter trains, checkpoints hold only what trains, and the
+export is the merged plain model (default) or the adapter alone.
+
+The adapter is injected into transformers' own model in place (`peft.inject_adapter_in_model`), not wrapped in a
+`PeftModel`: `FlashGPT2LM.model` stays the transformers model, so `model.base_model` (the transformer body the loss
+calls), `get_output_embeddings()`, `config.vocab_size`, DDP and generation are unchanged. A `PeftModel` would make
+`base_model` the `LoraModel` (the whole LM, logits out) and prefix every name. `peft` is imported inside the
+functions: `import lit_flash` does not need it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lit_flash.errors import LitFlashError
+from lit_flash.limits import DropoutFloat, PositiveFloat, PositiveInt
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the model's linear layers (`--model.lora.r 8` ...; `model.lora: null`, the default, is off).
+
+    Args:
+        r: Rank of the update matrices.
+        alpha: Scale: the update is multiplied by `alpha / r`.
+        dropout: Dropout on the adapter's input.
+        target_modules: Linear layers of the transformer blocks to adapt, by name or name suffix (PEFT's rule).
+            GPT-2's are `c_attn` (the fused query/key/value projection), `c_proj` (attention and MLP outputs) and
+            `c_fc`. The embeddings and the head are not allowed: GPT-2 ties them, and a merge would change both.
+        export: What the Hugging Face export holds: `merged` (a plain transformers model, the adapter merged into
+            the weights, no peft needed to load it) or `adapter` (PEFT's `adapter_config.json` and
+            `adapter_model.safetensors`, for `PeftModel.from_pretrained(base, path)`).
+    """
+
+    # The defaults are litgpt's (finetune/lora: r 8, alpha 16, dropout 0.05, query and value) and PEFT's own for
+    # GPT-2 (`c_attn`): GPT-2 fuses query, key and value into c_attn, so it is the one module that holds them.
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: DropoutFloat = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn"])
+    export: Literal["merged", "adapter"] = "merged"
+
+    def __post_init__(self) -> None:  # the CLI's parser checks the same; this is for Python callers
+        for key, kind in (("r", PositiveInt), ("alpha", PositiveFloat), ("dropout", DropoutFloat)):
+            try:
+                setattr(self, key, kind.check(getattr(self, key)))
+            except ValueError as err:
+                raise LitFlashError(f"model.lora.{key}={getattr(self, key)!r}: {str(err).split(', got')[0]}") from None
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise LitFlashError("model.lora.target_modules: give a list of layer names, e.g. [c_attn, c_proj, c_fc]")
+        if self.export not in ("merged", "adapter"):
+            raise LitFlashError(f"model.lora.export={self.export!r}: choose merged or adapter")
+
+
+def as_settings(lora: LoraSettings | dict[str, Any] | None) -> LoraSettings | None:
+    """`lora` as `LoraSettings` (a checkpoint's hyperparameters hold it as a plain dict)."""
+    return LoraSettings(**lora) if isinstance(lora, dict) else lora
+
+
+def as_hparam(lora: LoraSettings | dict[str, Any] | None) -> dict[str, Any] | None:
+    """The settings as plain values: checkpoints are loaded with `weights_only=True`, which refuses a dataclass."""
+    return None if lora is None else asdict(as_settings(lora))
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError as err:
+        raise LitFlashError(
+            f"model.lora needs peft ({err}): pip install 'lit-flash[lora]', or set model.lora null"
+        ) from None
+    return peft
+
+
+def _linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The linear layers (nn.Linear, transformers' Conv1D) of the transformer body, by full name."""
+    from transformers.pytorch_utils import Conv1D
+
+    prefix = next(n for n, m in model.named_modules() if m is model.base_model)
+    return {f"{prefix}.{n}" if prefix else n: m for n, m in model.base_model.named_modules()
+            if isinstance(m, torch.nn.Linear | Conv1D)}
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraSettings, pretrained: bool) -> None:
+    """Inject the adapter into `model` in place and freeze everything else (embeddings and head included)."""
+    if not pretrained:
+        raise LitFlashError(
+            "model.lora needs pretrained weights (model.model_name_or_path): checkpoints hold only the adapter, "
+            "so a from-scratch model's frozen random weights would be lost"
+        )
+    peft = _peft()
+    from transformers.pytorch_utils import Conv1D
+
+    layers = _linear_layers(model)
+    matched = {t: [n for n in layers if n == t or n.endswith(f".{t}")] for t in lora.target_modules}
+    missing = [t for t, names in matched.items() if not names]
+    if missing:
+        known = sorted({n.rsplit(".", 1)[-1] for n in layers})
+        raise LitFlashError(f"model.lora.target_modules: {missing} names no linear layer of the model's blocks; "
+                            f"they are {known}")
+    # GPT-2's Conv1D stores its weight as (in, out): PEFT must transpose (it warns and does so itself otherwise).
+    conv1d = any(isinstance(layers[n], Conv1D) for names in matched.values() for n in names)
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=list(lora.target_modules), fan_in_fan_out=conv1d, bias="none")
+    peft.inject_adapter_in_model(config, model)  # also freezes every parameter but the adapter's (bias "none")
+
+
+def trainable_state_dict(module: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """`state_dict` (of `module`) without the frozen parameters: the adapter, and any buffers."""
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in state_dict.items() if k not in frozen}
+
+
+def check_strategy(strategy: Any) -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        raise LitFlashError("model.lora does not run under FSDP in lit_flash: use DDP (configs/ddp.yaml) or one "
+                            "device; with LoRA a GPT-2 sized model fits one GPU")
+
+
+def plain_copy(model: torch.nn.Module, merge: bool) -> torch.nn.Module:
+    """A CPU copy of `model` without its adapter, merged into the weights if `merge`; `model` is not changed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    plain = copy.deepcopy(model).cpu()
+    for name, layer in list(plain.named_modules()):
+        if isinstance(layer, BaseTunerLayer):
+            if merge:
+                layer.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent), child, layer.get_base_layer())
+    plain.__dict__.pop("peft_config", None)  # transformers would save an adapter-only model otherwise
+    return plain
+
+
+def export_lora(model: torch.nn.Module, lora: LoraSettings, vocab_size: int, path: str | Path, tokenizer: Any,
+                run_dir: str | Path | None, flag: str | None) -> Path:
+    """`FlashGPT2LM.export_hf` with LoRA: the merged plain model, or the adapter alone (`lora.export`)."""
+    from lit_flash.export import export_causal_lm, write_export
+
+    if lora.export == "merged":
+        return export_causal_lm(plain_copy(model, merge=True), vocab_size, path, tokenizer, None, run_dir, flag)
+    peft = _peft()
+    # PEFT's own save of a PeftModel: its file names and key names, which PeftModel.from_pretrained expects.
+    wrapped = peft.get_peft_model(plain_copy(model, merge=False), copy.deepcopy(model.peft_config["default"]))
+    adapter = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    if wrapped.base_model.model.load_state_dict(adapter, strict=False).unexpected_keys:
+        raise RuntimeError("the adapter's names differ from PEFT's: nothing was exported")
+
+    def write(folder: Path) -> None:
+        wrapped.save_pretrained(str(folder), save_embedding_layers=False)  # they do not train (nor pad ids)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+
+    return write_export(path, write, run_dir, flag or f"path={path}")
