@@ -69,7 +69,7 @@ class _LigerStandIn(torch.nn.Module):
 @pytest.mark.parametrize("cross_entropy", ["torch", "liger_stand_in"])
 def test_padded_vocab_trains_exactly_as_the_unpadded_model(tiny_model_config, monkeypatch, cross_entropy):
     if cross_entropy == "liger_stand_in":
-        monkeypatch.setattr(model_module, "_liger_fused_ce", _LigerStandIn)
+        monkeypatch.setattr(model_module, "liger_fused_ce", _LigerStandIn)
     config = _small_config(tiny_model_config)
     plain = tiny_module(config)
     padded = _padded_twin(plain, config, fused_cross_entropy=cross_entropy != "torch")
@@ -161,7 +161,7 @@ def test_compile_mode_reaches_torch_compile(tiny_model_config, monkeypatch, comp
 def test_compile_with_fused_cross_entropy_compiles_only_the_base_model(tiny_model_config, monkeypatch):
     spy = _CompileSpy()
     monkeypatch.setattr(torch, "compile", spy)
-    monkeypatch.setattr(model_module, "_liger_fused_ce", _LigerStandIn)
+    monkeypatch.setattr(model_module, "liger_fused_ce", _LigerStandIn)
     module = tiny_module(_small_config(tiny_model_config), compile=True, compile_mode="max-autotune-no-cudagraphs",
                      fused_cross_entropy=True)
     module.trainer = cpu_trainer(max_steps=2, max_epochs=-1)

@@ -17,14 +17,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lit_flash import lora as adapters
 from lit_flash.attention import SDPA_BACKENDS, AttnImplementation, SDPABackend, resolve_attn_implementation
 from lit_flash.blocks import IGNORE_INDEX
+from lit_flash.build import adapt_for_training, liger_fused_ce, load_causal_lm
 from lit_flash.checkpointing import check_state_dict_fits
-from lit_flash.errors import LitFlashError
 from lit_flash.export import export_causal_lm
 from lit_flash.guards import (
     DataFacts,
-    as_declared_types,
     check_data_fits_model,
-    check_model_config,
     check_module_args,
     check_precision_fits,
     check_sdpa_backends_run_on,
@@ -50,22 +48,6 @@ from lit_flash.packing import cu_seq_lens as packing_cu_seq_lens
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 LRSchedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"]
-
-
-def _to_autocast_dtype(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-    # Embeddings are not autocast ops: their fp32 output would make every later residual add fp32 too.
-    device = output.device.type
-    return output.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else output
-
-
-def _liger_fused_ce() -> torch.nn.Module:
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError as err:
-        raise LitFlashError(
-            f"model.fused_cross_entropy=true needs liger-kernel ({err}): pip install 'lit-flash[fast]', or set it false"
-        ) from err
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
 
 class FlashGPT2LM(L.LightningModule):
@@ -148,23 +130,14 @@ class FlashGPT2LM(L.LightningModule):
         self.save_hyperparameters()
         self.sdpa_priority = [getattr(SDPBackend, SDPA_BACKENDS[name]) for name in sdpa_backends or ()]
         self.attn_implementation = resolve_attn_implementation(attn_implementation, attn_fallback)
-        self.model = self._build_model()
-        if getattr(self.model, "loss_type", "") is None:  # GPT-2's class name does not tell transformers its loss
-            self.model.loss_type = "ForCausalLM"  # (it would guess this one, with a warning at the first step)
+        self.model = load_causal_lm(
+            model_name_or_path, model_config, dropout, self.attn_implementation, trust_remote_code
+        )
         self.vocab_size = self.model.config.vocab_size  # the real vocabulary, before any padding
-        if pad_vocab_to_multiple_of:
-            self.model.resize_token_embeddings(self.vocab_size, pad_to_multiple_of=pad_vocab_to_multiple_of)
-        if low_precision_residual:
-            for module in self.model.base_model.modules():
-                if isinstance(module, torch.nn.Embedding):  # GPT-2: tokens (wte) and positions (wpe)
-                    module.register_forward_hook(_to_autocast_dtype)
+        bias = adapt_for_training(self.model, pad_vocab_to_multiple_of, low_precision_residual)
         if self.lora is not None:  # after the padding, before compile; the frozen base is not checkpointed
             adapters.apply_lora(self.model, self.lora, pretrained=model_name_or_path is not None)
             self.strict_loading = False
-        padded = self.model.config.vocab_size
-        # 0 for real ids, a huge negative for pad ids: their probability is exactly 0 and they get no gradient.
-        bias = torch.zeros(padded)
-        bias[self.vocab_size :] = -1e4
         self.register_buffer("vocab_bias", bias, persistent=False)
         # The same constant on every rank: DDP need not broadcast it from rank 0 before each forward that syncs
         # gradients (once per optimizer step), a collective that holds the ranks to rank 0's pace. DDP reads this
@@ -173,50 +146,13 @@ class FlashGPT2LM(L.LightningModule):
         # First step whose loss was NaN/inf (-1: none), kept on the device: see _finite_or_skip. Not a buffer: DDP
         # broadcasts buffers from rank 0 before each forward, which would erase another rank's record.
         self.first_nonfinite_step: torch.Tensor | None = None
-        self.fused_ce = _liger_fused_ce() if fused_cross_entropy else None
+        self.fused_ce = liger_fused_ce() if fused_cross_entropy else None
         self._compute_loss = self._loss_impl
         self._compiled = False
         self.val_loss = TokenMean()
         self.test_loss = TokenMean()
         self.flops_per_batch: float | None = None  # read by Lightning's ThroughputMonitor
         self._flops_per_token: dict[tuple[int, bool], float] = {}
-
-    def _build_model(self) -> torch.nn.Module:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        h = self.hparams
-        overrides = dict(h.model_config or {})
-        if h.dropout is not None:
-            overrides.update(resid_pdrop=h.dropout, embd_pdrop=h.dropout, attn_pdrop=h.dropout)
-        common = {"attn_implementation": self.attn_implementation, "trust_remote_code": h.trust_remote_code}
-        if h.model_name_or_path is None:
-            if not h.model_config:
-                raise LitFlashError("model.model_name_or_path is null: give model.model_config to build a model")
-            check_model_config(h.model_config)
-            model_type = overrides.pop("model_type", "gpt2")
-            defaults = AutoConfig.for_model(model_type)  # a config keeps unknown keys as attributes: typos pass
-            unknown = sorted(k for k in overrides if not hasattr(defaults, k))
-            if unknown:
-                flag = "model.model_config" if set(unknown) & set(h.model_config) else "model.dropout (GPT-2's keys)"
-                raise LitFlashError(f"{flag}: {unknown} is not a setting of {model_type} models")
-            config = AutoConfig.for_model(model_type, **as_declared_types(overrides, defaults))
-            return AutoModelForCausalLM.from_config(config, **common)
-        from lit_flash.generate import check_model_source
-
-        check_model_source(h.model_name_or_path, "model.model_name_or_path")
-        try:
-            # fp32 master weights: Lightning's 16-mixed autocasts; fp16 weights would break its GradScaler.
-            model = AutoModelForCausalLM.from_pretrained(
-                h.model_name_or_path, dtype=torch.float32, **overrides, **common
-            )
-        except (OSError, ValueError) as err:  # ValueError: e.g. custom code without trust_remote_code
-            first = str(err).splitlines()[0]
-            raise LitFlashError(f"model.model_name_or_path={h.model_name_or_path}: cannot load it ({first})") from err
-        except TypeError as err:  # a key the model's config does not know reaches the model's __init__
-            raise LitFlashError(f"model.model_config or model.dropout: not a setting of this model ({err})") from err
-        # from_pretrained returns eval mode (dropout off), and Lightning >= 2.6 keeps each submodule's mode when fit
-        # starts: a fine-tune would silently run without the model's dropout (on_fit_start sets train mode too).
-        return model.train()
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def setup(self, stage: str) -> None:
