@@ -31,6 +31,10 @@ from hypothesis import strategies as st
 
 from lit_flash.cli import cli_main
 
+# About 190 whole CLI runs (half a minute): the full suite (CI) runs them; the fast tier keeps
+# tests/test_bad_input.py's one-line-error checks of each class.
+pytestmark = pytest.mark.slow
+
 
 def generated(max_examples: int) -> settings:
     """Hypothesis settings: the same cases on every CI run (derandomized, no example database), no deadline (a
