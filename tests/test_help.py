@@ -7,8 +7,7 @@ import re
 
 import pytest
 
-from lit_flash.cli import GROUP_TITLES
-from lit_flash.parsing import RESUME_TITLE
+from lit_flash.parsing import GROUP_TITLES, RESUME_TITLE
 
 # Trainer.validate's own title, over `--verbose`: a whole sentence in Lightning's docstring.
 VALIDATE_TITLE = "Perform one evaluation epoch over the validation set"
@@ -26,3 +25,13 @@ def test_help_sections_and_resume_options(subcommand: str, method_titles: set[st
     assert "`auto`: the intact checkpoint with the highest step" in ckpt_path and "`last`:" in ckpt_path
     weights_only = " ".join(resume.split("--weights_only", 1)[1].split())
     assert "Unset (null) or true" in weights_only and "Defaults to ``None``" not in weights_only
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
+def test_help_opens_with_a_short_usage_as_typed_and_says_where_ckpt_path_is(subcommand: str, run_cli) -> None:
+    code, out, _ = run_cli([subcommand, "--help"])
+    assert code == 0
+    head = out.splitlines()[:6]
+    assert head[0].startswith(f"usage: python -m lit_flash {subcommand} [--config FILE")  # one line, not ~100
+    assert not head[1].strip()
+    assert RESUME_TITLE in " ".join(head[2:])  # the description points to where --ckpt_path is explained

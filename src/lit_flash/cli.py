@@ -33,7 +33,14 @@ from lit_flash.lightning_adapters import last_saved_step, quiet_library_notices
 from lit_flash.limits import check_lightning_values, check_training_length
 from lit_flash.lock import acquire_run_lock, release_all
 from lit_flash.module import FlashGPT2LM
-from lit_flash.parsing import OneLineErrorParser, OneLineToolParser, check_config_files
+from lit_flash.parsing import (
+    GROUP_TITLES,
+    OVERVIEW,
+    PARSER_KWARGS,
+    OneLineErrorParser,
+    OneLineToolParser,
+    check_config_files,
+)
 from lit_flash.preflight import (
     bf16_supported,
     check_multi_node_launch,
@@ -88,17 +95,6 @@ def _checkpoint_dir(root: str | None) -> str:
     return checkpoint_dir(root or os.getcwd())
 
 
-# `--help` section titles. jsonargparse takes a class's first docstring line, which is cut mid-sentence where the
-# summary runs over a line (Lightning's ModelCheckpoint among them).
-GROUP_TITLES = {
-    "trainer": "trainer: Lightning's Trainer (devices, precision, steps, validation and logging intervals)",
-    "model": "model: FlashGPT2LM, the causal LM (attention, speed levers, loss guard, AdamW and its schedule)",
-    "data": "data: WikitextDataModule, token blocks from a hub dataset, text files or a tokenized dataset",
-    "checkpoint": "checkpoint: Lightning's ModelCheckpoint (lit_flash keeps every checkpoint, and last.ckpt)",
-    "export": "export: the Hugging Face model written at the end of fit",
-    "lr_monitor": "lr_monitor: Lightning's LearningRateMonitor",
-    "throughput": "throughput: samples/s, tokens/s, FLOP/s and MFU, logged every trainer.log_every_n_steps",
-}
 # The callbacks every run has, each a config section of its own (`--checkpoint.*`, `--export.*`, ...).
 CALLBACK_SECTIONS = {
     "checkpoint": ModelCheckpoint,
@@ -250,38 +246,6 @@ class LitFlashCLI(LightningCLI):
 
 def _as_list(value: Any) -> list[Any]:
     return [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
-
-
-OVERVIEW = """usage: python -m lit_flash <subcommand> [options]   (or: lit-flash <subcommand> ...)
-
-  fit       train; without --config, the offline CPU demo (configs/demo.yaml)
-  validate  validation loss and perplexity of a model or checkpoint (--ckpt_path)
-  test      the same on the test split
-  prepare   tokenize text into the reference recipe's DatasetDict (save_to_disk), for data.tokenized_dataset_load_dir
-  generate  sample text from an exported model (<run>/model) or a checkpoint
-  plot      draw a run's training loss and validation perplexity into a PNG
-
-`python -m lit_flash <subcommand> --help` lists a subcommand's options; `fit --config configs/gpt2_flash.yaml
---print_config` shows a complete config.
-"""
-
-
-# The program's name as users type it (argparse would say `__main__.py`), and a short usage line per subcommand
-# (argparse lists every one of the ~100 options there, before the help itself).
-PARSER_KWARGS: dict[str, Any] = {
-    "prog": "python -m lit_flash",
-    **{
-        name: {
-            "usage": f"python -m lit_flash {name} [--config FILE ...] [--ckpt_path PATH|last|auto] "
-                     "[--<section>.<key> VALUE ...]   (sections: trainer, model, data, checkpoint, export, ...)",
-            "description": f"{what} Every option below is a key of a YAML config (--config) or a flag; "
-                           "--ckpt_path is explained at the end, under 'Where the run starts from'.",
-        }
-        for name, what in (("fit", "Train, validate every trainer.val_check_interval, save checkpoints, export."),
-                           ("validate", "Validation loss and perplexity of a model or a checkpoint."),
-                           ("test", "Test loss and perplexity of a model or a checkpoint (the test split)."))
-    },
-}
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | None:
