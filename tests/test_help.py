@@ -35,3 +35,10 @@ def test_help_opens_with_a_short_usage_as_typed_and_says_where_ckpt_path_is(subc
     assert head[0].startswith(f"usage: python -m lit_flash {subcommand} [--config FILE")  # one line, not ~100
     assert not head[1].strip()
     assert RESUME_TITLE in " ".join(head[2:])  # the description points to where --ckpt_path is explained
+
+
+@pytest.mark.parametrize("subcommand", ["prepare", "generate", "plot"])
+def test_tool_help_names_the_program_as_typed(subcommand: str, run_cli) -> None:
+    code, out, _ = run_cli([subcommand, "--help"])
+    assert code == 0
+    assert out.startswith(f"usage: python -m lit_flash {subcommand} ")  # not `__main__.py`

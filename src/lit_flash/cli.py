@@ -241,7 +241,7 @@ class LitFlashCLI(LightningCLI):
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath:
             if last_saved_step(checkpoint) != trainer.global_step:
-                trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"))
+                trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"), weights_only=False)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -269,7 +269,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
 
                 args = args[:1] + expand_prompts_flag(args[1:])
             function = getattr(importlib.import_module(module), name)
-            CLI(function, args=args[1:], as_positional=args[0] == "plot", parser_class=OneLineToolParser)
+            CLI(function, args=args[1:], as_positional=args[0] == "plot", parser_class=OneLineToolParser,
+                prog=f"python -m lit_flash {args[0]}")
             return None
         if args and args[0] == "predict":
             raise LitFlashError("to generate text: python -m lit_flash generate --model_name_or_path <run>/model ...")

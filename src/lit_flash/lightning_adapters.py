@@ -63,7 +63,10 @@ class _DropLitLoggerTip(logging.Filter):
 
 
 def quiet_library_notices() -> None:
-    """Hide two notices a lit_flash user cannot act on: Lightning's advertisement for its cloud logger at every fit,
-    and the deprecation warning torch >= 2.13 raises at each step for the `LeafSpec` that Lightning 2.6 builds."""
+    """Hide notices a lit_flash user cannot act on: Lightning's advertisement for its cloud logger at every fit, the
+    deprecation warning torch >= 2.13 raises at each step for the `LeafSpec` that Lightning 2.6 builds, and
+    ModelCheckpoint's warning that a resumed run's checkpoint folder is not empty."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLitLoggerTip())
     warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", module=r"lightning\.pytorch\.utilities")
+    # lit_flash itself refuses a fresh fit over checkpoints; on a resume the folder is meant to hold them.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")

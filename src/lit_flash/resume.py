@@ -167,7 +167,7 @@ class ExactResume(L.Callback):
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a whole checkpoint, as ModelCheckpoint writes
         note_saved(trainer.global_step, path)
         rank_zero_info(f"{signal_name()} at step {trainer.global_step}: saved {path} (resume with --ckpt_path last)")
 
