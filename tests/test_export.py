@@ -229,6 +229,21 @@ def test_cli_refuses_an_export_target_it_did_not_write_before_training(
     assert not (tmp_path / "run" / "logs").exists(), "a refused run left a logs folder behind"
 
 
+@pytest.mark.parametrize("dirname", ["x/../../mine", "checkpoints", "logs", "model/../checkpoints", "logs/m", ""])
+def test_cli_refuses_export_targets_that_resolve_onto_user_or_run_folders(
+    dirname: str, tmp_path: Path, dataset: Path, run_cli
+) -> None:
+    """`x/..` resolved only after `x` was created: the export replaced the user's folder `mine`, or the run's
+    own checkpoints. Judged on the path the rename will use, before training."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(["fit", "--config", _config(tmp_path, dataset), f"--export.dirname={dirname}"])
+    assert f"export.dirname={dirname}" in _one_error(code, err)
+    assert {name: snapshot(tmp_path).get(name) for name in before} == before
+    assert not list((tmp_path / "run").rglob("*.ckpt")), "it trained before refusing"
+
+
 def test_cli_refuses_an_unwritable_export_parent_before_training(tmp_path: Path, dataset: Path, run_cli) -> None:
     (tmp_path / "a_file").write_text("user data")
     code, _, err = run_cli(["fit", "--config", _config(tmp_path, dataset), f"--export.dirname={tmp_path}/a_file/m"])

@@ -49,7 +49,15 @@ def check_export_target(path: Path, run_dir: str | os.PathLike | None, flag: str
     `run_dir`: the run's `default_root_dir`; None for an export outside a run (`export_hf` called directly), which
     may replace only an earlier such export. `flag`: how the message names the setting, e.g. `export.dirname=model`.
     """
+    path = Path(os.path.abspath(path))  # `x/..` resolved as the rename will: `x` need not exist yet
     fix = f"choose another {flag.split('=')[0]} (null: no export), or move {path} away yourself"
+    if run_dir is not None:
+        root = Path(os.path.abspath(run_dir))
+        reserved = {root: "the run folder itself", root / "checkpoints": "its checkpoints folder",
+                    root / "logs": "its logs folder"}
+        if path in reserved or root / "checkpoints" in path.parents or root / "logs" in path.parents:
+            what = reserved.get(path, "inside the run's checkpoints or logs")
+            raise LitFlashError(f"{flag}: {path} is {what}: choose another {flag.split('=')[0]} (e.g. model)")
     if path.is_symlink():  # renaming a folder onto a link fails; following it would replace the link's target
         raise LitFlashError(f"{flag}: {path} is a symbolic link: {fix}")
     if path.exists() and not path.is_dir():
@@ -88,7 +96,7 @@ def write_export(
     A disk full or a folder turned read-only is one `LitFlashError` naming `flag`; other errors propagate. Either
     way the temporary folder is gone and an earlier export at `path` is as it was.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # the same `..`-free path check_export_target judged
     check_export_target(path, run_dir, flag)  # again: training took a while, someone may have written there since
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
