@@ -374,6 +374,22 @@ def test_checkpoint_not_written_by_lightning(user: dict[str, Path], kind: str, s
     assert_refused_and_unchanged(user["root"], args, str(path))
 
 
+@pytest.mark.parametrize("keep", [512, 5_000, 20_000, 0.5])
+def test_a_real_checkpoint_cut_short_at_any_length_is_one_line(user: dict[str, Path], keep: float) -> None:
+    """Cut at 5,000 or 20,000 bytes, the mmap'd load raised a bare OSError (EINVAL)."""
+    whole = user["ckpt"].read_bytes()
+    cut = _write(user["root"] / "ckpts" / f"cut-{keep}.ckpt", whole[: int(keep * len(whole)) if keep < 1 else keep])
+    for subcommand in ("fit", "validate"):
+        args = fit_args(user, "--ckpt_path", str(cut))
+        args[0] = subcommand
+        assert_refused_and_unchanged(user["root"], args, str(cut))
+
+
+@pytest.mark.parametrize("word", ["best", "hpc", "registry"])
+def test_lightnings_other_ckpt_path_words_are_refused_in_one_line(user: dict[str, Path], word: str) -> None:
+    assert_refused_and_unchanged(user["root"], fit_args(user, "--ckpt_path", word), f"--ckpt_path {word}")
+
+
 TEXT_FILES: dict[str, Callable[[Path], Path]] = {
     "latin-1": lambda p: _write(p, "caf\xe9 au lait\n".encode("latin-1") * 50),
     "utf-16": lambda p: _write(p, "some text\n".encode("utf-16") * 50),

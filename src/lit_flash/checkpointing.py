@@ -118,7 +118,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = None, weig
 # UnpicklingError).
 LOAD_ERRORS = (
     pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, IndexError, KeyError,
-    TypeError, OverflowError, struct.error,
+    TypeError, OverflowError, struct.error, OSError,  # OSError: e.g. mmap of a file cut short (EINVAL)
 )
 
 
@@ -129,6 +129,8 @@ def load_error(path: str | os.PathLike, err: BaseException) -> LitFlashError:
             f"ckpt_path={path}: the checkpoint holds objects other than tensors and plain values; "
             "if you trust where it comes from, pass --weights_only false"
         )
+    if isinstance(err, PermissionError):
+        return LitFlashError(f"ckpt_path={path}: cannot be read (permission denied): fix its permissions")
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return LitFlashError(
         f"ckpt_path={path}: the file is truncated or corrupted ({first[:160]}); "
@@ -207,6 +209,11 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcom
     run in the same folder."""
     if ckpt_path is not None and not str(ckpt_path).strip():
         raise LitFlashError("--ckpt_path is empty: give a checkpoint file, auto or last, or leave it out")
+    if ckpt_path in ("best", "hpc", "registry") and not Path(ckpt_path).exists():  # Lightning's other words
+        raise LitFlashError(
+            f"--ckpt_path {ckpt_path}: not a choice here (lit_flash keeps every checkpoint, ranked by none): give a "
+            "checkpoint file, last (the run's last.ckpt) or auto"
+        )
     ckpt_dir = Path(ckpt_dir)
     existing = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if ckpt_dir.is_dir() else []
     if ckpt_path == "auto":
