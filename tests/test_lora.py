@@ -130,8 +130,10 @@ def test_the_settings_default_to_litgpts_and_are_plain_hyperparameters(pretraine
      ({"export": "both"}, "model.lora.export='both'")],
 )
 def test_bad_settings_are_one_line_naming_the_key(values: dict, flag: str) -> None:
+    from lit_flash.lora import as_settings
+
     with pytest.raises(LitFlashError, match=rf"^{flag}"):
-        LoraSettings(**values)
+        as_settings(LoraSettings(**values))  # as FlashGPT2LM takes them
 
 
 def test_target_modules_naming_no_layer_says_which_exist(pretrained: Path) -> None:
@@ -183,6 +185,16 @@ def test_the_cli_refuses_bad_values_in_one_line(run_cli: Any, flag: str, value: 
     code, _, err = run_cli(["fit", "--config", str(CONFIGS / "gpt2_flash.yaml"), "--config",
                             str(CONFIGS / "lora.yaml"), flag, value, "--print_config"])
     assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("names", ["[]", "['']", "[' ']"])
+def test_no_layer_name_is_one_line_not_a_traceback(run_cli: Any, tmp_path: Path, names: str) -> None:
+    """A refusal inside the settings' dataclass came out of the parser as two tracebacks."""
+    code, _, err = run_cli(["fit", "--model.lora.target_modules", names, "--trainer.default_root_dir",
+                            str(tmp_path / "run")])
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: model.lora.target_modules=")
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_overlay_sets_lora_and_its_learning_rate_only(capsys: pytest.CaptureFixture) -> None:

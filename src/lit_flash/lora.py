@@ -51,15 +51,20 @@ class LoraSettings:
                 setattr(self, key, kind.check(getattr(self, key)))
             except ValueError as err:
                 raise LitFlashError(f"model.lora.{key}={getattr(self, key)!r}: {str(err).split(', got')[0]}") from None
-        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise LitFlashError("model.lora.target_modules: give a list of layer names, e.g. [c_attn, c_proj, c_fc]")
         if self.export not in ("merged", "adapter"):
             raise LitFlashError(f"model.lora.export={self.export!r}: choose merged or adapter")
 
 
 def as_settings(lora: LoraSettings | dict[str, Any] | None) -> LoraSettings | None:
-    """`lora` as `LoraSettings` (a checkpoint's hyperparameters hold it as a plain dict)."""
-    return LoraSettings(**lora) if isinstance(lora, dict) else lora
+    """`lora` as `LoraSettings` (a checkpoint's hyperparameters hold it as a plain dict), its layer names checked
+    here rather than in `__post_init__`: the CLI's parser would turn a refusal there into a traceback."""
+    settings = LoraSettings(**lora) if isinstance(lora, dict) else lora
+    names = settings.target_modules if settings is not None else ["-"]
+    if not names or not all(isinstance(t, str) and t.strip() for t in names):
+        raise LitFlashError(
+            f"model.lora.target_modules={names!r}: give a list of layer names, e.g. [c_attn, c_proj, c_fc]"
+        )
+    return settings
 
 
 def as_hparam(lora: LoraSettings | dict[str, Any] | None) -> dict[str, Any] | None:
