@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning
 import pytest
@@ -26,6 +27,7 @@ from _helpers import (
 
 from lit_flash import cli as cli_module
 from lit_flash.cli import cli_main, config_path
+from lit_flash.errors import LitFlashError
 from lit_flash.module import FlashGPT2LM
 from lit_flash.preflight import check_precision_supported
 
@@ -230,3 +232,22 @@ def test_precision_check(precision: str, device: str, bf16: bool, ok: bool) -> N
     else:
         with pytest.raises(ValueError, match=f"trainer.precision={precision}"):
             check_precision_supported(precision, device, bf16)
+
+
+class _RefusingRows(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> Any:
+        raise LitFlashError("data.packing: the rows' position_ids do not start at 0: prepare them again")
+
+
+def test_an_error_raised_in_a_loader_worker_is_still_its_one_line() -> None:
+    """torch re-raises a worker's error wrapped in "Caught ... in DataLoader worker" and the worker's traceback."""
+    from lit_flash.errors import one_line
+
+    loader = torch.utils.data.DataLoader(_RefusingRows(), num_workers=1)
+    with pytest.raises(LitFlashError) as caught:
+        next(iter(loader))
+    assert "Traceback" in str(caught.value)  # what the CLI printed before
+    assert one_line(caught.value) == "data.packing: the rows' position_ids do not start at 0: prepare them again"

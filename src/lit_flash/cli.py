@@ -27,7 +27,7 @@ from lit_flash.checkpointing import (
     warn_replaced_model_values,
 )
 from lit_flash.datamodule import WikitextDataModule
-from lit_flash.errors import LitFlashError
+from lit_flash.errors import LitFlashError, one_line
 from lit_flash.guards import check_model_config
 from lit_flash.lightning_adapters import last_saved_step, quiet_library_notices
 from lit_flash.limits import check_lightning_values, check_training_length
@@ -308,7 +308,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
             sys.stderr.write("lit_flash: Ctrl-C came as the run was ending; it ended normally\n")
         return cli
     except LitFlashError as err:
-        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.write(f"error: {one_line(err)}\n")
         raise SystemExit(2) from None
     except SIGTERMException:
         # Lightning finished the running batch and ExactResume saved last.ckpt (when fitting); 128+15 (SIGTERM) or

@@ -31,3 +31,14 @@ def not_a_file(path: str | os.PathLike) -> str:
     kinds = {stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a device",
              stat.S_ISBLK: "a device"}
     return next((f"{name}, not a regular file" for test, name in kinds.items() if test(mode)), "not a regular file")
+
+
+def one_line(err: LitFlashError) -> str:
+    """The error's own line. Raised in a DataLoader worker, torch re-raises it with "Caught LitFlashError in
+    DataLoader worker process 0" and the worker's traceback around that line: keep the line only."""
+    text = str(err).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split("LitFlashError: ", 1)[-1]
+
