@@ -399,3 +399,20 @@ def test_lora_under_ddp_trains_checkpoints_and_exports_once(tmp_path: Path, pret
     # lora.yaml's four layers a block (c_attn, attn.c_proj, c_fc, mlp.c_proj), A and B each
     assert len(keys) == N_LAYER * 4 * 2 and all("lora_" in k for k in keys)
     assert (root / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("user", "saved", "said"),
+    [({"lora": None}, {"lora": {"r": 8}}, "model.lora=None is ignored"),
+     ({"lora": {"r": 8}}, {"lora": None}, "model.lora={'r': 8} is ignored"),
+     ({"lora": {"r": 4}}, {"lora": {"r": 8}}, "model.lora.r=4 is ignored")],
+    ids=["lora off, checkpoint on", "lora on, checkpoint off", "another rank"],
+)
+def test_a_checkpoint_turning_lora_on_or_off_is_said(user: dict, saved: dict, said: str,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """LightningCLI lets a checkpoint's hyperparameters replace the user's: LoRA switched on or off said nothing."""
+    from lit_flash.checkpointing import warn_replaced_model_values
+
+    warn_replaced_model_values(user, saved, "run/last.ckpt")
+    err = capsys.readouterr().err
+    assert said in err and "--ckpt_path run/last.ckpt" in err

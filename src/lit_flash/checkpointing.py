@@ -301,16 +301,25 @@ def sniff_file_kind(path: str | os.PathLike) -> str | None:
 def warn_replaced_model_values(user: Any, used: Any, ckpt_path: str | os.PathLike) -> None:
     """Say which model.* values the checkpoint's hyperparameters replaced (LightningCLI does it silently)."""
     user_flat, used_flat = _flatten(user), _flatten(used)
-    for key, value in user_flat.items():
-        if key in used_flat and used_flat[key] != value:
-            sys.stderr.write(
-                f"lit_flash: model.{key}={value!r} is ignored: --ckpt_path {ckpt_path} was saved with "
-                f"model.{key}={used_flat[key]!r}, which is used\n"
-            )
+    # A section set on one side and null on the other (model.lora: LoRA on or off) is said as a whole.
+    user_top, used_top = _sections(user), _sections(used)
+    whole = {k for k in user_top if k in used_top and isinstance(user_top[k], dict) != isinstance(used_top[k], dict)}
+    replaced = [(k, user_top[k], used_top[k]) for k in sorted(whole)]
+    replaced += [(k, v, used_flat[k]) for k, v in user_flat.items()
+                 if k.split(".")[0] not in whole and k in used_flat and used_flat[k] != v]
+    for key, value, kept in replaced:
+        sys.stderr.write(
+            f"lit_flash: model.{key}={value!r} is ignored: --ckpt_path {ckpt_path} was saved with "
+            f"model.{key}={kept!r}, which is used\n"
+        )
+
+
+def _sections(namespace: Any) -> dict[str, Any]:
+    return namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace or {})
 
 
 def _flatten(namespace: Any) -> dict[str, Any]:
-    as_dict = namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace or {})
+    as_dict = _sections(namespace)
     flat: dict[str, Any] = {}
     for key, value in as_dict.items():
         if isinstance(value, dict):
