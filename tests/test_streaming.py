@@ -94,3 +94,13 @@ def test_streaming_needs_max_steps_and_a_raw_text_source(corpus):
     with pytest.raises(LitFlashError, match="tokenized_dataset_load_dir"):
         WikitextDataModule(tokenized_dataset_load_dir="somewhere", streaming=True)
 
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_too_short_for_one_block_is_refused_not_looped_over(corpus, tmp_path, workers):
+    """Less text than one block: every pass was empty, so the fit started pass after pass until killed."""
+    _, tokenizer = corpus
+    short = tmp_path / "short.txt"
+    short.write_text("f0l0w0 f0l0w1\n")
+    with pytest.raises(LitFlashError, match="no block of data.block_size tokens"):
+        streamed_blocks([str(short)], tokenizer, world_size=1, workers=workers)

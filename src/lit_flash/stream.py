@@ -93,19 +93,27 @@ class StreamLoader(DataLoader):
         self._untracked = 0  # batches handed out since the last `record_trained`
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        if self._starts is None:  # a pass from the start of the stream (a new epoch): no position in it yet
+        fresh = self._starts is None
+        if fresh:  # a pass from the start of the stream (a new epoch): no position in it yet
             self._positions = [[0, None, None] for _ in range(self._workers)]
             self._last_worker = None
         self.dataset.starts, self._starts = self._starts, None
         batches = super().__iter__()  # the workers (or the main process) have read their starts by now
         self.dataset.starts = None
         drop, self._drop = self._drop, [0] * self._workers
+        yielded = False
         for batch in batches:
             tag = batch[POSITION_KEY]
             if tag["batch"] <= drop[tag["worker"]]:
                 continue
             self._untracked += 1
+            yielded = True
             yield batch
+        if fresh and not yielded:  # else each new pass is empty too: max_steps never comes
+            raise LitFlashError(
+                "data.streaming=true: the stream gives no block of data.block_size tokens"
+                f"{' on this rank' if self.world_size > 1 else ''}: give more text, or a smaller data.block_size"
+            )
 
     def record_trained(self, batch: dict[str, Any]) -> None:
         """Take the position tag out of `batch` and keep it: the training loop is about to train on it."""
