@@ -71,6 +71,14 @@ def test_wikitext_articles_end_with_eos_and_start_at_zero(tokenizer):
     assert any(flat_ids[s : s + len(head)].tolist() == head for s in inner)
 
 
+def test_heading_documents_in_text_without_headings_are_refused(tokenizer):
+    """Plain text packed by wikitext headings held no document start: packing silently did nothing."""
+    raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": [" one two three . \n"] * 40})})
+    with pytest.raises(LitFlashError, match="packing_documents=headings: the 'train' text has no"):
+        pack_documents(raw, tokenizer, block_size=16, documents="headings")
+    assert len(pack_documents(raw, tokenizer, block_size=16, documents="row")["train"]) > 0
+
+
 def test_cu_seq_lens_have_one_length_whatever_the_document_count():
     few = torch.tensor([[0, 1, 2, 3], [0, 1, 0, 1]])
     many = torch.tensor([[0, 0, 1, 0], [0, 0, 0, 1]])

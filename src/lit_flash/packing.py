@@ -109,6 +109,12 @@ def pack_documents(raw: Any, tokenizer: Any, block_size: int, documents: str, nu
         lambda ex, idx: tokenize_documents(ex["text"], idx, tokenizer, documents),
         batched=True, with_indices=True, remove_columns=["text"], **kwargs,
     )
+    for split in tokens if documents == "headings" else ():
+        if len(tokens[split]) and max(tokens[split]["doc_start"]) < 0:  # else nothing would be packed apart
+            raise LitFlashError(
+                f"packing_documents=headings: the {split!r} text has no top-level ` = Title = ` heading (wikitext's "
+                "article titles): choose file, paragraph or row documents instead (or auto)"
+            )
     return tokens.map(
         lambda ex: pack_blocks(ex, block_size), batched=True, batch_size=GROUP_BATCH_ROWS,
         remove_columns=["doc_start"], **kwargs,
