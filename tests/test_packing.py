@@ -79,6 +79,25 @@ def test_heading_documents_in_text_without_headings_are_refused(tokenizer):
     assert len(pack_documents(raw, tokenizer, block_size=16, documents="row")["train"]) > 0
 
 
+@pytest.mark.parametrize(
+    ("positions", "bad_row"),
+    [([[0, 1, 2, 0], [0, 1, 0, 1]], None), ([[0, 1, 2, 0], [1, 2, 3, 4]], 1),
+     ([[0, 5001, 5002, 5003], [0, 1, 0, 1]], 0), ([[0, 1, 1, 2], [0, 1, 2, 3]], 0)],
+    ids=["well formed", "not starting at 0", "past any context", "not counting up"],
+)
+def test_a_position_ids_column_is_checked_before_packing(positions, bad_row):
+    """Positions past the model's context reached the embedding (an IndexError mid-step); rows not starting at 0
+    failed inside a loader worker."""
+    from lit_flash.packing import check_packable
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7, 8]] * 2, "position_ids": positions})
+    if bad_row is None:
+        check_packable(ds, eos_id=None, where="data")
+        return
+    with pytest.raises(LitFlashError, match=rf"data, row {bad_row}: position_ids must start at 0 and count up"):
+        check_packable(ds, eos_id=None, where="data")
+
+
 def test_cu_seq_lens_have_one_length_whatever_the_document_count():
     few = torch.tensor([[0, 1, 2, 3], [0, 1, 0, 1]])
     many = torch.tensor([[0, 0, 1, 0], [0, 0, 0, 1]])

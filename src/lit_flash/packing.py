@@ -188,6 +188,17 @@ def check_packable(ds: Any, eos_id: int | None, where: str) -> None:
     import pyarrow.compute as pc
 
     if "position_ids" in ds.column_names:
+        column = ds.data.table.column("position_ids")
+        positions = np.asarray(pc.list_flatten(column)).reshape(len(ds), -1) if len(ds) else np.zeros((0, 1))
+        # Each row restarts at 0 and counts up by 1 within a document: then no position passes the row's length
+        # (which the model's context is checked against), and the batches' document boundaries are these.
+        ok = (positions[:, 0] == 0) & ((positions[:, 1:] == 0) | (positions[:, 1:] == positions[:, :-1] + 1)).all(1)
+        if not ok.all():
+            row = int(np.nonzero(~ok)[0][0])
+            raise LitFlashError(
+                f"data.packing=true: {where}, row {row}: position_ids must start at 0 and count up by 1 within each "
+                "document; prepare the data again with `python -m lit_flash prepare --packing true`"
+            )
         return
     fix = "prepare the data with `python -m lit_flash prepare --packing true`, or set data.packing=false"
     if eos_id is None:
