@@ -416,3 +416,9 @@ def test_a_checkpoint_turning_lora_on_or_off_is_said(user: dict, saved: dict, sa
     warn_replaced_model_values(user, saved, "run/last.ckpt")
     err = capsys.readouterr().err
     assert said in err and "--ckpt_path run/last.ckpt" in err
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("alhpa", "alpha"), ("target_module", "target_modules")])
+def test_a_typo_under_model_lora_gets_the_key_it_likely_meant(run_cli: Any, typo: str, meant: str) -> None:
+    code, _, err = run_cli(["fit", f"--model.lora.{typo}", "3", "--print_config"])
+    assert code == 2 and f"did you mean --model.lora.{meant}?" in err, err

@@ -3,6 +3,7 @@ checks of `--config` files before jsonargparse reads them."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import re
@@ -106,6 +107,8 @@ def did_you_mean(line: str, parser: ArgumentParser) -> str:
     import difflib
 
     unknown = re.findall(r"--([\w.]+)", line) + re.findall(r"option '([\w.]+)'", line)
+    # A key inside a nested setting (a dataclass such as model.lora): "model.lora: Option 'alhpa' is not accepted".
+    unknown += [f"{section}.{key}" for section, key in re.findall(r"([\w.]+): Option '([\w.]+)'", line)]
     if not unknown:
         return ""
     known: list[str] = []
@@ -115,7 +118,12 @@ def did_you_mean(line: str, parser: ArgumentParser) -> str:
             known += [re.sub(r"^(fit|validate|test|predict)\.", "", k) for k in candidate.get_defaults().keys()]
         except Exception:  # noqa: BLE001 - a hint is a nicety: never let it hide the error itself
             continue
-    guesses = [m for key in unknown for m in difflib.get_close_matches(key, known, n=1, cutoff=0.75)]
+    from lit_flash.lora import LoraSettings  # a null-by-default setting: its keys are not among the defaults
+
+    known += [f"model.lora.{field.name}" for field in dataclasses.fields(LoraSettings)]
+    # Not the unknown key's own section (`model.lora` for `model.lora.alhpa`): that says nothing new.
+    guesses = [m for key in unknown for m in difflib.get_close_matches(key, known, n=2, cutoff=0.75)
+               if not key.startswith(f"{m}.")][:len(unknown)]
     return f"; did you mean {', '.join('--' + g for g in dict.fromkeys(guesses))}?" if guesses else ""
 
 
