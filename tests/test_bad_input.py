@@ -242,6 +242,7 @@ class _RefusingRows(torch.utils.data.Dataset):
         raise LitFlashError("data.packing: the rows' position_ids do not start at 0: prepare them again")
 
 
+@pytest.mark.slow  # a loader worker process
 def test_an_error_raised_in_a_loader_worker_is_still_its_one_line() -> None:
     """torch re-raises a worker's error wrapped in "Caught ... in DataLoader worker" and the worker's traceback."""
     from lit_flash.errors import one_line

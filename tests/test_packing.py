@@ -298,6 +298,7 @@ def test_packing_is_in_fit_help_and_bad_use_exits_2_with_one_line(run_cli, tiny_
 
 
 # ------------------------------------------------------------------------------------------- compile, resume
+@pytest.mark.slow  # torch.compile
 def test_a_compiled_step_compiles_once_over_batches_with_different_document_counts(tiny_model_config):
     from torch._dynamo.testing import CompileCounter
 
