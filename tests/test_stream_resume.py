@@ -153,6 +153,18 @@ def test_a_resume_that_cannot_continue_the_stream_says_why(shards) -> None:
     assert sum(first, []) + sum(rest, []) == sum(full, [])
 
 
+def test_a_checkpoint_of_a_run_that_did_not_stream_is_refused_by_a_streaming_resume(shards) -> None:
+    """Lightning restores no loader state from such a checkpoint, so the stream silently started over: the
+    DataModule's own state says how the run read its data."""
+    from lit_flash.datamodule import WikitextDataModule
+
+    plain = WikitextDataModule(tokenized_dataset_load_dir="anywhere", tokenizer_name=None)
+    assert plain.state_dict() == {"streaming": False}  # saved in every checkpoint, so a resume can tell
+    with pytest.raises(LitFlashError, match="the checkpoint was saved by a run that did not stream"):
+        _datamodule(shards, 0).load_state_dict(plain.state_dict())
+    _datamodule(shards, 0).load_state_dict(_datamodule(shards, 0).state_dict())  # streaming to streaming: fine
+
+
 def test_a_loader_whose_batches_nobody_records_says_its_position_is_not_tracked(shards) -> None:
     loader = _datamodule(shards, 0).train_dataloader()
     it = iter(loader)
@@ -166,7 +178,8 @@ def test_a_checkpoint_from_before_stream_positions_says_the_stream_restarts(shar
     assert dm.state_dict() == {"streaming": True, "stream_position": True}
     with pytest.warns(UserWarning, match="restarts from its first block"):
         dm.load_state_dict({"streaming": True})
-    assert WikitextDataModule(text_files={"train": shards[0]}, tokenizer_name=shards[1]).state_dict() == {}
+    plain = WikitextDataModule(text_files={"train": shards[0]}, tokenizer_name=shards[1])
+    assert plain.state_dict() == {"streaming": False}
 
 
 # ------------------------------------------------------------------------------------------------ through the CLI

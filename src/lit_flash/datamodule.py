@@ -160,9 +160,14 @@ class WikitextDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         # The stream's position is the train loader's state (`StreamLoader`); the mark tells a resume it was saved.
-        return {"streaming": True, "stream_position": True} if self.hparams.streaming else {}
+        return {"streaming": True, "stream_position": True} if self.hparams.streaming else {"streaming": False}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("streaming") is False and self.hparams.streaming:  # Lightning restores no loader state
+            raise LitFlashError(
+                "data.streaming=true, but the checkpoint was saved by a run that did not stream: it holds no stream "
+                "position, so the stream would start over; resume with data.streaming=false, or start a new run"
+            )
         if state_dict.get("streaming") and not state_dict.get("stream_position") and self.hparams.streaming:
             rank_zero_warn(
                 "data.streaming=true: this checkpoint was saved before lit_flash saved stream positions, so the "
