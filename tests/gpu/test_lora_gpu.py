@@ -7,74 +7,30 @@ Run on the GPU machine: `pytest -m gpu tests/gpu/test_lora_gpu.py -v -s`.
 
 from __future__ import annotations
 
-import csv
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
+from test_recipe_gpu import VOCAB, _plain_argv, blocks, logged, pretrained, recipe_args  # noqa: F401 (fixtures)
 
 from lit_flash.cli import cli_main
-from lit_flash.synthetic import save_synthetic_dataset
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 pytest.importorskip("peft")
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-VOCAB, BLOCK, N_TRAIN = 1000, 128, 23  # 1000 pads to 1024; batch 2: 12 batches an epoch, the last one short
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=BLOCK, n_embd=128, n_layer=2, n_head=2)
-    path = tmp_path_factory.mktemp("hub") / "gpt2-small"
-    GPT2LMHeadModel(config).save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def blocks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "blocks"
-    return save_synthetic_dataset(path, n_train=N_TRAIN, n_test=8, block_size=BLOCK, vocab_size=VOCAB)
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", sys.argv[:1])
-
-
-def lora_args(tmp: Path, root: Path, pretrained: Path, blocks: Path, **trainer: Any) -> list[str]:
-    overlay = {
-        "trainer": {"val_check_interval": 4, "log_every_n_steps": 1, "default_root_dir": str(root),
-                    "enable_progress_bar": False, **trainer},
-        "checkpoint": {"every_n_train_steps": 4},
-        "model": {"model_name_or_path": str(pretrained), "learning_rate": 1e-3},
-        "data": {"tokenized_dataset_load_dir": str(blocks), "tokenizer_name": None, "batch_size": 2,
-                 "eval_batch_size": 2, "num_workers": 0},
-    }
-    path = tmp / f"{root.name}.yaml"
-    path.write_text(yaml.safe_dump(overlay))
-    return ["--config", str(CONFIGS / "gpt2_flash.yaml"), "--config", str(CONFIGS / "lora.yaml"), "--config",
-            str(path)]
-
-
-def logged(root: Path, key: str) -> dict[int, float]:
-    values: dict[int, float] = {}
-    for metrics in sorted(root.glob("logs/version_*/metrics.csv")):
-        for row in csv.DictReader(open(metrics)):
-            if row.get(key):
-                values[int(row["step"])] = float(row[key])
-    return values
+def lora_args(tmp: Path, root: Path, weights: Path, data: Path, **trainer: Any) -> list[str]:
+    """The recipe GPU tests' run, with configs/lora.yaml between the recipe and their overlay."""
+    recipe = recipe_args(tmp, root, weights, data, **trainer)  # --config recipe --config overlay
+    return [*recipe[:2], "--config", str(CONFIGS / "lora.yaml"), *recipe[2:]]
 
 
 def test_lora_on_the_recipe_trains_the_adapter_only_resumes_and_exports(
-    tmp_path: Path, pretrained: Path, blocks: Path
+    tmp_path: Path, pretrained: Path, blocks: Path  # noqa: F811 (the fixtures imported above)
 ) -> None:
     from transformers import AutoModelForCausalLM
 
