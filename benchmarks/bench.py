@@ -30,6 +30,8 @@ import torch
 
 GPT2_124M = {"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}
 TINY = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64, "vocab_size": 50257}
+# The recipe's every setting on a model too small to keep the GPU busy: its step time is the host's.
+HOST_PROBE = {"model_type": "gpt2", "n_layer": 1, "n_head": 1, "n_embd": 64, "n_positions": 1024, "vocab_size": 50257}
 PEAK_BF16 = 790e12
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -244,7 +246,7 @@ BAR_EVERY_50 = json.dumps(
     [{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 50}}]
 )
 LEVERS: list[tuple[str, str, list[str]]] = [
-    ("plain gpt2_flash.yaml (16-mixed, batch 8, no compile, dropout 0.1)", "gpt2_flash.yaml", []),
+    ("the recipe, gpt2_flash.yaml (16-mixed, batch 8, dropout 0.1, compiled)", "gpt2_flash.yaml", []),
     ("gpt2_fast.yaml (all levers)", "gpt2_fast.yaml", []),
     ("- torch.compile", "gpt2_fast.yaml", ["--model.compile", "false"]),
     ("- dropout 0 (GPT-2's 0.1)", "gpt2_fast.yaml", ["--model.dropout", "null"]),
@@ -266,6 +268,12 @@ LEVERS: list[tuple[str, str, list[str]]] = [
     ("+ compile mode reduce-overhead (CUDA graphs)", "gpt2_fast.yaml", ["--model.compile_mode", "reduce-overhead"]),
     ("- 16-bit residual stream (fp32 under autocast)", "gpt2_fast.yaml", ["--model.low_precision_residual", "false"]),
     ("recipe: 2 DataLoader worker processes (gpt2_flash.yaml has 0)", "gpt2_flash.yaml", ["--data.num_workers", "2"]),
+    ("recipe: no progress bar", "gpt2_flash.yaml", ["--trainer.enable_progress_bar", "false"]),
+    ("recipe on a 1-layer, 64-wide GPT-2: the host's own time a step", "gpt2_flash.yaml",
+     ["--model.model_name_or_path", "null", "--model.model_config", json.dumps(HOST_PROBE)]),
+    ("recipe: + 16-bit residual stream (fp16)", "gpt2_flash.yaml", ["--model.low_precision_residual", "true"]),
+    ("recipe: bf16-mixed + 16-bit residual stream", "gpt2_flash.yaml",
+     ["--trainer.precision", "bf16-mixed", "--model.low_precision_residual", "true"]),
 ]
 
 
@@ -328,12 +336,12 @@ def save_splits(path: Path, train: dict[str, np.ndarray], test: dict[str, np.nda
 
 
 def run_packing(work: Path, block: int, cpu: list[str], weights: Path, steps: int, warmup: int, quality_steps: int,
-                smoke: bool) -> dict:
+                smoke: bool, cases: str = "a,b,c") -> dict:
     """data.packing on the recipe (gpt2_flash.yaml): (a) wikitext-like documents (a few blocks long) packed vs
     grouped, tokens/s; (b) documents of varied length, packed vs one per row padded to the block, trained (non-pad)
     tokens/s; (c) validation loss after `quality_steps` steps of packed-with-boundaries, packed-without (the same
     blocks) and one-per-row padded (as many real tokens: more steps), each evaluated on the same held-out documents,
-    each alone in a padded row."""
+    each alone in a padded row. `cases`: which of a, b, c to run."""
     rng = np.random.default_rng(0)
     n_rows = 64 if smoke else 3000
     out: dict[str, Any] = {}
@@ -344,11 +352,12 @@ def run_packing(work: Path, block: int, cpu: list[str], weights: Path, steps: in
     held_out = synthetic_documents(rng.integers(block // 8, block + 1, 16 if smoke else 256), seed=2)
     test = padded_split(held_out, block)
     wiki = save_splits(work / "pack_wiki", packed_split(long_docs, block), test)
-    a = {"packed": run_lit(wiki, "gpt2_flash.yaml", cpu + packing, weights, steps, warmup, evaluate=False),
-         "unpacked": run_lit(wiki, "gpt2_flash.yaml", cpu, weights, steps, warmup, evaluate=False)}
-    a["packed_vs_unpacked"] = a["packed"]["tokens_per_s"] / a["unpacked"]["tokens_per_s"]
-    out["wikitext_like"] = a
-    print(json.dumps({"packing_wikitext_like": a}), flush=True)
+    if "a" in cases:
+        a = {"packed": run_lit(wiki, "gpt2_flash.yaml", cpu + packing, weights, steps, warmup, evaluate=False),
+             "unpacked": run_lit(wiki, "gpt2_flash.yaml", cpu, weights, steps, warmup, evaluate=False)}
+        a["packed_vs_unpacked"] = a["packed"]["tokens_per_s"] / a["unpacked"]["tokens_per_s"]
+        out["wikitext_like"] = a
+        print(json.dumps({"packing_wikitext_like": a}), flush=True)
     # (b) documents of 1/16 to 1 block (lognormal around 1/4 block): padding one per row wastes most of a row.
     lengths = np.clip(rng.lognormal(np.log(block / 4), 0.8, n_rows * 3), block // 16, block).astype(int)
     docs = synthetic_documents(lengths, seed=3)
@@ -356,14 +365,17 @@ def run_packing(work: Path, block: int, cpu: list[str], weights: Path, steps: in
     padded = padded_split(docs, block)
     padded_dir = save_splits(work / "pad_varied", padded, test)
     real = float((padded["labels"] != -100).mean())  # the padded rows' share of trained tokens
-    b = {"packed": run_lit(packed_dir, "gpt2_flash.yaml", cpu + packing, weights, steps, warmup, evaluate=False),
-         "padded": run_lit(padded_dir, "gpt2_flash.yaml", cpu, weights, steps, warmup, evaluate=False),
-         "padded_real_token_share": real}
-    b["packed"]["trained_tokens_per_s"] = b["packed"]["tokens_per_s"]
-    b["padded"]["trained_tokens_per_s"] = b["padded"]["tokens_per_s"] * real
-    b["packed_vs_padded_trained"] = b["packed"]["trained_tokens_per_s"] / b["padded"]["trained_tokens_per_s"]
-    out["varied_length"] = b
-    print(json.dumps({"packing_varied_length": b}), flush=True)
+    if "b" in cases:
+        b = {"packed": run_lit(packed_dir, "gpt2_flash.yaml", cpu + packing, weights, steps, warmup, evaluate=False),
+             "padded": run_lit(padded_dir, "gpt2_flash.yaml", cpu, weights, steps, warmup, evaluate=False),
+             "padded_real_token_share": real}
+        b["packed"]["trained_tokens_per_s"] = b["packed"]["tokens_per_s"]
+        b["padded"]["trained_tokens_per_s"] = b["padded"]["tokens_per_s"] * real
+        b["packed_vs_padded_trained"] = b["packed"]["trained_tokens_per_s"] / b["padded"]["trained_tokens_per_s"]
+        out["varied_length"] = b
+        print(json.dumps({"packing_varied_length": b}), flush=True)
+    if "c" not in cases:
+        return out
     # (c) the same documents and about as many of their tokens (the padded rows hold fewer: more steps), evaluated
     # alike (each held-out document alone in a padded row).
     padded_steps = round(quality_steps / real)
@@ -404,6 +416,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--warmup", type=int, default=25)
     p.add_argument("--quality-steps", type=int, default=300)
+    p.add_argument("--packing-cases", default="a,b,c", help="packing's cases to run (see run_packing)")
     p.add_argument("--levers", default="", help="comma-separated lever indices (default all)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, 4 steps, CPU: tests the script only")
     a = p.parse_args()
@@ -488,7 +501,7 @@ def main() -> None:
         save()
     if "packing" in parts:
         results["packing"] = run_packing(work, block, cpu, weights, steps, warmup, 8 if smoke else a.quality_steps,
-                                         smoke)
+                                         smoke, a.packing_cases)
         save()
     if "levers" in parts:
         chosen = [int(i) for i in a.levers.split(",")] if a.levers else range(len(LEVERS))

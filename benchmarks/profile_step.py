@@ -2,6 +2,8 @@
 
     python benchmarks/profile_step.py --out results/ [--config gpt2_fast.yaml] [-- extra CLI overrides]
     python benchmarks/profile_step.py --out results/ -- --config configs/ddp.yaml --trainer.devices=2   # DDP
+    PROFILE_TRACE=/tmp/t python benchmarks/profile_step.py --out results/   # + the timeline, and what each of the
+                                                                            # largest idle gaps waited for
 
 Prints the GPU's busy share of the profiled wall time (idle time is host overhead, syncs or waiting for another
 rank), the time by kernel family (matmul, attention, Triton-fused ops, NCCL communication, the rest) and the top
@@ -84,6 +86,33 @@ def kernel_summary(kernels: list[tuple[str, float, float]], steps: int) -> dict[
             for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
         ],
     }
+
+
+def gap_context(trace: Path, top: int = 8) -> list[dict[str, Any]]:
+    """The largest idle gaps of a chrome trace, each with the kernels around it, when the host launched the kernel
+    after it (relative to the gap's start: late launches mean the host was behind) and the CPU ops it was launched
+    from (outermost first)."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                     key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    ops = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and e.get("ph") == "X"]
+    gaps = sorted(((b["ts"] - a["ts"] - a.get("dur", 0), i) for i, (a, b) in enumerate(itertools.pairwise(kernels))),
+                  reverse=True)[:top]
+    out = []
+    for gap, i in gaps:
+        after = kernels[i + 1]
+        launch = launches.get(after.get("args", {}).get("correlation"))
+        gap_start = kernels[i]["ts"] + kernels[i].get("dur", 0)
+        stack = [] if launch is None else [o["name"][:80] for o in sorted(
+            (o for o in ops if o["tid"] == launch["tid"] and o["ts"] <= launch["ts"] <= o["ts"] + o["dur"]),
+            key=lambda o: o["ts"])]
+        out.append({"us": round(gap), "before": [k["name"][:70] for k in kernels[max(i - 2, 0): i + 1]],
+                    "after": after["name"][:70], "launch": launch["name"] if launch else None,
+                    "launched_us_after_gap_start": round(launch["ts"] - gap_start) if launch else None,
+                    "launched_from": stack[-6:]})
+    return out
 
 
 def main() -> None:
@@ -183,7 +212,11 @@ def main() -> None:
             for order in ("tottime", "cumulative"):
                 pstats.Stats(python_profile, stream=f).sort_stats(order).print_stats(45)
     if os.environ.get("PROFILE_TRACE"):  # the whole timeline, for chrome://tracing or Perfetto
-        prof.export_chrome_trace(str(a.out / name.replace(".json", "_trace.json")))
+        trace = Path(os.environ["PROFILE_TRACE"]) / name.replace(".json", "_trace.json")
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+        result["gap_context"] = gap_context(trace)
+        (a.out / name).write_text(json.dumps(result, indent=1))
     if cli.trainer.global_rank == 0:
         print(json.dumps(result, indent=1), flush=True)
         # Lightning's launcher does not wait for the ranks it started: wait here, so that every rank's file is

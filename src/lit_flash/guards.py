@@ -223,18 +223,12 @@ def check_sdpa_backends_run_on(device: torch.device, backends: list[str] | None)
         )
 
 
-def check_precision_fits(attn_implementation: str, precision: str, low_precision_residual: bool) -> None:
+def check_precision_fits(attn_implementation: str, precision: str) -> None:
     """Refuse a trainer precision the model's settings cannot run in."""
     if attn_implementation == "flash_attention_2" and precision in ("32-true", "32", "64-true", "64"):
         raise LitFlashError(
             f"trainer.precision={precision}: flash_attention_2 runs in fp16/bf16 only; "
             "use 16-mixed or bf16-mixed, or model.attn_implementation=sdpa"
-        )
-    if low_precision_residual and precision != "bf16-mixed":
-        # fp16's range (65504) is too small for a stream that only grows; without autocast the flag does nothing.
-        raise LitFlashError(
-            f"model.low_precision_residual=true is for trainer.precision=bf16-mixed, not {precision}: "
-            "use bf16-mixed or set model.low_precision_residual=false"
         )
 
 

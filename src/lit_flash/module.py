@@ -85,12 +85,12 @@ class FlashGPT2LM(L.LightningModule):
             faster matmuls. The pad ids are masked out of the softmax; the export is sliced back to the real size.
         fused_adamw: AdamW's fused kernel (one launch a step; under 16-mixed it skips an overflowed step on the GPU
             without a host sync, clipping included); null: on when training on CUDA, else multi-tensor AdamW.
-        low_precision_residual: Under bf16-mixed, cast the embeddings' output to bf16 so the residual stream between
-            blocks is carried in bf16 (as in a model loaded in bf16, or Megatron-LM without
-            `fp32_residual_connection`) instead of fp32: half the memory traffic of every residual add and LayerNorm.
-            Weights, gradients and AdamW stay fp32. Quality checked from scratch only (RESULTS.md), not yet on
-            pretrained GPT-2, whose stream carries large values (bf16 keeps 8 significant bits). Its speed-up is
-            in benchmarks/RESULTS.md.
+        low_precision_residual: Under 16-mixed or bf16-mixed, cast the embeddings' output to the autocast dtype so
+            the residual stream between blocks is carried in fp16/bf16 (as in a model loaded in that dtype, like the
+            reference's `--torch_dtype float16`, or Megatron-LM without `fp32_residual_connection`) instead of fp32:
+            half the memory traffic of every residual add and LayerNorm. Weights, gradients and AdamW stay fp32.
+            Without autocast (32-true, or 16-bit weights) the stream is in the weights' dtype and this does nothing.
+            Its speed-up and quality check are in benchmarks/RESULTS.md.
         on_nonfinite: A NaN/inf training loss `stop`s the run with an error naming the step (before the update, so
             the weights and the last checkpoint stay finite), or `skip`s that batch (no update) with a warning. On
             GPU, `stop` looks every `log_every_n_steps` and before each checkpoint instead of syncing every step:
@@ -166,7 +166,7 @@ class FlashGPT2LM(L.LightningModule):
         if self.lora is not None:
             adapters.check_strategy(self.trainer.strategy)
         check_skip_supported(self.hparams.on_nonfinite, precision, self.trainer.strategy)
-        check_precision_fits(self.attn_implementation, precision, self.hparams.low_precision_residual)
+        check_precision_fits(self.attn_implementation, precision)
         dm = getattr(self.trainer, "datamodule", None)
         # Another DataModule (or loaders passed to fit) tells nothing: then only the model's own sizes are known.
         facts = dm.data_facts() if hasattr(dm, "data_facts") else DataFacts()

@@ -58,7 +58,7 @@ def test_lora_on_the_recipe_trains_the_adapter_only_resumes_and_exports(
     exported = AutoModelForCausalLM.from_pretrained(whole / "model", attn_implementation="sdpa").cuda().eval()
     assert exported.config.vocab_size == VOCAB and not any("lora" in k for k in exported.state_dict())
     ids = torch.arange(64, device="cuda").reshape(2, 32) % VOCAB
-    model.eval()
+    model.cuda().eval()  # the trainer hands the model back on the CPU when fit ends
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         want = model(ids).logits[..., :VOCAB].float()
         got_logits = exported(input_ids=ids).logits.float()
