@@ -12,10 +12,11 @@ import torch
 from transformers import AutoTokenizer
 
 import lit_flash.datamodule as data_mod
-from lit_flash.blocks import collate_blocks, load_tokenized, prepare_dataset
+from lit_flash.blocks import collate_blocks, load_tokenized
 from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError
 from lit_flash.metrics import perplexity
+from lit_flash.prepare import prepare_dataset
 from lit_flash.text import group_texts, resolve_text_files, tokenize_texts, train_bpe_tokenizer
 
 BLOCK = 16

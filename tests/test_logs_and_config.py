@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 
-from lit_flash.cli import cli_main, config_path, with_default_loggers
+from lit_flash.cli import cli_main, config_path
 from lit_flash.errors import LitFlashError
 from lit_flash.plot import plot_metrics, read_metrics
+from lit_flash.trainer_setup import with_default_loggers
 
 
 def print_config(args: list[str], capsys) -> str:

@@ -247,7 +247,7 @@ def test_a_load_dir_packs_by_eos_and_refuses_without_one(tmp_path, make_token_da
 
 
 def test_prepare_packing_writes_position_ids_that_fit_loads(tmp_path, text_files, tokenizer_dir):
-    from lit_flash.blocks import prepare_dataset
+    from lit_flash.prepare import prepare_dataset
 
     out = tmp_path / "prepared"
     prepare_dataset(str(out), text_files=text_files, tokenizer_name=str(tokenizer_dir), block_size=32,

@@ -11,14 +11,12 @@ from typing import Any
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.trainer.states import TrainerStatus
-from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from lit_flash import interrupt
-from lit_flash.callbacks import HFExport, LastValidatedStep, TokenThroughput
+from lit_flash.callbacks import HFExport, LastValidatedStep
 from lit_flash.checkpointing import (
     LOAD_ERRORS,
     check_is_lightning_checkpoint,
@@ -50,18 +48,19 @@ from lit_flash.preflight import (
 )
 from lit_flash.resume import last_checkpoint_path
 from lit_flash.trainer_setup import (
+    CALLBACK_SECTIONS,
     CHECKPOINT_DEFAULTS,
     checkpoint_dir,
-    default_loggers,
     fixed_callbacks,
     trainer_plugins,
+    with_default_loggers,
 )
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_CONFIG = "demo.yaml"
 # Subcommands that are a typed function (jsonargparse.CLI), not a Trainer run: "module:function".
 FUNCTION_SUBCOMMANDS = {
-    "prepare": "lit_flash.blocks:prepare_dataset",
+    "prepare": "lit_flash.prepare:prepare_dataset",
     "generate": "lit_flash.generate:generate_main",
     "plot": "lit_flash.plot:plot_main",
 }
@@ -75,33 +74,6 @@ def config_path(name: str) -> Path:
     raise LitFlashError(f"config {name!r} not found in lit_flash's configs/")
 
 
-def with_default_loggers(configured: Any, root: str | os.PathLike) -> Any:
-    """CSV + TensorBoard, plus loggers the config adds (`--trainer.logger+=WandbLogger`). A config naming its
-    own CSVLogger or TensorBoardLogger gets exactly its loggers; `trainer.logger: false` gets none."""
-    if configured is False:
-        return False
-    extra = [] if configured in (None, True) else configured if isinstance(configured, list) else [configured]
-    if any(isinstance(logger, (CSVLogger, TensorBoardLogger)) for logger in extra):
-        return extra
-    wandb = any(type(logger).__name__ == "WandbLogger" for logger in extra)
-    if wandb and not os.environ.get("WANDB_API_KEY"):
-        # As the reference recipe: W&B online only with a key; else keep the run locally (`wandb sync` later).
-        if os.environ.setdefault("WANDB_MODE", "offline") == "offline":
-            rank_zero_info("lit_flash: no WANDB_API_KEY, so W&B logs offline (upload it with `wandb sync`)")
-    return default_loggers(root) + list(extra)
-
-
-def _checkpoint_dir(root: str | None) -> str:
-    return checkpoint_dir(root or os.getcwd())
-
-
-# The callbacks every run has, each a config section of its own (`--checkpoint.*`, `--export.*`, ...).
-CALLBACK_SECTIONS = {
-    "checkpoint": ModelCheckpoint,
-    "export": HFExport,
-    "lr_monitor": LearningRateMonitor,
-    "throughput": TokenThroughput,
-}
 class LitFlashCLI(LightningCLI):
     """LightningCLI with lit_flash's fixed parts: checkpoints, HF export, loggers, LR and throughput monitors."""
 
@@ -130,7 +102,7 @@ class LitFlashCLI(LightningCLI):
             # of them the trainer gets depends on its settings (see instantiate_trainer).
             parser.add_class_arguments(callback_class, key, fail_untyped=False, sub_configs=True)
         parser.set_defaults({f"checkpoint.{key}": value for key, value in CHECKPOINT_DEFAULTS.items()})
-        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         for key, title in GROUP_TITLES.items():
             if key in parser.groups:
                 parser.groups[key].title = title

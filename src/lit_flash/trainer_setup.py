@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_flash.callbacks import HFExport, LastValidatedStep, TokenThroughput
 from lit_flash.checkpointing import AtomicCheckpointIO, resolve_resume
@@ -36,9 +37,35 @@ def default_loggers(root: str | os.PathLike) -> list[Any]:
     return [csv, TensorBoardLogger(save_dir=root, name="logs", version=csv.version, sub_dir="tensorboard")]
 
 
-def checkpoint_dir(default_root_dir: str | os.PathLike) -> str:
-    """`<root>/checkpoints`, where the CLI's ModelCheckpoint writes (`trainer.default_root_dir` -> dirpath)."""
-    return os.path.join(default_root_dir, "checkpoints")
+def with_default_loggers(configured: Any, root: str | os.PathLike) -> Any:
+    """The CLI's loggers: CSV + TensorBoard, plus loggers the config adds (`--trainer.logger+=WandbLogger`). A config
+    naming its own CSVLogger or TensorBoardLogger gets exactly its loggers; `trainer.logger: false` gets none."""
+    if configured is False:
+        return False
+    extra = [] if configured in (None, True) else configured if isinstance(configured, list) else [configured]
+    if any(isinstance(logger, (CSVLogger, TensorBoardLogger)) for logger in extra):
+        return extra
+    wandb = any(type(logger).__name__ == "WandbLogger" for logger in extra)
+    if wandb and not os.environ.get("WANDB_API_KEY"):
+        # As the reference recipe: W&B online only with a key; else keep the run locally (`wandb sync` later).
+        if os.environ.setdefault("WANDB_MODE", "offline") == "offline":
+            rank_zero_info("lit_flash: no WANDB_API_KEY, so W&B logs offline (upload it with `wandb sync`)")
+    return default_loggers(root) + list(extra)
+
+
+def checkpoint_dir(default_root_dir: str | os.PathLike | None) -> str:
+    """`<root>/checkpoints`, where the CLI's ModelCheckpoint writes (`trainer.default_root_dir` -> dirpath; unset:
+    the working directory, as Lightning's own default)."""
+    return os.path.join(default_root_dir or os.getcwd(), "checkpoints")
+
+
+# The CLI's callbacks, each a config section of its own (`--checkpoint.*`, `--export.*`, ...).
+CALLBACK_SECTIONS = {
+    "checkpoint": ModelCheckpoint,
+    "export": HFExport,
+    "lr_monitor": LearningRateMonitor,
+    "throughput": TokenThroughput,
+}
 
 
 def fixed_callbacks() -> list[L.Callback]:

@@ -1,0 +1,81 @@
+"""`python -m lit_flash prepare`: raw text (hub or local files) to a folder of token blocks, as the reference's
+`prepare_save_dataset.py` writes it; `fit` loads it with `data.tokenized_dataset_load_dir`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lit_flash.blocks import save_dataset_dict
+from lit_flash.errors import LitFlashError
+from lit_flash.limits import PositiveInt
+from lit_flash.packing import Documents
+from lit_flash.text import load_raw_text, tokenize_and_group
+
+
+def prepare_dataset(
+    save_dir: str,
+    dataset_name: str | None = "wikitext",
+    dataset_config_name: str | None = "wikitext-2-raw-v1",
+    text_files: dict[str, str | list[str]] | None = None,
+    tokenizer_name: str = "openai-community/gpt2",
+    block_size: PositiveInt = 1024,
+    splits: list[str] | None = None,
+    text_column: str = "text",
+    num_proc: PositiveInt | None = None,
+    packing: bool = False,
+    packing_documents: Documents = "auto",
+) -> None:
+    """Tokenize raw text into blocks and `save_to_disk` them, as the reference's `prepare_save_dataset.py` does.
+
+    The same as its `--dataset_group_text true`; the result loads with `data.tokenized_dataset_load_dir`.
+
+    Args:
+        save_dir: Output folder (must not exist or be empty). The reference's `--tokenized_dataset_save_dir`.
+        dataset_name: HF hub dataset (ignored when `text_files` is given).
+        dataset_config_name: Its configuration.
+        text_files: Local text files per split, e.g. `{train: a.txt, test: [b.txt, c/*.txt]}`.
+        tokenizer_name: Tokenizer (hub id or local folder). The reference's `--tokenizer_model_name`.
+        block_size: Tokens per row, capped at the tokenizer's `model_max_length` as the reference does.
+        splits: Splits to keep; default `[train, test]`, as the reference (it drops wikitext's validation split).
+        text_column: Column holding the text. The reference's `--dataset_text_field`.
+        num_proc: Worker processes for tokenization.
+        packing: Pack documents with a `position_ids` column (document boundaries), as `data.packing` does.
+        packing_documents: Where documents start, as `data.packing_documents`.
+    """
+    from transformers import AutoTokenizer
+
+    from lit_flash.packing import pack_documents, resolve_documents, sample_by
+
+    if Path(save_dir).exists() and not Path(save_dir).is_dir():
+        raise LitFlashError(f"--save_dir {save_dir} is a file: choose a new folder")
+    if Path(save_dir).exists() and any(Path(save_dir).iterdir()):
+        raise LitFlashError(f"--save_dir {save_dir} exists and is not empty: choose a new folder")
+    splits = splits or ["train", "test"]
+    documents = resolve_documents(packing_documents, text_files, dataset_name)
+    read_by = sample_by(documents) if packing else "line"
+    raw = load_raw_text(dataset_name, dataset_config_name, text_files, text_column=text_column, prefix="--",
+                        sample_by=read_by)
+    missing = [s for s in splits if s not in raw]
+    if missing:
+        raise LitFlashError(
+            f"--splits: {missing} not in the source (it has {sorted(raw)}): give text for them, or set --splits "
+            f"{sorted(raw)}"
+        )
+    raw = type(raw)({s: raw[s] for s in splits})
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    except (OSError, ValueError) as err:  # ValueError: a folder transformers cannot make a tokenizer of
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LitFlashError(f"--tokenizer_name {tokenizer_name}: cannot load the tokenizer ({first})") from err
+    block_size = min(block_size, tokenizer.model_max_length)
+    if packing:
+        blocks = pack_documents(raw, tokenizer, block_size, documents, num_proc)
+    else:
+        blocks = tokenize_and_group(raw, tokenizer, block_size, num_proc)
+    empty = [split for split in splits if len(blocks[split]) == 0]
+    if empty:  # saving it would hand fit a dataset it refuses later, far from the cause
+        raise LitFlashError(
+            f"--text_files: split {empty[0]!r} holds fewer than --block_size={block_size} tokens of text: "
+            "give more text or a smaller --block_size"
+        )
+    save_dataset_dict(blocks, save_dir)
