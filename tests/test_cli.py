@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -295,3 +296,17 @@ def test_shell_arguments_do_not_warn_about_args_and_argv(monkeypatch, capsys):
         cli_main()
     assert "model:" in capsys.readouterr().out  # it did parse and print the demo config
     assert not [w for w in caught if "args parameter" in str(w.message)]
+
+
+@pytest.mark.parametrize("bound", ["steps", "epochs"])
+def test_progress_bar_shows_no_negative_epoch_total(bound, tiny_config, run_cli):
+    # A run bounded by steps alone has max_epochs=-1; Lightning 2.6's Rich bar showed "Epoch 2/-2" (Lightning#21925).
+    pytest.importorskip("rich")
+    length = ["--trainer.max_steps=1"] if bound == "steps" else ["--trainer.max_steps=-1", "--trainer.max_epochs=3",
+                                                                 "--trainer.limit_train_batches=1"]
+    code, out, err = run_cli(["fit", "--config", str(tiny_config), "--trainer.enable_progress_bar=true",
+                              "--trainer.limit_val_batches=0", *length])
+    assert code == 0, err
+    shown = re.findall(r"Epoch \d+(?:/-?\d+)?", out + err)
+    assert shown, out + err
+    assert all(s.endswith("/2") for s in shown) if bound == "epochs" else set(shown) == {"Epoch 0"}

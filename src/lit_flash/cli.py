@@ -27,7 +27,7 @@ from lit_flash.checkpointing import (
 from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError, one_line
 from lit_flash.guards import check_model_config
-from lit_flash.lightning_adapters import last_saved_step, quiet_library_notices
+from lit_flash.lightning_adapters import last_saved_step, quiet_library_notices, with_progress_bar
 from lit_flash.limits import check_lightning_values, check_training_length
 from lit_flash.lock import acquire_run_lock, release_all
 from lit_flash.module import FlashGPT2LM
@@ -144,7 +144,8 @@ class LitFlashCLI(LightningCLI):
             sections = [c for c in sections if not isinstance(c, ModelCheckpoint)]
         if config["logger"] is False:  # nothing to log the learning rate to: Lightning would refuse to start
             sections = [c for c in sections if not isinstance(c, LearningRateMonitor)]
-        config["callbacks"] = [*_as_list(config.get("callbacks")), *fixed_callbacks(), *sections]
+        callbacks = [*_as_list(config.get("callbacks")), *fixed_callbacks(), *sections]
+        config["callbacks"] = with_progress_bar(callbacks, config.get("enable_progress_bar"))
         try:
             return super().instantiate_trainer(**config)
         except LitFlashError:

@@ -7,11 +7,13 @@ says why no public API serves (test_lightning_api.py keeps it that way).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import warnings
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 
 
 def is_log_step(trainer: L.Trainer, before_optimizer_step: bool) -> bool:
@@ -70,3 +72,22 @@ def quiet_library_notices() -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", module=r"lightning\.pytorch\.utilities")
     # lit_flash itself refuses a fresh fit over checkpoints; on a resume the folder is meant to hold them.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+def with_progress_bar(callbacks: list[Any], enabled: bool | None) -> list[Any]:
+    """`callbacks` plus Lightning's default progress bar (Rich, when installed) without a negative epoch total:
+    unless the bar is off or the config names its own."""
+    if enabled is False or any(isinstance(c, ProgressBar) for c in callbacks) or not importlib.util.find_spec("rich"):
+        return callbacks
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class StepBoundedRichProgressBar(RichProgressBar):
+        # A run bounded by steps alone has max_epochs=-1, which Lightning 2.6's bar shows as "Epoch 2/-2"
+        # (Lightning#21925, fixed after 2.6). No public hook sets the description: this overrides the protected one.
+        def _get_train_description(self, current_epoch: int) -> str:
+            description = super()._get_train_description(current_epoch)
+            if self.trainer.max_epochs == -1:
+                return description.replace(f"Epoch {current_epoch}/-2", f"Epoch {current_epoch}", 1)
+            return description
+
+    return [*callbacks, StepBoundedRichProgressBar()]
