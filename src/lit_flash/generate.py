@@ -144,7 +144,7 @@ def load_for_generation(
         can_flash = flash_attention_unavailable_reason(target) is None
         attn_implementation = "flash_attention_2" if can_flash else "sdpa"
     else:
-        attn_implementation = resolve_attn_implementation(attn_implementation, fallback=False, device=target)
+        attn_implementation = resolve_attn_implementation(attn_implementation, False, target, "--attn_implementation")
     source, flag = (model_name_or_path, "--model_name_or_path") if tokenizer is None else (tokenizer, "--tokenizer")
     check_model_source(model_name_or_path, "--model_name_or_path")
     if tokenizer is not None:
