@@ -27,7 +27,13 @@ from lit_flash.limits import NonNegativeInt, PositiveInt, SeedInt
 from lit_flash.loaders import block_loader
 from lit_flash.packing import Documents, check_packable, pack_documents, resolve_documents, sample_by
 from lit_flash.stream import POSITION_KEY, BlockStream, StreamLoader
-from lit_flash.text import load_raw_text, resolve_text_files, tokenize_and_group, train_bpe_tokenizer
+from lit_flash.text import (
+    load_raw_text,
+    load_tokenizer,
+    resolve_text_files,
+    tokenize_and_group,
+    train_bpe_tokenizer,
+)
 
 _CACHE_FORMAT_VERSION = 1
 
@@ -207,8 +213,6 @@ class WikitextDataModule(L.LightningDataModule):
         save_dataset_dict(blocks, cache / "blocks", overwrite=True)
 
     def _load_tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
-
         h = self.hparams
         if h.train_tokenizer_vocab_size and not h.tokenized_dataset_load_dir:
             name = str(self.cache_path / "tokenizer")
@@ -216,11 +220,7 @@ class WikitextDataModule(L.LightningDataModule):
             name = h.tokenizer_name
         if name is None:
             return None
-        try:
-            return AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as err:  # ValueError: a folder transformers cannot make a tokenizer of
-            first = str(err).splitlines()[0]
-            raise LitFlashError(f"data.tokenizer_name={name}: cannot load the tokenizer ({first})") from err
+        return load_tokenizer(name, "data.tokenizer_name", "give the tokenizer's folder or hub id")
 
     def setup(self, stage: str) -> None:
         h = self.hparams
