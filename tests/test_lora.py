@@ -249,10 +249,46 @@ def test_loading_refuses_a_checkpoint_without_the_adapter_or_of_another_shape(
         module.on_load_checkpoint(lacking)
     with pytest.raises(LitFlashError, match="lora_A.default.weight is \\[8, 32\\] there and \\[4, 32\\] here"):
         lora_module(pretrained, lora=LoraSettings(r=4)).on_load_checkpoint(checkpoint)
-    full = torch.load(tmp_path / "full.ckpt", weights_only=True)
-    with pytest.raises(LitFlashError, match="the checkpoint is from a different model"):
-        module.on_load_checkpoint(full)
     module.on_load_checkpoint(checkpoint)  # the adapter alone is what a LoRA checkpoint holds
+
+
+def test_a_checkpoint_trained_with_or_without_lora_says_which_and_how_to_fix(
+    tmp_path: Path, pretrained: Path, blocks: Path
+) -> None:
+    """It said 'the checkpoint is from a different model: it lacks <a weight>' (a resume with --ckpt_path last or
+    auto keeps the user's model.lora: LightningCLI takes a checkpoint's hyperparameters only from a file path)."""
+    fit_and_save(lora_module(pretrained), blocks, tmp_path / "lora.ckpt", steps=1)
+    plain = FlashGPT2LM(model_name_or_path=str(pretrained), attn_implementation="sdpa")
+    fit_and_save(plain, blocks, tmp_path / "full.ckpt", steps=1)
+    full = torch.load(tmp_path / "full.ckpt", weights_only=True)
+    with pytest.raises(LitFlashError, match=r"^the checkpoint was trained without model.lora .*: remove model.lora"):
+        lora_module(pretrained).on_load_checkpoint(full)
+    lora = torch.load(tmp_path / "lora.ckpt", weights_only=True)
+    with pytest.raises(LitFlashError, match=r"^the checkpoint was trained with model.lora .*configs/lora.yaml"):
+        plain.on_load_checkpoint(lora)
+    # Through a trainer the line names the checkpoint file.
+    trainer = cpu_trainer(max_steps=2, limit_val_batches=0)
+    with pytest.raises(LitFlashError, match=rf"^ckpt_path={tmp_path / 'lora.ckpt'} was trained with model.lora"):
+        trainer.fit(FlashGPT2LM(model_name_or_path=str(pretrained), attn_implementation="sdpa"), datamodule(blocks),
+                    ckpt_path=tmp_path / "lora.ckpt")
+
+
+@pytest.mark.parametrize("lora_first", [True, False], ids=["lora run resumed plain", "plain run resumed with lora"])
+def test_the_cli_resuming_last_with_lora_switched_is_one_line(
+    tmp_path: Path, pretrained: Path, blocks: Path, run_cli: Any, lora_first: bool
+) -> None:
+    overlay = tmp_path / "cpu.yaml"
+    overlay.write_text(yaml.safe_dump(cpu_overlay(tmp_path / "run", pretrained, blocks, max_steps=2)))
+    with_lora = ["--config", str(CONFIGS / "lora.yaml")]
+    first, second = (with_lora, []) if lora_first else ([], with_lora)
+    code, _, err = run_cli(["fit", "--config", str(RECIPE), *first, "--config", str(overlay)])
+    assert code == 0, err
+    code, _, err = run_cli(["fit", "--config", str(RECIPE), *second, "--config", str(overlay), "--ckpt_path", "last",
+                            "--trainer.max_steps", "4"])
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    fix = "set model.lora as that run did (e.g. --config configs/lora.yaml)" if lora_first else "remove model.lora"
+    assert f"was trained {'with' if lora_first else 'without'} model.lora" in errors[0] and fix in errors[0], err
 
 
 # ---------------------------------------------------------------------------------------------- export

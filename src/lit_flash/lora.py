@@ -121,6 +121,26 @@ def trainable_state_dict(module: torch.nn.Module, state_dict: dict[str, Any]) ->
     return {k: v for k, v in state_dict.items() if k not in frozen}
 
 
+def check_checkpoint_lora(lora: dict[str, Any] | None, checkpoint: dict[str, Any], name: str) -> None:
+    """A checkpoint trained with LoRA (only the adapter) loaded without `model.lora`, or the other way round: one
+    line saying which and what to change, instead of check_state_dict_fits' first missing weight. `lora`: this
+    model's `model.lora` hyperparameter; `name`: how the line names the checkpoint (`ckpt_path=...`)."""
+    from lit_flash.checkpointing import switched_sections
+
+    saved = checkpoint.get("hyper_parameters") or {}
+    if "lora" not in saved or not switched_sections({"lora": lora}, {"lora": saved["lora"]}):
+        return  # the same on both sides, or a checkpoint that does not say: its weights are checked by name
+    if lora is None:
+        raise LitFlashError(
+            f"{name} was trained with model.lora (it holds only the adapter, not the model's weights), and "
+            "model.lora is null here: set model.lora as that run did (e.g. --config configs/lora.yaml)"
+        )
+    raise LitFlashError(
+        f"{name} was trained without model.lora (a full fine-tune: it holds no adapter), and model.lora is set "
+        "here: remove model.lora (leave out configs/lora.yaml, or pass --model.lora null) to resume it"
+    )
+
+
 def check_strategy(strategy: Any) -> None:
     from lightning.pytorch.strategies import FSDPStrategy
 

@@ -308,6 +308,9 @@ class FlashGPT2LM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Before Lightning's load_state_dict: a wrong-shape checkpoint is one line, not a page of size mismatches.
         if "state_dict" in checkpoint:  # FSDP loads (and pops) the weights itself, before this hook
+            trainer = attached_trainer(self)
+            name = f"ckpt_path={trainer.ckpt_path}" if trainer is not None and trainer.ckpt_path else "the checkpoint"
+            adapters.check_checkpoint_lora(self.hparams.lora, checkpoint, name)
             expected = self.state_dict()
             expected = expected if self.lora is None else adapters.trainable_state_dict(self, expected)
             check_state_dict_fits(expected, checkpoint["state_dict"])
