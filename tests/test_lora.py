@@ -40,6 +40,22 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def other_bases(tmp_path_factory: pytest.TempPathFactory, pretrained: Path) -> dict[str, Path]:
+    """GPT-2s of `pretrained`'s config but other weights: another initialisation, and a copy with one LayerNorm
+    nudged by 1e-3 (as another fine-tune of the same model differs)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("other_bases")
+    torch.manual_seed(1)
+    GPT2LMHeadModel(GPT2Config.from_pretrained(str(pretrained))).save_pretrained(str(folder / "another"))
+    nudged = AutoModelForCausalLM.from_pretrained(str(pretrained))
+    with torch.no_grad():
+        nudged.transformer.h[1].ln_2.weight.add_(1e-3)
+    nudged.save_pretrained(str(folder / "nudged"))
+    return {"another": folder / "another", "nudged": folder / "nudged"}
+
+
+@pytest.fixture(scope="module")
 def blocks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("input") / "blocks"
     return save_blocks(path, {"train": token_rows(N_TRAIN, 0), "test": token_rows(8, 1)})
@@ -271,6 +287,48 @@ def test_a_checkpoint_trained_with_or_without_lora_says_which_and_how_to_fix(
     with pytest.raises(LitFlashError, match=rf"^ckpt_path={tmp_path / 'lora.ckpt'} was trained with model.lora"):
         trainer.fit(FlashGPT2LM(model_name_or_path=str(pretrained), attn_implementation="sdpa"), datamodule(blocks),
                     ckpt_path=tmp_path / "lora.ckpt")
+
+
+@pytest.mark.parametrize("other", ["another", "nudged"])
+def test_a_lora_checkpoint_on_another_base_of_the_same_shape_is_refused(
+    tmp_path: Path, pretrained: Path, other_bases: dict[str, Path], blocks: Path, other: str
+) -> None:
+    """The checkpoint holds only the adapter: on another base model of the same shape it loaded silently and sat
+    on weights it was not trained with. The checkpoint now holds a fingerprint of its base."""
+    from lit_flash.lora import BASE_KEY
+
+    fit_and_save(lora_module(pretrained), blocks, tmp_path / "lora.ckpt", steps=1)
+    checkpoint = torch.load(tmp_path / "lora.ckpt", weights_only=True)
+    lora_module(pretrained).on_load_checkpoint(checkpoint)  # its own base
+    lora_module(pretrained, pad_vocab_to_multiple_of=64).on_load_checkpoint(checkpoint)  # padded: the same base
+    base = other_bases[other]
+    said = rf"^model.model_name_or_path={base}: .*not the base model the checkpoint was trained on .*{pretrained}"
+    with pytest.raises(LitFlashError, match=said):
+        lora_module(base).on_load_checkpoint(checkpoint)
+    with pytest.raises(LitFlashError, match=rf"^model.model_name_or_path={base}: .*ckpt_path="):
+        cpu_trainer(max_steps=2, limit_val_batches=0).fit(lora_module(base), datamodule(blocks),
+                                                          ckpt_path=tmp_path / "lora.ckpt")
+    with pytest.raises(LitFlashError, match=rf"^model.model_name_or_path={base}: "):
+        FlashGPT2LM.load_from_checkpoint(tmp_path / "lora.ckpt", weights_only=True, model_name_or_path=str(base))
+    # A checkpoint from before lit_flash saved the fingerprint loads as it did.
+    lora_module(base).on_load_checkpoint({k: v for k, v in checkpoint.items() if k != BASE_KEY})
+
+
+def test_the_cli_resuming_a_lora_run_on_another_base_is_one_line(
+    tmp_path: Path, pretrained: Path, other_bases: dict[str, Path], blocks: Path, run_cli: Any
+) -> None:
+    overlay = tmp_path / "cpu.yaml"
+    overlay.write_text(yaml.safe_dump(cpu_overlay(tmp_path / "run", pretrained, blocks, max_steps=2)))
+    args = ["fit", "--config", str(RECIPE), "--config", str(CONFIGS / "lora.yaml"), "--config", str(overlay)]
+    code, _, err = run_cli(args)
+    assert code == 0, err
+    # --ckpt_path last keeps the user's model.* values (a file path would bring the checkpoint's back).
+    code, _, err = run_cli([*args, "--model.model_name_or_path", str(other_bases["nudged"]), "--ckpt_path", "last",
+                            "--trainer.max_steps", "4"])
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"error: model.model_name_or_path={other_bases['nudged']}: "), err
+    assert f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}" in errors[0], err
 
 
 @pytest.mark.parametrize("lora_first", [True, False], ids=["lora run resumed plain", "plain run resumed with lora"])

@@ -173,6 +173,13 @@ def check_state_dict_fits(expected: dict[str, torch.Tensor], found: dict[str, An
         raise LitFlashError(f"the checkpoint is from a different model: it {what} ({count} names differ){hint}")
 
 
+def loaded_checkpoint_name(trainer: Any) -> str:
+    """How a one-line error names the checkpoint being loaded: `ckpt_path=<file>` when a trainer loads it, else
+    (`load_from_checkpoint`, a hook called by hand) `the checkpoint`."""
+    path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+    return f"ckpt_path={path}" if path else "the checkpoint"
+
+
 def stored_global_step(path: Path) -> int | None:
     """The `global_step` a Lightning checkpoint file holds, or None when the file cannot be read (zero bytes,
     truncated, corrupted, not a Lightning checkpoint). Cheap: with `mmap` the tensors are never read."""
