@@ -314,6 +314,20 @@ def test_a_lora_checkpoint_on_another_base_of_the_same_shape_is_refused(
     lora_module(base).on_load_checkpoint({k: v for k, v in checkpoint.items() if k != BASE_KEY})
 
 
+def test_a_lora_checkpoint_whose_base_folder_was_written_over_is_refused(
+    tmp_path: Path, pretrained: Path, other_bases: dict[str, Path], blocks: Path
+) -> None:
+    """The same model.model_name_or_path (LightningCLI brings it back from a checkpoint file), other weights."""
+    import shutil
+
+    base = shutil.copytree(pretrained, tmp_path / "base")
+    fit_and_save(lora_module(base), blocks, tmp_path / "lora.ckpt", steps=1)
+    shutil.copy(other_bases["nudged"] / "model.safetensors", base / "model.safetensors")
+    with pytest.raises(LitFlashError, match=rf"^model.model_name_or_path={base}: its weights changed since the "
+                                            r"checkpoint was trained on them \(transformer.h.1.ln_2.weight differs\)"):
+        FlashGPT2LM.load_from_checkpoint(tmp_path / "lora.ckpt", weights_only=True)
+
+
 def test_the_cli_resuming_a_lora_run_on_another_base_is_one_line(
     tmp_path: Path, pretrained: Path, other_bases: dict[str, Path], blocks: Path, run_cli: Any
 ) -> None:

@@ -177,10 +177,15 @@ def check_checkpoint_base(
     if differs is None:
         return
     then = (checkpoint.get("hyper_parameters") or {}).get("model_name_or_path")
+    given = f"model.model_name_or_path={model_name_or_path}"
+    if then == model_name_or_path:  # the same name, other weights: the folder was written over since
+        raise LitFlashError(
+            f"{given}: its weights changed since {name} was trained on them ({differs} differs), and its LoRA "
+            "adapter only fits the weights it was trained on: put those back, or give another ckpt_path"
+        )
     raise LitFlashError(
-        f"model.model_name_or_path={model_name_or_path}: its weights are not the base model {name} was trained on "
-        f"(model.model_name_or_path={then} then; {differs} differs), and its LoRA adapter only fits that base: give "
-        "that base model, or another ckpt_path"
+        f"{given}: its weights are not the base model {name} was trained on (model.model_name_or_path={then} then; "
+        f"{differs} differs), and its LoRA adapter only fits that base: give that base model, or another ckpt_path"
     )
 
 
