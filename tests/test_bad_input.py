@@ -115,6 +115,19 @@ def _big_tokenizer(tmp: Path) -> list[str]:
     return [f"--data.tokenizer_name={tmp / 'tokenizer'}"]
 
 
+def _model_folder_as_tokenizer(tmp: Path) -> list[str]:
+    """Raw text tokenized by a model's folder (config.json, no tokenizer files): it ended in 'the split is empty'."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_embd=8, n_layer=1, n_head=2).save_pretrained(str(tmp / "a_model"))
+    (tmp / "train.txt").write_text("the king of the north .\n" * 200)
+    text = {"train": str(tmp / "train.txt"), "validation": str(tmp / "train.txt")}
+    overlay = {"data": {"tokenized_dataset_load_dir": None, "text_files": text, "tokenizer_name": str(tmp / "a_model"),
+                        "cache_dir": str(tmp / "cache")}}
+    write_config(tmp / "text.yaml", overlay)
+    return ["--config", str(tmp / "config.yaml"), "--config", str(tmp / "text.yaml")]
+
+
 def _earlier_run(tmp: Path) -> list[str]:
     (tmp / "run" / "checkpoints").mkdir(parents=True)
     torch.save(_checkpoint_of(TINY_MODEL), tmp / "run" / "checkpoints" / "last.ckpt")
@@ -155,6 +168,7 @@ CASES = [
     ("YAML with a typo'd key", _typo_config, "max_stepz"),
     ("missing config file", lambda tmp: ["--config", str(tmp / "nope.yaml")], "nope.yaml"),
     ("tokenizer larger than the model", _big_tokenizer, "data.tokenizer_name"),
+    ("a model folder as the tokenizer", _model_folder_as_tokenizer, "data.tokenizer_name="),
     ("fresh fit over an earlier run", _earlier_run, "--ckpt_path last"),
 ]
 if not torch.cuda.is_available():  # a GPU overlay on a machine without a GPU

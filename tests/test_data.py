@@ -269,6 +269,34 @@ def test_prepare_caps_block_size_at_the_tokenizer_context(text_files, tokenizer_
     assert len(load_tokenized(tmp_path / "p")["train"][0]["input_ids"]) == 1024
 
 
+def _folder_without_tokenizer(tmp_path, kind: str):
+    """An empty folder, or a saved model's folder (config.json, no tokenizer files): a tokenizer_name mistake."""
+    from transformers import GPT2Config
+
+    folder = tmp_path / kind
+    folder.mkdir()
+    if kind == "model":
+        GPT2Config(n_embd=8, n_layer=1, n_head=2).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["empty", "model"])
+def test_a_tokenizer_folder_without_a_tokenizer_is_named(text_files, make_token_dataset, tmp_path, kind):
+    """A model folder's config.json made transformers build a one-token tokenizer: every line tokenized to nothing
+    and fit stopped with 'the split is empty'; an empty folder got transformers' 'Couldn't instantiate the backend
+    tokenizer from one of: '."""
+    folder = _folder_without_tokenizer(tmp_path, kind)
+    said = rf"^data.tokenizer_name={folder} has no tokenizer \(none of tokenizer.json, .*\): give"
+    with pytest.raises(LitFlashError, match=said):
+        _datamodule(text_files=text_files, tokenizer_name=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert not any((tmp_path / "cache").glob("*/blocks"))  # nothing tokenized with it
+    with pytest.raises(LitFlashError, match=said):  # a load dir with a tokenizer to export beside the model
+        _datamodule(tokenized_dataset_load_dir=str(make_token_dataset()), tokenizer_name=str(folder))
+    with pytest.raises(LitFlashError, match=rf"^--tokenizer_name {folder} has no tokenizer"):
+        prepare_dataset(save_dir=str(tmp_path / "p"), text_files=text_files, tokenizer_name=str(folder))
+    assert not (tmp_path / "p").exists()
+
+
 def test_load_tokenized_missing_is_one_error_naming_the_path(tmp_path):
     with pytest.raises(LitFlashError, match=str(tmp_path / "nope")):
         load_tokenized(tmp_path / "nope")

@@ -193,3 +193,31 @@ def test_generate_offers_the_models_attention_choices() -> None:
     from lit_flash import generate as generate_module
 
     assert get_args(generate_module.AttnImplementation) == get_args(model_module.AttnImplementation)
+
+
+@pytest.mark.parametrize(("value", "said"), [("flash_attention_2", "cannot run"), ("flash3", "is unknown")])
+def test_attention_errors_name_generates_own_flag(tiny, tmp_path, value, said):
+    """generate's flag is --attn_implementation: its errors named the fit CLI's model.attn_implementation and
+    told to set model.attn_fallback, which generate does not have."""
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(LitFlashError) as err:  # --device cpu: flash attention cannot run there on any machine
+        load_for_generation(str(tmp_path), device="cpu", attn_implementation=value)
+    line = str(err.value)
+    assert line.startswith(f"--attn_implementation {value} {said}") and "model." not in line, line
+    assert "attn_fallback" not in line and "trainer" not in line, line
+
+
+def test_the_cli_refuses_flash_on_the_cpu_in_one_line_naming_its_flag(tiny, tmp_path, capsys):
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    capsys.readouterr()  # save_pretrained's progress bar
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["generate", "--model_name_or_path", str(tmp_path), "--input_str", "w1", "--device", "cpu",
+                  "--attn_implementation", "flash_attention_2"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: --attn_implementation flash_attention_2 cannot run") and "sdpa" in err, err
+    assert "model.attn" not in err, err

@@ -40,6 +40,22 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def other_bases(tmp_path_factory: pytest.TempPathFactory, pretrained: Path) -> dict[str, Path]:
+    """GPT-2s of `pretrained`'s config but other weights: another initialisation, and a copy with one LayerNorm
+    nudged by 1e-3 (as another fine-tune of the same model differs)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("other_bases")
+    torch.manual_seed(1)
+    GPT2LMHeadModel(GPT2Config.from_pretrained(str(pretrained))).save_pretrained(str(folder / "another"))
+    nudged = AutoModelForCausalLM.from_pretrained(str(pretrained))
+    with torch.no_grad():
+        nudged.transformer.h[1].ln_2.weight.add_(1e-3)
+    nudged.save_pretrained(str(folder / "nudged"))
+    return {"another": folder / "another", "nudged": folder / "nudged"}
+
+
+@pytest.fixture(scope="module")
 def blocks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("input") / "blocks"
     return save_blocks(path, {"train": token_rows(N_TRAIN, 0), "test": token_rows(8, 1)})
@@ -249,10 +265,102 @@ def test_loading_refuses_a_checkpoint_without_the_adapter_or_of_another_shape(
         module.on_load_checkpoint(lacking)
     with pytest.raises(LitFlashError, match="lora_A.default.weight is \\[8, 32\\] there and \\[4, 32\\] here"):
         lora_module(pretrained, lora=LoraSettings(r=4)).on_load_checkpoint(checkpoint)
-    full = torch.load(tmp_path / "full.ckpt", weights_only=True)
-    with pytest.raises(LitFlashError, match="the checkpoint is from a different model"):
-        module.on_load_checkpoint(full)
     module.on_load_checkpoint(checkpoint)  # the adapter alone is what a LoRA checkpoint holds
+
+
+def test_a_checkpoint_trained_with_or_without_lora_says_which_and_how_to_fix(
+    tmp_path: Path, pretrained: Path, blocks: Path
+) -> None:
+    """It said 'the checkpoint is from a different model: it lacks <a weight>' (a resume with --ckpt_path last or
+    auto keeps the user's model.lora: LightningCLI takes a checkpoint's hyperparameters only from a file path)."""
+    fit_and_save(lora_module(pretrained), blocks, tmp_path / "lora.ckpt", steps=1)
+    plain = FlashGPT2LM(model_name_or_path=str(pretrained), attn_implementation="sdpa")
+    fit_and_save(plain, blocks, tmp_path / "full.ckpt", steps=1)
+    full = torch.load(tmp_path / "full.ckpt", weights_only=True)
+    with pytest.raises(LitFlashError, match=r"^the checkpoint was trained without model.lora .*: remove model.lora"):
+        lora_module(pretrained).on_load_checkpoint(full)
+    lora = torch.load(tmp_path / "lora.ckpt", weights_only=True)
+    with pytest.raises(LitFlashError, match=r"^the checkpoint was trained with model.lora .*configs/lora.yaml"):
+        plain.on_load_checkpoint(lora)
+    # Through a trainer the line names the checkpoint file.
+    trainer = cpu_trainer(max_steps=2, limit_val_batches=0)
+    with pytest.raises(LitFlashError, match=rf"^ckpt_path={tmp_path / 'lora.ckpt'} was trained with model.lora"):
+        trainer.fit(FlashGPT2LM(model_name_or_path=str(pretrained), attn_implementation="sdpa"), datamodule(blocks),
+                    ckpt_path=tmp_path / "lora.ckpt")
+
+
+@pytest.mark.parametrize("other", ["another", "nudged"])
+def test_a_lora_checkpoint_on_another_base_of_the_same_shape_is_refused(
+    tmp_path: Path, pretrained: Path, other_bases: dict[str, Path], blocks: Path, other: str
+) -> None:
+    """The checkpoint holds only the adapter: on another base model of the same shape it loaded silently and sat
+    on weights it was not trained with. The checkpoint now holds a fingerprint of its base."""
+    from lit_flash.lora import BASE_KEY
+
+    fit_and_save(lora_module(pretrained), blocks, tmp_path / "lora.ckpt", steps=1)
+    checkpoint = torch.load(tmp_path / "lora.ckpt", weights_only=True)
+    lora_module(pretrained).on_load_checkpoint(checkpoint)  # its own base
+    lora_module(pretrained, pad_vocab_to_multiple_of=64).on_load_checkpoint(checkpoint)  # padded: the same base
+    base = other_bases[other]
+    said = rf"^model.model_name_or_path={base}: .*not the base model the checkpoint was trained on .*{pretrained}"
+    with pytest.raises(LitFlashError, match=said):
+        lora_module(base).on_load_checkpoint(checkpoint)
+    with pytest.raises(LitFlashError, match=rf"^model.model_name_or_path={base}: .*ckpt_path="):
+        cpu_trainer(max_steps=2, limit_val_batches=0).fit(lora_module(base), datamodule(blocks),
+                                                          ckpt_path=tmp_path / "lora.ckpt")
+    with pytest.raises(LitFlashError, match=rf"^model.model_name_or_path={base}: "):
+        FlashGPT2LM.load_from_checkpoint(tmp_path / "lora.ckpt", weights_only=True, model_name_or_path=str(base))
+    # A checkpoint from before lit_flash saved the fingerprint loads as it did.
+    lora_module(base).on_load_checkpoint({k: v for k, v in checkpoint.items() if k != BASE_KEY})
+
+
+def test_a_lora_checkpoint_whose_base_folder_was_written_over_is_refused(
+    tmp_path: Path, pretrained: Path, other_bases: dict[str, Path], blocks: Path
+) -> None:
+    """The same model.model_name_or_path (LightningCLI brings it back from a checkpoint file), other weights."""
+    import shutil
+
+    base = shutil.copytree(pretrained, tmp_path / "base")
+    fit_and_save(lora_module(base), blocks, tmp_path / "lora.ckpt", steps=1)
+    shutil.copy(other_bases["nudged"] / "model.safetensors", base / "model.safetensors")
+    with pytest.raises(LitFlashError, match=rf"^model.model_name_or_path={base}: its weights changed since the "
+                                            r"checkpoint was trained on them \(transformer.h.1.ln_2.weight differs\)"):
+        FlashGPT2LM.load_from_checkpoint(tmp_path / "lora.ckpt", weights_only=True)
+
+
+def test_the_cli_resuming_a_lora_run_on_another_base_is_one_line(
+    tmp_path: Path, pretrained: Path, other_bases: dict[str, Path], blocks: Path, run_cli: Any
+) -> None:
+    overlay = tmp_path / "cpu.yaml"
+    overlay.write_text(yaml.safe_dump(cpu_overlay(tmp_path / "run", pretrained, blocks, max_steps=2)))
+    args = ["fit", "--config", str(RECIPE), "--config", str(CONFIGS / "lora.yaml"), "--config", str(overlay)]
+    code, _, err = run_cli(args)
+    assert code == 0, err
+    # --ckpt_path last keeps the user's model.* values (a file path would bring the checkpoint's back).
+    code, _, err = run_cli([*args, "--model.model_name_or_path", str(other_bases["nudged"]), "--ckpt_path", "last",
+                            "--trainer.max_steps", "4"])
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"error: model.model_name_or_path={other_bases['nudged']}: "), err
+    assert f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}" in errors[0], err
+
+
+@pytest.mark.parametrize("lora_first", [True, False], ids=["lora run resumed plain", "plain run resumed with lora"])
+def test_the_cli_resuming_last_with_lora_switched_is_one_line(
+    tmp_path: Path, pretrained: Path, blocks: Path, run_cli: Any, lora_first: bool
+) -> None:
+    overlay = tmp_path / "cpu.yaml"
+    overlay.write_text(yaml.safe_dump(cpu_overlay(tmp_path / "run", pretrained, blocks, max_steps=2)))
+    with_lora = ["--config", str(CONFIGS / "lora.yaml")]
+    first, second = (with_lora, []) if lora_first else ([], with_lora)
+    code, _, err = run_cli(["fit", "--config", str(RECIPE), *first, "--config", str(overlay)])
+    assert code == 0, err
+    code, _, err = run_cli(["fit", "--config", str(RECIPE), *second, "--config", str(overlay), "--ckpt_path", "last",
+                            "--trainer.max_steps", "4"])
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    fix = "set model.lora as that run did (e.g. --config configs/lora.yaml)" if lora_first else "remove model.lora"
+    assert f"was trained {'with' if lora_first else 'without'} model.lora" in errors[0] and fix in errors[0], err
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -246,6 +246,45 @@ def test_a_load_dir_packs_by_eos_and_refuses_without_one(tmp_path, make_token_da
         dm.setup("fit")
 
 
+def _eos_rows_datamodule(make_token_dataset, tokenizer_dir, packing: bool) -> WikitextDataModule:
+    """A load dir whose rows hold an end-of-text token: readable packed (documents end there) or not."""
+    rows = np.random.default_rng(0).integers(1, 300, (8, 32))
+    rows[:, 10] = EOS
+    path = make_token_dataset("eos", rows={"train": rows.tolist(), "test": rows.tolist()})
+    return WikitextDataModule(tokenized_dataset_load_dir=str(path), tokenizer_name=str(tokenizer_dir), batch_size=2,
+                              eval_batch_size=4, packing=packing)
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["saved unpacked", "saved packed"])
+def test_a_resume_that_flips_data_packing_is_refused(tmp_path, make_token_dataset, tokenizer_dir, tiny_model_config,
+                                                     saved):
+    """The sampler's position counts packed rows or plain blocks: after a flip it points at other data, and the
+    resume went on silently. Evaluating a checkpoint either way is not a resume, and stays allowed."""
+    from _helpers import cpu_trainer
+
+    def fit(packing: bool, steps: int, ckpt_path: Path | None = None) -> L.Trainer:
+        trainer = cpu_trainer(max_steps=steps, limit_val_batches=0)
+        trainer.fit(tiny_module(tiny_model_config), _eos_rows_datamodule(make_token_dataset, tokenizer_dir, packing),
+                    ckpt_path=ckpt_path)
+        return trainer
+
+    checkpoint = tmp_path / "saved.ckpt"
+    fit(saved, 1).save_checkpoint(checkpoint)
+    now, then = str(not saved).lower(), str(saved).lower()
+    said = (rf"^data.packing={now}, but the checkpoint was saved with data.packing={then}: "
+            rf".*resume with data.packing={then}")
+    with pytest.raises(LitFlashError, match=said):
+        fit(not saved, 2, checkpoint)
+    assert fit(saved, 2, checkpoint).global_step == 2  # the same setting resumes
+    flipped_dm = _eos_rows_datamodule(make_token_dataset, tokenizer_dir, not saved)
+    cpu_trainer().validate(tiny_module(tiny_model_config), flipped_dm, ckpt_path=checkpoint, verbose=False)
+    # A checkpoint from before lit_flash recorded data.packing resumes as it did.
+    old = torch.load(checkpoint, weights_only=True)
+    del old[WikitextDataModule.__qualname__]["packing"]
+    torch.save(old, tmp_path / "old.ckpt")
+    assert fit(not saved, 2, tmp_path / "old.ckpt").global_step == 2
+
+
 def test_prepare_packing_writes_position_ids_that_fit_loads(tmp_path, text_files, tokenizer_dir):
     from lit_flash.prepare import prepare_dataset
 

@@ -64,7 +64,8 @@ def _datamodule(shards, workers: int, rank: int = 0, world_size: int = 1, **kwar
     files, tokenizer = shards
     kwargs = {"block_size": BLOCK, "batch_size": BATCH, "num_workers": workers, **kwargs}
     dm = WikitextDataModule(text_files={"train": files}, tokenizer_name=tokenizer, streaming=True, **kwargs)
-    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size, max_steps=10)
+    # A fitting trainer's public state, as the DataModule reads it (a resume is checked only when fitting).
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size, max_steps=10, state=SimpleNamespace(fn="fit"))
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -159,7 +160,7 @@ def test_a_checkpoint_of_a_run_that_did_not_stream_is_refused_by_a_streaming_res
     from lit_flash.datamodule import WikitextDataModule
 
     plain = WikitextDataModule(tokenized_dataset_load_dir="anywhere", tokenizer_name=None)
-    assert plain.state_dict() == {"streaming": False}  # saved in every checkpoint, so a resume can tell
+    assert plain.state_dict() == {"streaming": False, "packing": False}  # in every checkpoint: a resume can tell
     with pytest.raises(LitFlashError, match="the checkpoint was saved by a run that did not stream"):
         _datamodule(shards, 0).load_state_dict(plain.state_dict())
     _datamodule(shards, 0).load_state_dict(_datamodule(shards, 0).state_dict())  # streaming to streaming: fine
@@ -175,11 +176,11 @@ def test_a_loader_whose_batches_nobody_records_says_its_position_is_not_tracked(
 
 def test_a_checkpoint_from_before_stream_positions_says_the_stream_restarts(shards) -> None:
     dm = _datamodule(shards, 0)
-    assert dm.state_dict() == {"streaming": True, "stream_position": True}
+    assert dm.state_dict() == {"streaming": True, "stream_position": True, "packing": False}
     with pytest.warns(UserWarning, match="restarts from its first block"):
         dm.load_state_dict({"streaming": True})
     plain = WikitextDataModule(text_files={"train": shards[0]}, tokenizer_name=shards[1])
-    assert plain.state_dict() == {"streaming": False}
+    assert plain.state_dict() == {"streaming": False, "packing": False}
 
 
 # ------------------------------------------------------------------------------------------------ through the CLI

@@ -23,7 +23,7 @@ SDPA_BACKENDS = {
 def flash_attention_unavailable_reason(device: torch.device | None = None) -> str | None:
     """Why FlashAttention-2 cannot run here, or None when it can."""
     if device is not None and device.type != "cuda":
-        return f"the trainer runs on {device.type}, and flash-attn needs a CUDA GPU"
+        return f"flash-attn needs a CUDA GPU, and this runs on {device.type}"
     try:  # an import, not a find_spec: a wheel built for another torch/CUDA fails here, not mid-training
         importlib.import_module("flash_attn")
     except ImportError as err:
@@ -38,24 +38,27 @@ def flash_attention_unavailable_reason(device: torch.device | None = None) -> st
 
 
 def resolve_attn_implementation(
-    requested: str, fallback: bool = True, device: torch.device | None = None
+    requested: str, fallback: bool = True, device: torch.device | None = None, flag: str = "model.attn_implementation"
 ) -> str:
-    """The attention backend to load: `requested`, or `sdpa` (said once, with the reason) when flash cannot run."""
+    """The attention backend to load: `requested`, or `sdpa` (said once, with the reason) when flash cannot run.
+
+    `flag`: how errors name the setting: the fit CLI's key (`model.attn_implementation`, whose fallback is
+    `model.attn_fallback`) or a tool's own flag (`--attn_implementation` of `generate`, which has no fallback key).
+    """
+    tool = flag.startswith("--")
+    named = f"{flag} " if tool else f"{flag}="  # `--flag value` as typed, or the config's `key=value`
     if requested not in get_args(AttnImplementation):
-        raise LitFlashError(
-            f"model.attn_implementation={requested!r} is unknown: choose one of "
-            + ", ".join(get_args(AttnImplementation))
-        )
+        value = requested if tool else repr(requested)
+        raise LitFlashError(f"{named}{value} is unknown: choose one of " + ", ".join(get_args(AttnImplementation)))
     if requested != "flash_attention_2":
         return requested
     reason = flash_attention_unavailable_reason(device)
     if reason is None:
         return requested
     if not fallback:
-        raise LitFlashError(
-            f"model.attn_implementation=flash_attention_2 cannot run: {reason}; "
-            "set model.attn_fallback=true to use sdpa instead"
-        )
+        fix = f"pass {flag} sdpa, or leave it out (flash where it can run, else sdpa)" if tool else (
+            "set model.attn_fallback=true to use sdpa instead")
+        raise LitFlashError(f"{named}flash_attention_2 cannot run: {reason}; {fix}")
     from lightning.pytorch.utilities import rank_zero_warn  # here: generate.py imports this module without Lightning
 
     rank_zero_warn(f"flash_attention_2 cannot run: {reason}. Using sdpa instead (model.attn_fallback=false to stop).")

@@ -173,6 +173,13 @@ def check_state_dict_fits(expected: dict[str, torch.Tensor], found: dict[str, An
         raise LitFlashError(f"the checkpoint is from a different model: it {what} ({count} names differ){hint}")
 
 
+def loaded_checkpoint_name(trainer: Any) -> str:
+    """How a one-line error names the checkpoint being loaded: `ckpt_path=<file>` when a trainer loads it, else
+    (`load_from_checkpoint`, a hook called by hand) `the checkpoint`."""
+    path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+    return f"ckpt_path={path}" if path else "the checkpoint"
+
+
 def stored_global_step(path: Path) -> int | None:
     """The `global_step` a Lightning checkpoint file holds, or None when the file cannot be read (zero bytes,
     truncated, corrupted, not a Lightning checkpoint). Cheap: with `mmap` the tensors are never read."""
@@ -303,7 +310,7 @@ def warn_replaced_model_values(user: Any, used: Any, ckpt_path: str | os.PathLik
     user_flat, used_flat = _flatten(user), _flatten(used)
     # A section set on one side and null on the other (model.lora: LoRA on or off) is said as a whole.
     user_top, used_top = _sections(user), _sections(used)
-    whole = {k for k in user_top if k in used_top and isinstance(user_top[k], dict) != isinstance(used_top[k], dict)}
+    whole = switched_sections(user, used)
     replaced = [(k, user_top[k], used_top[k]) for k in sorted(whole)]
     replaced += [(k, v, used_flat[k]) for k, v in user_flat.items()
                  if k.split(".")[0] not in whole and k in used_flat and used_flat[k] != v]
@@ -312,6 +319,12 @@ def warn_replaced_model_values(user: Any, used: Any, ckpt_path: str | os.PathLik
             f"lit_flash: model.{key}={value!r} is ignored: --ckpt_path {ckpt_path} was saved with "
             f"model.{key}={kept!r}, which is used\n"
         )
+
+
+def switched_sections(user: Any, used: Any) -> set[str]:
+    """The sections (e.g. `lora`) set on one side and null on the other: a feature switched on or off."""
+    user_top, used_top = _sections(user), _sections(used)
+    return {k for k in user_top if k in used_top and isinstance(user_top[k], dict) != isinstance(used_top[k], dict)}
 
 
 def _sections(namespace: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -25,9 +26,22 @@ from lit_flash.errors import LitFlashError
 from lit_flash.guards import DataFacts
 from lit_flash.limits import NonNegativeInt, PositiveInt, SeedInt
 from lit_flash.loaders import block_loader
-from lit_flash.packing import Documents, check_packable, pack_documents, resolve_documents, sample_by
+from lit_flash.packing import (
+    Documents,
+    check_packable,
+    check_resume_packing,
+    pack_documents,
+    resolve_documents,
+    sample_by,
+)
 from lit_flash.stream import POSITION_KEY, BlockStream, StreamLoader
-from lit_flash.text import load_raw_text, resolve_text_files, tokenize_and_group, train_bpe_tokenizer
+from lit_flash.text import (
+    load_raw_text,
+    load_tokenizer,
+    resolve_text_files,
+    tokenize_and_group,
+    train_bpe_tokenizer,
+)
 
 _CACHE_FORMAT_VERSION = 1
 
@@ -159,10 +173,14 @@ class WikitextDataModule(L.LightningDataModule):
         return DataFacts(self.seq_len, self.max_token_id, tokenizer_size, self.max_token_where)
 
     def state_dict(self) -> dict[str, Any]:
-        # The stream's position is the train loader's state (`StreamLoader`); the mark tells a resume it was saved.
-        return {"streaming": True, "stream_position": True} if self.hparams.streaming else {"streaming": False}
+        # How the run read its data, for a resume to compare. The stream's position is the train loader's state
+        # (`StreamLoader`); the mark tells a resume it was saved.
+        read = {"streaming": True, "stream_position": True} if self.hparams.streaming else {"streaming": False}
+        return {**read, "packing": self.hparams.packing}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:  # validate/test: no resume
+            check_resume_packing(state_dict.get("packing"), self.hparams.packing)
         if state_dict.get("streaming") is False and self.hparams.streaming:  # Lightning restores no loader state
             raise LitFlashError(
                 "data.streaming=true, but the checkpoint was saved by a run that did not stream: it holds no stream "
@@ -207,8 +225,6 @@ class WikitextDataModule(L.LightningDataModule):
         save_dataset_dict(blocks, cache / "blocks", overwrite=True)
 
     def _load_tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
-
         h = self.hparams
         if h.train_tokenizer_vocab_size and not h.tokenized_dataset_load_dir:
             name = str(self.cache_path / "tokenizer")
@@ -216,11 +232,7 @@ class WikitextDataModule(L.LightningDataModule):
             name = h.tokenizer_name
         if name is None:
             return None
-        try:
-            return AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as err:  # ValueError: a folder transformers cannot make a tokenizer of
-            first = str(err).splitlines()[0]
-            raise LitFlashError(f"data.tokenizer_name={name}: cannot load the tokenizer ({first})") from err
+        return load_tokenizer(name, "data.tokenizer_name", "give the tokenizer's folder or hub id")
 
     def setup(self, stage: str) -> None:
         h = self.hparams

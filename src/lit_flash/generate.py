@@ -108,21 +108,6 @@ def generate(
     return completions
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def _check_has_tokenizer(tokenizer: Any, source: str, flag: str) -> None:
-    """transformers 5 builds an empty tokenizer (one token) for a folder without tokenizer files, and every prompt
-    then encodes to nothing: say that the tokenizer is missing instead."""
-    folder = Path(source)
-    no_files = folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES)
-    if no_files or len(tokenizer) < 2:
-        raise LitFlashError(
-            f"{flag} {source} has no tokenizer (a run with data.tokenizer_name: null exports none): pass "
-            "--tokenizer <the tokenizer the data was tokenized with: a hub id or a folder>"
-        )
-
-
 def load_for_generation(
     model_name_or_path: str,
     device: str | None = None,
@@ -135,26 +120,25 @@ def load_for_generation(
     `attn_implementation=None`: flash_attention_2 where it can run (CUDA, flash-attn installed), else sdpa.
     `tokenizer`: where the tokenizer is, when not beside the model (an export of a run without one).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from lit_flash.attention import flash_attention_unavailable_reason, resolve_attn_implementation
+    from lit_flash.text import load_tokenizer
 
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if attn_implementation is None:
         can_flash = flash_attention_unavailable_reason(target) is None
         attn_implementation = "flash_attention_2" if can_flash else "sdpa"
     else:
-        attn_implementation = resolve_attn_implementation(attn_implementation, fallback=False, device=target)
+        attn_implementation = resolve_attn_implementation(attn_implementation, False, target, "--attn_implementation")
     source, flag = (model_name_or_path, "--model_name_or_path") if tokenizer is None else (tokenizer, "--tokenizer")
     check_model_source(model_name_or_path, "--model_name_or_path")
     if tokenizer is not None:
         check_model_source(tokenizer, "--tokenizer", needs_config=False)
-    try:
-        loaded_tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:  # ValueError: a folder transformers cannot make a tokenizer of
-        first = str(err).splitlines()[0]
-        raise LitFlashError(f"{flag} {source}: cannot load it ({first})") from err
-    _check_has_tokenizer(loaded_tokenizer, source, flag)
+    fix = "give the tokenizer's folder or hub id" if tokenizer is not None else (
+        "a run with data.tokenizer_name: null exports none; pass --tokenizer <the tokenizer the data was tokenized "
+        "with: a hub id or a folder>")
+    loaded_tokenizer = load_tokenizer(source, flag, fix)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_name_or_path, dtype=dtype, attn_implementation=attn_implementation

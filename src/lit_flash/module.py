@@ -18,7 +18,7 @@ from lit_flash import lora as adapters
 from lit_flash.attention import SDPA_BACKENDS, AttnImplementation, SDPABackend, resolve_attn_implementation
 from lit_flash.blocks import IGNORE_INDEX
 from lit_flash.build import adapt_for_training, liger_fused_ce, load_causal_lm
-from lit_flash.checkpointing import check_state_dict_fits
+from lit_flash.checkpointing import check_state_dict_fits, loaded_checkpoint_name
 from lit_flash.export import export_causal_lm
 from lit_flash.guards import (
     DataFacts,
@@ -134,6 +134,8 @@ class FlashGPT2LM(L.LightningModule):
             model_name_or_path, model_config, dropout, self.attn_implementation, trust_remote_code
         )
         self.vocab_size = self.model.config.vocab_size  # the real vocabulary, before any padding
+        # What a LoRA checkpoint's adapter was trained on, as loaded (padding adds random rows): see on_load_checkpoint
+        self.base_fingerprint = adapters.base_fingerprint(self.model) if self.lora is not None else None
         bias = adapt_for_training(self.model, pad_vocab_to_multiple_of, low_precision_residual)
         if self.lora is not None:  # after the padding, before compile; the frozen base is not checkpointed
             adapters.apply_lora(self.model, self.lora, pretrained=model_name_or_path is not None)
@@ -304,10 +306,14 @@ class FlashGPT2LM(L.LightningModule):
             checkpoint[LR_PLAN_KEY] = self._lr_plan
         if self.lora is not None:  # only what trains: the frozen base comes from model_name_or_path
             checkpoint["state_dict"] = adapters.trainable_state_dict(self, checkpoint["state_dict"])
+            checkpoint[adapters.BASE_KEY] = self.base_fingerprint  # so a resume can tell it is the same base
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Before Lightning's load_state_dict: a wrong-shape checkpoint is one line, not a page of size mismatches.
         if "state_dict" in checkpoint:  # FSDP loads (and pops) the weights itself, before this hook
+            name = loaded_checkpoint_name(attached_trainer(self))
+            adapters.check_checkpoint_lora(self.hparams.lora, checkpoint, name)
+            adapters.check_checkpoint_base(self.base_fingerprint, checkpoint, name, self.hparams.model_name_or_path)
             expected = self.state_dict()
             expected = expected if self.lora is None else adapters.trainable_state_dict(self, expected)
             check_state_dict_fits(expected, checkpoint["state_dict"])

@@ -208,3 +208,16 @@ def check_packable(ds: Any, eos_id: int | None, where: str) -> None:
     if not pc.any(pc.equal(values, eos_id)).as_py():
         raise LitFlashError(f"data.packing=true: {where} holds no end-of-text token (id {eos_id}), so no document "
                             f"boundary: {fix}")
+
+
+def check_resume_packing(saved: bool | None, packing: bool) -> None:
+    """A fit resumed with `data.packing` flipped is refused: the sampler's saved position counts packed rows or plain
+    blocks, so it would point at other data (no exact resume is possible). `saved`: the checkpoint's setting, None
+    in a checkpoint from before lit_flash recorded it (accepted, as before)."""
+    if saved is None or saved == packing:
+        return
+    raise LitFlashError(
+        f"data.packing={str(packing).lower()}, but the checkpoint was saved with data.packing={str(saved).lower()}: "
+        "packed rows and plain blocks are different data, so the run cannot continue where it stopped; resume with "
+        f"data.packing={str(saved).lower()}, or start a new run (another trainer.default_root_dir)"
+    )

@@ -9,7 +9,7 @@ from lit_flash.blocks import save_dataset_dict
 from lit_flash.errors import LitFlashError
 from lit_flash.limits import PositiveInt
 from lit_flash.packing import Documents
-from lit_flash.text import load_raw_text, tokenize_and_group
+from lit_flash.text import load_raw_text, load_tokenizer, tokenize_and_group
 
 
 def prepare_dataset(
@@ -42,8 +42,6 @@ def prepare_dataset(
         packing: Pack documents with a `position_ids` column (document boundaries), as `data.packing` does.
         packing_documents: Where documents start, as `data.packing_documents`.
     """
-    from transformers import AutoTokenizer
-
     from lit_flash.packing import pack_documents, resolve_documents, sample_by
 
     if Path(save_dir).exists() and not Path(save_dir).is_dir():
@@ -62,11 +60,7 @@ def prepare_dataset(
             f"{sorted(raw)}"
         )
     raw = type(raw)({s: raw[s] for s in splits})
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
-    except (OSError, ValueError) as err:  # ValueError: a folder transformers cannot make a tokenizer of
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LitFlashError(f"--tokenizer_name {tokenizer_name}: cannot load the tokenizer ({first})") from err
+    tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name", "give the tokenizer's folder or hub id")
     block_size = min(block_size, tokenizer.model_max_length)
     if packing:
         blocks = pack_documents(raw, tokenizer, block_size, documents, num_proc)

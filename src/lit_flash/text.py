@@ -153,6 +153,33 @@ def tokenize_and_group(raw: Any, tokenizer: Any, block_size: int, num_proc: int 
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(source: str, flag: str, fix: str) -> Any:
+    """`AutoTokenizer.from_pretrained(source)`, or one line naming `flag` (a config key such as
+    `data.tokenizer_name`, or a tool's `--flag`) and `source`, ending with `fix`.
+
+    transformers 5 builds a one-token tokenizer from a folder without tokenizer files but with a config.json (a
+    model's folder): every text then encodes to nothing, and the run failed far away ("the split is empty")."""
+    from transformers import AutoTokenizer
+
+    given = f"{flag} {source}" if flag.startswith("--") else f"{flag}={source}"
+    folder = Path(source).expanduser()
+    no_files = folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES)
+    missing = f"{given} has no tokenizer (none of {', '.join(TOKENIZER_FILES)} in that folder): {fix}"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:  # ValueError: a folder transformers cannot make a tokenizer of
+        if no_files:
+            raise LitFlashError(missing) from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LitFlashError(f"{given}: cannot load the tokenizer ({first})") from err
+    if len(tokenizer) < 2:
+        raise LitFlashError(missing if no_files else f"{given} has no tokenizer (it loads with no vocabulary): {fix}")
+    return tokenizer
+
+
 def train_bpe_tokenizer(raw: Any, vocab_size: int, save_dir: str | Path) -> Any:
     """Train a byte-level BPE tokenizer (GPT-2's kind) on the `train` split and save it in HF format."""
     from tokenizers import ByteLevelBPETokenizer
