@@ -21,6 +21,7 @@ from lit_flash.packing import (
     is_article_heading,
     pack_blocks,
     pack_documents,
+    packed_attention_kwargs,
     packed_collate,
     positions_from_eos,
     resolve_documents,
@@ -151,7 +152,8 @@ def test_a_packed_row_gives_each_documents_logits_as_if_alone(tiny_model_config,
     docs = [torch.randint(1, 300, (n,)) for n in (7, 20, 3, 2)]
     ids, positions = _packed_row(docs)
     with torch.no_grad():
-        packed = module(ids, None, **module._packed_kwargs(positions, cu_seq_lens(positions, 8))).logits[0]
+        kwargs = packed_attention_kwargs(positions, cu_seq_lens(positions, 8), module.attn_implementation)
+        packed = module(ids, None, **kwargs).logits[0]
         alone = torch.cat([module(d[None]).logits[0] for d in docs])
         plain = module(ids).logits[0]
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
@@ -197,7 +199,7 @@ def test_flash_gets_the_boundaries_explicitly(tiny_model_config):
 
 def test_without_packing_nothing_changes(tiny_model_config):
     module = tiny_module(tiny_model_config)
-    assert module._packed_kwargs(None, None) == {}
+    assert packed_attention_kwargs(None, None, module.attn_implementation) == {}
 
 
 # ------------------------------------------------------------------------------------------ the DataModule

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
+from lit_flash.blocks import IGNORE_INDEX
+
 
 def perplexity(mean_loss: torch.Tensor | float) -> torch.Tensor:
     """Perplexity from a token-weighted mean cross-entropy (natural log)."""
@@ -35,6 +37,17 @@ class TokenMean(Metric):
 
     def compute(self) -> torch.Tensor:
         return (self.total / self.tokens).float()
+
+
+def row_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each row's mean loss over its predicted tokens (labels not -100, shifted by one), its perplexity and count."""
+    targets = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    n_tokens = (targets != IGNORE_INDEX).sum(dim=1)
+    loss = nll.sum(dim=1) / n_tokens.clamp(min=1)
+    return {"loss": loss, "ppl": perplexity(loss), "n_tokens": n_tokens}
 
 
 def flops_per_token(config: Any, seq_len: int, training: bool = True) -> float:

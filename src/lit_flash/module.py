@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lit_flash import lora as adapters
@@ -35,16 +34,9 @@ from lit_flash.guards import (
 from lit_flash.lightning_adapters import attached_trainer, is_log_step
 from lit_flash.limits import DropoutFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lit_flash.lora import LoraSettings
-from lit_flash.metrics import TokenMean, flops_per_token, perplexity
-from lit_flash.optim import (
-    LR_PLAN_KEY,
-    clip_fused_or_sharded,
-    lr_plan_for,
-    lr_scheduler_for,
-    planned_optimizer_steps,
-    weight_decay_groups,
-)
-from lit_flash.packing import cu_seq_lens as packing_cu_seq_lens
+from lit_flash.metrics import TokenMean, flops_per_token, perplexity, row_scores
+from lit_flash.optim import LR_PLAN_KEY, adamw_with_schedule, clip_fused_or_sharded, planned_optimizer_steps
+from lit_flash.packing import packed_attention_kwargs
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 LRSchedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"]
@@ -207,27 +199,11 @@ class FlashGPT2LM(L.LightningModule):
             )
         return loss, (labels[:, 1:] != IGNORE_INDEX).sum()
 
-    def _packed_kwargs(self, position_ids: torch.Tensor | None, cu_seq_lens: torch.Tensor | None) -> dict[str, Any]:
-        """Packed rows (data.packing): sdpa/eager build a block-diagonal mask from `position_ids`; flash gets the
-        boundaries explicitly (transformers' own inference from position_ids syncs with the host in every layer)
-        and a Python-int longest length (a document is at most a row: one compiled shape)."""
-        if position_ids is None:
-            return {}
-        # No cache: with one (GPT-2's config default), transformers ignores position_ids when building the mask.
-        packed: dict[str, Any] = {"position_ids": position_ids, "use_cache": False}
-        if self.attn_implementation == "flash_attention_2":
-            if cu_seq_lens is None:  # a batch from another collate function: found here, at the cost of a sync
-                cu_seq_lens = packing_cu_seq_lens(position_ids, 0)
-            longest = position_ids.shape[1]
-            packed.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest,
-                          max_length_k=longest)
-        return packed
-
     def _loss_impl(
         self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        packed = self._packed_kwargs(position_ids, cu_seq_lens)
+        packed = packed_attention_kwargs(position_ids, cu_seq_lens, self.attn_implementation)
         if self.fused_ce is None and self.model.config.vocab_size == self.vocab_size:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **packed).loss
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **packed).last_hidden_state
@@ -331,16 +307,9 @@ class FlashGPT2LM(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Score rows: each row's mean loss over its predicted tokens, its perplexity and token count."""
-        packed = self._packed_kwargs(batch.get("position_ids"), batch.get("cu_seq_lens"))
+        packed = packed_attention_kwargs(batch.get("position_ids"), batch.get("cu_seq_lens"), self.attn_implementation)
         logits = self(batch["input_ids"], batch.get("attention_mask"), **packed).logits
-        logits = logits[:, :-1, : self.vocab_size].float()
-        targets = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        n_tokens = (targets != IGNORE_INDEX).sum(dim=1)
-        loss = nll.sum(dim=1) / n_tokens.clamp(min=1)
-        return {"loss": loss, "ppl": perplexity(loss), "n_tokens": n_tokens}
+        return row_scores(logits[..., : self.vocab_size], batch["labels"])
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_loss("val", self.val_loss)
@@ -361,21 +330,14 @@ class FlashGPT2LM(L.LightningModule):
     # ------------------------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> Any:
         h = self.hparams
-        groups = weight_decay_groups(self.model, h.weight_decay)
         trainer = attached_trainer(self)
         on_cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        # Fused AdamW: one kernel launch for the whole step, and under 16-mixed it takes the GradScaler's inf flag
-        # on the device (no host sync to decide whether to skip). Clipping first unscales it explicitly: see
-        # configure_gradient_clipping.
-        fused = on_cuda if h.fused_adamw is None else h.fused_adamw
-        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
-        total = planned_optimizer_steps(self.trainer)
         stored, at_step = getattr(self, "_resumed_lr_plan", (None, 0))
         self._resumed_lr_plan = (None, 0)  # used once: a later fit of this module plans afresh
-        self._lr_plan = lr_plan_for(stored, at_step, total)
-        if h.warmup_steps >= total and h.lr_scheduler != "constant":
-            rank_zero_warn(f"model.warmup_steps={h.warmup_steps} is not below the {total} training steps")
-        scheduler = lr_scheduler_for(h.lr_scheduler, optimizer, h.warmup_steps, total, self._lr_plan)
+        optimizer, scheduler, self._lr_plan = adamw_with_schedule(
+            self.model, h, fused=on_cuda if h.fused_adamw is None else h.fused_adamw,
+            total=planned_optimizer_steps(self.trainer), stored_plan=stored, at_step=at_step,
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(

@@ -177,3 +177,21 @@ def clip_fused_or_sharded(
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
         return True
     return False
+
+
+def adamw_with_schedule(
+    model: torch.nn.Module, h: Any, fused: bool, total: int | float, stored_plan: dict[str, Any] | None, at_step: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, dict[str, Any] | None]:
+    """AdamW over `model` with the HF Trainer's decay groups, its learning-rate schedule over `total` steps (the
+    checkpoint's plan `stored_plan`, saved at `at_step`, continued or stretched), and the plan to store.
+
+    `h`: the module's hyperparameters (learning_rate, betas, eps, weight_decay, warmup_steps, lr_scheduler).
+    `fused`: AdamW's fused kernel, one launch a step; under 16-mixed it takes the GradScaler's inf flag on the
+    device (no host sync to decide whether to skip).
+    """
+    groups = weight_decay_groups(model, h.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
+    plan = lr_plan_for(stored_plan, at_step, total)
+    if h.warmup_steps >= total and h.lr_scheduler != "constant":
+        rank_zero_warn(f"model.warmup_steps={h.warmup_steps} is not below the {total} training steps")
+    return optimizer, lr_scheduler_for(h.lr_scheduler, optimizer, h.warmup_steps, total, plan), plan

@@ -139,6 +139,25 @@ def cu_seq_lens(position_ids: torch.Tensor, length: int) -> torch.Tensor:
     return cu
 
 
+def packed_attention_kwargs(
+    position_ids: torch.Tensor | None, cu_seqs: torch.Tensor | None, attn_implementation: str
+) -> dict[str, Any]:
+    """The model's keyword arguments for packed rows (none for plain rows): sdpa/eager build a block-diagonal mask
+    from `position_ids`; flash gets the boundaries explicitly (transformers' own inference from position_ids syncs
+    with the host in every layer) and a Python-int longest length (a document is at most a row: one compiled
+    shape)."""
+    if position_ids is None:
+        return {}
+    # No cache: with one (GPT-2's config default), transformers ignores position_ids when building the mask.
+    packed: dict[str, Any] = {"position_ids": position_ids, "use_cache": False}
+    if attn_implementation == "flash_attention_2":
+        if cu_seqs is None:  # a batch from another collate function: found here, at the cost of a sync
+            cu_seqs = cu_seq_lens(position_ids, 0)
+        longest = position_ids.shape[1]
+        packed.update(cu_seq_lens_q=cu_seqs, cu_seq_lens_k=cu_seqs, max_length_q=longest, max_length_k=longest)
+    return packed
+
+
 def segment_counts(rows: Any, eos_id: int | None) -> np.ndarray:
     """Documents (or parts of one) per row of a `BlockRows` split, one pass over its memory-mapped arrays."""
     counts = []

@@ -12,7 +12,7 @@ import torch
 
 from lit_flash import FlashGPT2LM
 from lit_flash.attention import flash_attention_unavailable_reason
-from lit_flash.packing import collate_packed, cu_seq_lens
+from lit_flash.packing import collate_packed, cu_seq_lens, packed_attention_kwargs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -63,7 +63,7 @@ def test_packed_documents_match_each_document_alone_logits_loss_and_grads():
     module = build()
     batch = to_cuda(packed_batch(ROWS, cu_length=4 + 1 + 2 + 9))  # 9 padded (empty) sequences at the end
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        kwargs = module._packed_kwargs(batch["position_ids"], batch["cu_seq_lens"])
+        kwargs = packed_attention_kwargs(batch["position_ids"], batch["cu_seq_lens"], module.attn_implementation)
         packed = module(batch["input_ids"], None, **kwargs).logits.float()
     alone, starts = [], []
     for r, lengths in enumerate(ROWS):
@@ -114,7 +114,8 @@ def test_empty_padding_sequences_change_nothing():
     out = []
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         for b in (tight, padded):
-            out.append(module(b["input_ids"], None, **module._packed_kwargs(b["position_ids"], b["cu_seq_lens"])))
+            kwargs = packed_attention_kwargs(b["position_ids"], b["cu_seq_lens"], module.attn_implementation)
+            out.append(module(b["input_ids"], None, **kwargs))
     torch.testing.assert_close(out[0].logits, out[1].logits, rtol=0, atol=0)
 
 
