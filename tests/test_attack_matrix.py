@@ -834,7 +834,7 @@ def test_a_validation_interval_longer_than_an_epoch_while_counting_by_epochs_is_
 def test_any_random_bytes_as_a_checkpoint_are_one_error_not_a_traceback(tmp_path) -> None:
     """Random bytes fail inside torch's unpickler with an IndexError, KeyError or UnicodeDecodeError about one time in
     twelve (a traceback, and a test that failed now and then): 300 seeded files, each refused as lit_flash's error."""
-    from lit_flash.checkpointing import check_is_lightning_checkpoint
+    from lit_flash.ckpt_file import check_is_lightning_checkpoint
     from lit_flash.errors import LitFlashError
 
     path = tmp_path / "x.ckpt"

@@ -519,7 +519,7 @@ def test_lora_under_ddp_trains_checkpoints_and_exports_once(tmp_path: Path, pret
 def test_a_checkpoint_turning_lora_on_or_off_is_said(user: dict, saved: dict, said: str,
                                                      capsys: pytest.CaptureFixture) -> None:
     """LightningCLI lets a checkpoint's hyperparameters replace the user's: LoRA switched on or off said nothing."""
-    from lit_flash.checkpointing import warn_replaced_model_values
+    from lit_flash.ckpt_file import warn_replaced_model_values
 
     warn_replaced_model_values(user, saved, "run/last.ckpt")
     err = capsys.readouterr().err

@@ -17,13 +17,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from lit_flash import interrupt
 from lit_flash.callbacks import HFExport, LastValidatedStep
-from lit_flash.checkpointing import (
-    LOAD_ERRORS,
-    check_is_lightning_checkpoint,
-    load_error,
-    resolve_resume,
-    warn_replaced_model_values,
-)
+from lit_flash.checkpointing import LOAD_ERRORS, load_error, resolve_resume
+from lit_flash.ckpt_file import check_is_lightning_checkpoint, warn_replaced_model_values
 from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError, one_line
 from lit_flash.guards import check_model_config

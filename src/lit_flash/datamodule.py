@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_flash.blocks import (
@@ -34,16 +30,8 @@ from lit_flash.packing import (
     resolve_documents,
     sample_by,
 )
-from lit_flash.stream import POSITION_KEY, BlockStream, StreamLoader
-from lit_flash.text import (
-    load_raw_text,
-    load_tokenizer,
-    resolve_text_files,
-    tokenize_and_group,
-    train_bpe_tokenizer,
-)
-
-_CACHE_FORMAT_VERSION = 1
+from lit_flash.stream import POSITION_KEY, StreamLoader, check_resume_streaming, stream_splits
+from lit_flash.text import load_raw_text, load_tokenizer, tokenize_and_group, tokenized_cache_dir, train_bpe_tokenizer
 
 
 class WikitextDataModule(L.LightningDataModule):
@@ -148,20 +136,10 @@ class WikitextDataModule(L.LightningDataModule):
     def cache_path(self) -> Path:
         """The cache folder for this source, tokenizer and block size (unused with a load dir)."""
         h = self.hparams
-        source: dict[str, Any] = {"tokenizer": h.tokenizer_name, "trained_vocab": h.train_tokenizer_vocab_size}
-        source.update(block_size=h.block_size, text_column=h.text_column, version=_CACHE_FORMAT_VERSION)
-        if h.text_files:
-            files = resolve_text_files(h.text_files)
-            source["files"] = {s: [(f, os.path.getsize(f), os.path.getmtime(f)) for f in fs] for s, fs in files.items()}
-        else:
-            source["hub"] = [h.dataset_name, h.dataset_config_name]
-        if h.packing:  # packed blocks differ from grouped ones; unpacked runs keep their existing cache key
-            source["packing"] = resolve_documents(h.packing_documents, h.text_files, h.dataset_name)
-        key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
-        root = Path(h.cache_dir or Path.home() / ".cache" / "lit_flash").expanduser()
-        if root.exists() and not root.is_dir():
-            raise LitFlashError(f"data.cache_dir={root} is a file: give a folder for the tokenized cache")
-        return root / key
+        packing = resolve_documents(h.packing_documents, h.text_files, h.dataset_name) if h.packing else None
+        source = h.text_files or [h.dataset_name, h.dataset_config_name]
+        tokenizer = {"tokenizer": h.tokenizer_name, "trained_vocab": h.train_tokenizer_vocab_size}
+        return tokenized_cache_dir(h.cache_dir, source, tokenizer, h.block_size, h.text_column, packing)
 
     @property
     def blocks_path(self) -> Path:
@@ -181,16 +159,7 @@ class WikitextDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:  # validate/test: no resume
             check_resume_packing(state_dict.get("packing"), self.hparams.packing)
-        if state_dict.get("streaming") is False and self.hparams.streaming:  # Lightning restores no loader state
-            raise LitFlashError(
-                "data.streaming=true, but the checkpoint was saved by a run that did not stream: it holds no stream "
-                "position, so the stream would start over; resume with data.streaming=false, or start a new run"
-            )
-        if state_dict.get("streaming") and not state_dict.get("stream_position") and self.hparams.streaming:
-            rank_zero_warn(
-                "data.streaming=true: this checkpoint was saved before lit_flash saved stream positions, so the "
-                "stream restarts from its first block (the blocks trained on before it are read again)"
-            )
+        check_resume_streaming(state_dict, self.hparams.streaming)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and isinstance(self._train_loader, StreamLoader) and POSITION_KEY in batch:
@@ -270,33 +239,12 @@ class WikitextDataModule(L.LightningDataModule):
         self.max_token_where = f"{column} of the {split!r} rows in {self.blocks_path}"
 
     def _setup_streaming(self, stage: str) -> None:
-        from datasets.distributed import split_dataset_by_node
-
         h = self.hparams
-        trainer = self.trainer
-        if stage == "fit" and trainer is not None and trainer.max_steps in (None, -1):
-            raise LitFlashError("data.streaming=true: a stream has no length, so set trainer.max_steps")
-        raw = load_raw_text(h.dataset_name, h.dataset_config_name, h.text_files, True, h.text_column)
-        blocks = tokenize_and_group(raw, self.tokenizer, h.block_size)
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-        def stream(split: str, limit: int | None) -> Any:
-            ds = blocks[split] if limit is None else blocks[split].take(limit)
-            # Whole shards (files) per rank when they divide evenly, else every world_size-th block; the
-            # DataLoader's workers then split each rank's shards among themselves: no block is read twice.
-            return split_dataset_by_node(ds, rank=rank, world_size=world_size).with_format("torch")
-
-        if "train" not in blocks:
-            raise LitFlashError(f"the streamed data has no 'train' split (found {sorted(blocks)})")
-        eval_split = next((s for s in ("validation", "test") if s in blocks), None)
-        if stage == "fit":
-            self.train_dataset = BlockStream(stream("train", h.max_train_samples), h.batch_size, h.block_size)
-        if stage in ("fit", "validate") and eval_split is not None:
-            self.val_dataset = stream(eval_split, h.max_eval_samples)
-        if stage == "test":
-            if "test" not in blocks:
-                raise LitFlashError(f"the streamed data has no 'test' split (found {sorted(blocks)})")
-            self.test_dataset = stream("test", h.max_eval_samples)
+        splits = stream_splits(
+            load_raw_text(h.dataset_name, h.dataset_config_name, h.text_files, True, h.text_column), self.tokenizer,
+            h.block_size, h.batch_size, stage, self.trainer, h.max_train_samples, h.max_eval_samples,
+        )
+        self.train_dataset, self.val_dataset, self.test_dataset = splits
         self.seq_len = h.block_size
         self.max_token_id = None  # unknown without reading the stream; the tokenizer's size is checked instead
 

@@ -125,7 +125,7 @@ def check_checkpoint_lora(lora: dict[str, Any] | None, checkpoint: dict[str, Any
     """A checkpoint trained with LoRA (only the adapter) loaded without `model.lora`, or the other way round: one
     line saying which and what to change, instead of check_state_dict_fits' first missing weight. `lora`: this
     model's `model.lora` hyperparameter; `name`: how the line names the checkpoint (`ckpt_path=...`)."""
-    from lit_flash.checkpointing import switched_sections
+    from lit_flash.ckpt_file import switched_sections
 
     saved = checkpoint.get("hyper_parameters") or {}
     if "lora" not in saved or not switched_sections({"lora": lora}, {"lora": saved["lora"]}):

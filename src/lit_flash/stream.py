@@ -198,3 +198,52 @@ def gather_from_ranks(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def check_resume_streaming(saved: dict[str, Any], streaming: bool) -> None:
+    """Refuse a streaming resume of a checkpoint that holds no stream position (Lightning restores no loader state:
+    the stream would start over silently); warn for one saved before positions were."""
+    if saved.get("streaming") is False and streaming:
+        raise LitFlashError(
+            "data.streaming=true, but the checkpoint was saved by a run that did not stream: it holds no stream "
+            "position, so the stream would start over; resume with data.streaming=false, or start a new run"
+        )
+    if saved.get("streaming") and not saved.get("stream_position") and streaming:
+        rank_zero_warn(
+            "data.streaming=true: this checkpoint was saved before lit_flash saved stream positions, so the "
+            "stream restarts from its first block (the blocks trained on before it are read again)"
+        )
+
+
+def stream_splits(
+    raw: Any, tokenizer: Any, block_size: int, batch_size: int, stage: str, trainer: Any,
+    max_train: int | None, max_eval: int | None,
+) -> tuple[BlockStream | None, Any, Any]:
+    """The (train, validation, test) streams of `stage` from streamed raw text (None where the stage has none):
+    blocks of `block_size` tokens, this rank's share of them."""
+    from datasets.distributed import split_dataset_by_node
+
+    from lit_flash.text import tokenize_and_group
+
+    if stage == "fit" and trainer is not None and trainer.max_steps in (None, -1):
+        raise LitFlashError("data.streaming=true: a stream has no length, so set trainer.max_steps")
+    blocks = tokenize_and_group(raw, tokenizer, block_size)
+    rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def stream(split: str, limit: int | None) -> Any:
+        ds = blocks[split] if limit is None else blocks[split].take(limit)
+        # Whole shards (files) per rank when they divide evenly, else every world_size-th block; the DataLoader's
+        # workers then split each rank's shards among themselves: no block is read twice.
+        return split_dataset_by_node(ds, rank=rank, world_size=world_size).with_format("torch")
+
+    if "train" not in blocks:
+        raise LitFlashError(f"the streamed data has no 'train' split (found {sorted(blocks)})")
+    eval_split = next((s for s in ("validation", "test") if s in blocks), None)
+    train = BlockStream(stream("train", max_train), batch_size, block_size) if stage == "fit" else None
+    val = stream(eval_split, max_eval) if stage in ("fit", "validate") and eval_split is not None else None
+    test = None
+    if stage == "test":
+        if "test" not in blocks:
+            raise LitFlashError(f"the streamed data has no 'test' split (found {sorted(blocks)})")
+        test = stream("test", max_eval)
+    return train, val, test

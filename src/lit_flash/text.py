@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import codecs
 import glob
+import hashlib
 import itertools
+import json
 import os
 import sysconfig
 from pathlib import Path
@@ -196,3 +198,29 @@ def train_bpe_tokenizer(raw: Any, vocab_size: int, save_dir: str | Path) -> Any:
     # Reloaded, not the object above: that one wraps `bpe`, whose truncation setter transformers 5 cannot call
     # (`truncation=True` raised a TypeError), and training then uses exactly what `setup` and the export load.
     return AutoTokenizer.from_pretrained(str(save_dir))
+
+
+CACHE_FORMAT_VERSION = 1  # raise when the cached blocks' format changes: older caches are then rebuilt
+
+
+def tokenized_cache_dir(
+    cache_dir: str | os.PathLike | None, source: Any, tokenizer: dict[str, Any], block_size: int, text_column: str,
+    packing: str | None,
+) -> Path:
+    """The cache folder of these blocks: named by a hash of everything they depend on (the text files' sizes and
+    times, or the hub dataset; the tokenizer; the block size; packing), under `cache_dir` (default
+    ~/.cache/lit_flash)."""
+    key: dict[str, Any] = {**tokenizer, "block_size": block_size, "text_column": text_column,
+                           "version": CACHE_FORMAT_VERSION}
+    if isinstance(source, dict):  # local text files per split
+        files = resolve_text_files(source)
+        key["files"] = {s: [(f, os.path.getsize(f), os.path.getmtime(f)) for f in fs] for s, fs in files.items()}
+    else:
+        key["hub"] = list(source)
+    if packing:  # packed blocks differ from grouped ones; unpacked runs keep their existing cache key
+        key["packing"] = packing
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir or Path.home() / ".cache" / "lit_flash").expanduser()
+    if root.exists() and not root.is_dir():
+        raise LitFlashError(f"data.cache_dir={root} is a file: give a folder for the tokenized cache")
+    return root / digest

@@ -1,0 +1,95 @@
+"""A `--ckpt_path` file as the CLI reads it before Lightning does: is it a Lightning checkpoint at all, and which
+`model.*` values its stored hyperparameters replace (LightningCLI swaps them in silently)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import zipfile
+from typing import Any
+
+import torch
+
+from lit_flash.checkpointing import LOAD_ERRORS, load_error
+from lit_flash.errors import LitFlashError
+
+
+def check_is_lightning_checkpoint(path: str | os.PathLike) -> None:
+    """Refuse a file that is not a Lightning checkpoint before Lightning reads it (a KeyError deep in its restore):
+    a safetensors file, a plain zip or pickle, text, or a torch file without Lightning's keys."""
+    kind = sniff_file_kind(path)
+    if kind is not None:
+        raise LitFlashError(
+            f"ckpt_path={path} is {kind}, not a Lightning checkpoint: give a .ckpt file lit_flash wrote "
+            "(e.g. <run>/checkpoints/last.ckpt); to start from Hugging Face weights use --model.model_name_or_path"
+        )
+    try:
+        # mmap: only the small dictionary is read, not the tensors (LightningCLI loads the file again anyway).
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except LOAD_ERRORS as err:
+        raise load_error(path, err) from err
+    keys = checkpoint if isinstance(checkpoint, dict) else {}
+    missing = [k for k in ("state_dict", "pytorch-lightning_version") if k not in keys]
+    if missing:
+        raise LitFlashError(
+            f"ckpt_path={path} is a torch file without Lightning's {missing}, not a Lightning checkpoint: "
+            "give a .ckpt file lit_flash wrote (e.g. <run>/checkpoints/last.ckpt)"
+        )
+
+
+def sniff_file_kind(path: str | os.PathLike) -> str | None:
+    """What a checkpoint-to-be is by its first bytes, when that is surely not a torch checkpoint; None otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "a safetensors file"  # an 8-byte header length, then the JSON header
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return None  # a damaged torch file: load_error says truncated or corrupted
+        # torch's zip checkpoints hold <name>/data.pkl; any other zip is some other archive
+        return None if any(n.endswith("data.pkl") for n in names) else "a zip archive"
+    if head.startswith((b"{", b"[")) or (head and all(32 <= b < 127 or b in b"\t\r\n" for b in head)):
+        return "a text file"
+    if head.startswith(b"\x80") and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a plain pickle file"  # Lightning's checkpoints are torch's zip format
+    return None
+
+
+def warn_replaced_model_values(user: Any, used: Any, ckpt_path: str | os.PathLike) -> None:
+    """Say which model.* values the checkpoint's hyperparameters replaced (LightningCLI does it silently)."""
+    user_flat, used_flat = _flatten(user), _flatten(used)
+    # A section set on one side and null on the other (model.lora: LoRA on or off) is said as a whole.
+    user_top, used_top = _sections(user), _sections(used)
+    whole = switched_sections(user, used)
+    replaced = [(k, user_top[k], used_top[k]) for k in sorted(whole)]
+    replaced += [(k, v, used_flat[k]) for k, v in user_flat.items()
+                 if k.split(".")[0] not in whole and k in used_flat and used_flat[k] != v]
+    for key, value, kept in replaced:
+        sys.stderr.write(
+            f"lit_flash: model.{key}={value!r} is ignored: --ckpt_path {ckpt_path} was saved with "
+            f"model.{key}={kept!r}, which is used\n"
+        )
+
+
+def switched_sections(user: Any, used: Any) -> set[str]:
+    """The sections (e.g. `lora`) set on one side and null on the other: a feature switched on or off."""
+    user_top, used_top = _sections(user), _sections(used)
+    return {k for k in user_top if k in used_top and isinstance(user_top[k], dict) != isinstance(used_top[k], dict)}
+
+
+def _sections(namespace: Any) -> dict[str, Any]:
+    return namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace or {})
+
+
+def _flatten(namespace: Any) -> dict[str, Any]:
+    as_dict = _sections(namespace)
+    flat: dict[str, Any] = {}
+    for key, value in as_dict.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in _flatten(value).items()})
+        else:
+            flat[key] = value
+    return flat
