@@ -68,21 +68,19 @@ class FlashGPT2LM(L.LightningModule):
         trust_remote_code: Allow hub models that ship their own code. Off unless you trust the repository.
         compile: `torch.compile` the forward and the loss (only the body when liger's cross-entropy is on). The
             first steps are slow while it compiles.
-        compile_mode: `torch.compile`'s mode (needs `compile: true`). `max-autotune-no-cudagraphs` benchmarks Triton
-            matmul kernels against cuBLAS, which takes many minutes and mostly keeps cuBLAS for GPT-2's shapes;
-            `reduce-overhead` (CUDA graphs) helps little once the step has no host sync (benchmarks/RESULTS.md).
+        compile_mode: `torch.compile`'s mode (needs `compile: true`). `reduce-overhead` (CUDA graphs) pays at small
+            batches, where launching each kernel from Python would leave the GPU idle; `max-autotune-no-cudagraphs`
+            tunes Triton matmuls against cuBLAS for many minutes and mostly keeps cuBLAS (benchmarks/RESULTS.md).
         fused_cross_entropy: Compute the loss with liger-kernel's fused linear cross-entropy, chunk by chunk, so the
             full fp32 logits (batch x seq x vocab) are never materialized. Needs `pip install 'lit-flash[fast]'`.
         pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
             faster matmuls. The pad ids are masked out of the softmax; the export is sliced back to the real size.
         fused_adamw: AdamW's fused kernel (one launch a step; under 16-mixed it skips an overflowed step on the GPU
             without a host sync, clipping included); null: on when training on CUDA, else multi-tensor AdamW.
-        low_precision_residual: Under 16-mixed or bf16-mixed, cast the embeddings' output to the autocast dtype so
-            the residual stream between blocks is carried in fp16/bf16 (as in a model loaded in that dtype, like the
-            reference's `--torch_dtype float16`, or Megatron-LM without `fp32_residual_connection`) instead of fp32:
-            half the memory traffic of every residual add and LayerNorm. Weights, gradients and AdamW stay fp32.
-            Without autocast (32-true, or 16-bit weights) the stream is in the weights' dtype and this does nothing.
-            Its speed-up and quality check are in benchmarks/RESULTS.md.
+        low_precision_residual: Under 16-mixed or bf16-mixed, carry the residual stream between blocks in fp16/bf16
+            (as a model loaded in that dtype does, like the reference's `--torch_dtype float16`) instead of fp32:
+            half the memory traffic of each residual add and LayerNorm; weights, gradients and AdamW stay fp32.
+            No effect without autocast. Speed and quality: benchmarks/RESULTS.md.
         on_nonfinite: A NaN/inf training loss `stop`s the run with an error naming the step (before the update, so
             the weights and the last checkpoint stay finite), or `skip`s that batch (no update) with a warning. On
             GPU, `stop` looks every `log_every_n_steps` and before each checkpoint instead of syncing every step:
