@@ -881,3 +881,24 @@ def test_each_rank_restores_rank_0s_gpu_rng_state_on_its_own_gpu(monkeypatch, wo
     resumed.load_state_dict(states)
     resumed.on_train_batch_start(SimpleNamespace(world_size=world_size), None, None, 0)
     assert restored == [rank0_gpu]
+
+
+def test_last_without_a_last_ckpt_is_refused_naming_the_checkpoints_there(tmp_path: Path) -> None:
+    """Attack: `--ckpt_path last` over a folder holding step checkpoints but no last.ckpt (deleted, or
+    `checkpoint.save_last false`): Lightning warned and restarted at step 0, overwriting them and the export."""
+    from lit_flash.checkpointing import resolve_ckpt_path
+    from lit_flash.trainer_setup import resume_path
+
+    _fake_checkpoint(tmp_path / "epoch=0-step=3.ckpt", 3)
+    _fake_checkpoint(tmp_path / "epoch=0-step=6.ckpt", 6)
+    for subcommand in ("fit", "validate"):
+        with pytest.raises(LitFlashError, match=r"--ckpt_path last: .* has no last.ckpt, only .*epoch=0-step=6.ckpt"
+                           r".*--ckpt_path auto"):
+            resolve_ckpt_path("last", tmp_path, subcommand)
+    root = tmp_path / "run"
+    (root / "checkpoints").mkdir(parents=True)
+    _fake_checkpoint(root / "checkpoints" / "epoch=0-step=3.ckpt", 3)
+    with pytest.raises(LitFlashError, match="has no last.ckpt"):
+        resume_path(root, "last")
+    _fake_checkpoint(tmp_path / "last.ckpt", 6)
+    assert resolve_ckpt_path("last", tmp_path, "fit") == "last"

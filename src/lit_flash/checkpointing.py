@@ -209,6 +209,11 @@ def newest_intact_checkpoint(ckpt_dir: Path) -> Path | None:
     return None if best is None else best[2]
 
 
+def _is_last_name(path: Path) -> bool:
+    """A file Lightning's `ckpt_path="last"` finds (its pattern: a .ckpt whose name starts with `last`)."""
+    return path.suffix == ".ckpt" and path.stem.startswith("last")
+
+
 def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcommand: str) -> str | None:
     """Turn `ckpt_path=auto` into the intact checkpoint of `ckpt_dir` with the highest step (normally `last.ckpt`;
     a step checkpoint when a kill landed between writing it and last.ckpt), or None (start fresh) when there is
@@ -239,6 +244,13 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcom
     if ckpt_path == "last" and not existing:  # Lightning would warn and go on without one
         raise LitFlashError(
             f"--ckpt_path last: no checkpoint in {ckpt_dir} yet; use --ckpt_path auto to start fresh when there is none"
+        )
+    if ckpt_path == "last" and not any(_is_last_name(p) for p in existing):
+        # Lightning would warn and start from step 0, overwriting these checkpoints and the export.
+        names = ", ".join(p.name for p in existing[-3:])
+        raise LitFlashError(
+            f"--ckpt_path last: {ckpt_dir} has no last.ckpt, only {names}: resume with --ckpt_path auto (the one "
+            "with the highest step) or give one of them as --ckpt_path <file>"
         )
     if ckpt_path is None and subcommand == "fit" and existing:
         names = ", ".join(p.name for p in existing[-3:])
