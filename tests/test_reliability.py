@@ -12,6 +12,7 @@ import errno
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import time
@@ -199,8 +200,9 @@ def test_fresh_fit_refuses_to_overwrite_an_earlier_runs_checkpoints(
     assert snapshot(root) == before
 
 
-def _fake_checkpoint(path: Path, step: int) -> Path:
-    torch.save({"global_step": step, "state_dict": {"w": torch.zeros(4)}}, path)
+def _fake_checkpoint(path: Path, step: int, weights_only: bool = False) -> Path:
+    state = {"global_step": step, "state_dict": {"w": torch.zeros(4)}}
+    torch.save(state if weights_only else {**state, "optimizer_states": [{}]}, path)
     return path
 
 
@@ -901,4 +903,19 @@ def test_last_without_a_last_ckpt_is_refused_naming_the_checkpoints_there(tmp_pa
     with pytest.raises(LitFlashError, match="has no last.ckpt"):
         resume_path(root, "last")
     _fake_checkpoint(tmp_path / "last.ckpt", 6)
+    assert resolve_ckpt_path("last", tmp_path, "fit") == "last"
+
+
+def test_a_weights_only_checkpoint_cannot_resume_a_fit(tmp_path: Path) -> None:
+    """Attack: after `fit --checkpoint.save_weights_only true`, `fit --ckpt_path auto` picked a weights-only
+    checkpoint and Lightning stopped with a KeyError traceback (no optimizer state to restore)."""
+    from lit_flash.checkpointing import resolve_ckpt_path
+
+    for name in ("epoch=0-step=3.ckpt", "last.ckpt"):
+        _fake_checkpoint(tmp_path / name, 3, weights_only=True)  # no optimizer_states: save_weights_only's
+    for how in ("auto", "last", str(tmp_path / "epoch=0-step=3.ckpt")):
+        with pytest.raises(LitFlashError, match=rf"--ckpt_path {re.escape(how)}: .*\.ckpt holds the weights only"):
+            resolve_ckpt_path(how, tmp_path, "fit")
+    assert resolve_ckpt_path("auto", tmp_path, "validate") == str(tmp_path / "last.ckpt")  # fine to evaluate
+    _fake_checkpoint(tmp_path / "last.ckpt", 3)
     assert resolve_ckpt_path("last", tmp_path, "fit") == "last"
