@@ -919,3 +919,16 @@ def test_a_weights_only_checkpoint_cannot_resume_a_fit(tmp_path: Path) -> None:
     assert resolve_ckpt_path("auto", tmp_path, "validate") == str(tmp_path / "last.ckpt")  # fine to evaluate
     _fake_checkpoint(tmp_path / "last.ckpt", 3)
     assert resolve_ckpt_path("last", tmp_path, "fit") == "last"
+
+
+def test_a_checkpoint_of_another_model_config_is_refused_on_load(tiny_config) -> None:
+    """Attack: `fit --ckpt_path auto --model.model_config.n_head 4` over a run trained with n_head 2 loaded the
+    same-shaped weights into a different model and trained on, unsaid (a file path warns: LightningCLI swaps)."""
+    from _helpers import tiny_module
+
+    config = {"vocab_size": 300, "n_positions": 32, "n_embd": 32, "n_layer": 1, "n_head": 2}
+    saved = tiny_module(config)
+    checkpoint = {"state_dict": saved.state_dict(), "hyper_parameters": dict(saved.hparams)}
+    tiny_module({**config, "resid_pdrop": 0.0}).on_load_checkpoint(dict(checkpoint))  # dropout may change
+    with pytest.raises(LitFlashError, match=r"saved with model\.model_config\.n_head=2, this run has 4"):
+        tiny_module({**config, "n_head": 4}).on_load_checkpoint(dict(checkpoint))
