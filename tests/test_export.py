@@ -315,3 +315,49 @@ def test_a_parent_that_cannot_be_created_at_export_time_is_one_error(
     monkeypatch.setattr("tempfile.mkdtemp", full)
     with pytest.raises(LitFlashError, match=r"export\.dirname=model: writing the export .*No space left on device"):
         write_export(tmp_path / "new" / "model", _fake_model, tmp_path, FLAG)
+
+
+def test_files_the_user_added_to_this_runs_export_are_refused_not_deleted(tmp_path: Path, earlier_export: Path) -> None:
+    """Attack: a resumed fit replaced the whole `<run>/model`, deleting the NOTES.md and tokenizer files the user
+    had put there. The marker lists the files the export wrote; any other file there is refused, naming it."""
+    check_export_target(earlier_export, tmp_path, FLAG)
+    (earlier_export / "NOTES.md").write_text("my notes")
+    before = snapshot(tmp_path)
+    with pytest.raises(LitFlashError, match=r"export\.dirname=model: .*NOTES\.md was not written by the export"):
+        write_export(earlier_export, lambda f: _fake_model(f, b"new weights"), tmp_path, FLAG)
+    assert snapshot(tmp_path) == before
+
+
+def test_an_export_from_before_the_file_list_is_judged_by_export_file_names(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    _fake_model(model)
+    (model / MARKER).write_text(json.dumps({"run_dir": os.path.realpath(tmp_path), "written_by": "lit_flash"}))
+    (model / "tokenizer.json").write_text("{}")
+    check_export_target(model, tmp_path, FLAG)
+    (model / "NOTES.md").write_text("my notes")
+    with pytest.raises(LitFlashError, match=r"NOTES\.md was not written by the export"):
+        check_export_target(model, tmp_path, FLAG)
+
+
+@pytest.mark.slow
+def test_cli_resume_refuses_user_files_in_the_export_and_nothing_to_train_keeps_it(
+    tmp_path: Path, dataset: Path, run_cli
+) -> None:
+    config = _config(tmp_path, dataset)
+    assert run_cli(["fit", "--config", config])[0] == 0
+    model = tmp_path / "run" / "model"
+    (model / "NOTES.md").write_text("my notes")
+    before = snapshot(tmp_path / "run" / "checkpoints")
+    code, _, err = run_cli(["fit", "--config", config, "--trainer.max_steps=4", "--ckpt_path=last"])
+    line = _one_error(code, err)
+    assert "NOTES.md" in line and "export.dirname" in line
+    assert (model / "NOTES.md").read_text() == "my notes"
+    assert snapshot(tmp_path / "run" / "checkpoints") == before, "it trained before refusing"
+    (model / "NOTES.md").unlink()
+    exported = snapshot(model)
+    os.utime(model / "model.safetensors", (1, 1))
+    code, _, err = run_cli(["fit", "--config", config, "--ckpt_path=last"])  # already at max_steps
+    assert code == 0, err
+    assert "nothing to train" in err
+    assert snapshot(model) == exported and (model / "model.safetensors").stat().st_mtime == 1, "re-exported"

@@ -12,6 +12,7 @@ import errno
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import time
@@ -199,8 +200,9 @@ def test_fresh_fit_refuses_to_overwrite_an_earlier_runs_checkpoints(
     assert snapshot(root) == before
 
 
-def _fake_checkpoint(path: Path, step: int) -> Path:
-    torch.save({"global_step": step, "state_dict": {"w": torch.zeros(4)}}, path)
+def _fake_checkpoint(path: Path, step: int, weights_only: bool = False) -> Path:
+    state = {"global_step": step, "state_dict": {"w": torch.zeros(4)}}
+    torch.save(state if weights_only else {**state, "optimizer_states": [{}]}, path)
     return path
 
 
@@ -881,3 +883,52 @@ def test_each_rank_restores_rank_0s_gpu_rng_state_on_its_own_gpu(monkeypatch, wo
     resumed.load_state_dict(states)
     resumed.on_train_batch_start(SimpleNamespace(world_size=world_size), None, None, 0)
     assert restored == [rank0_gpu]
+
+
+def test_last_without_a_last_ckpt_is_refused_naming_the_checkpoints_there(tmp_path: Path) -> None:
+    """Attack: `--ckpt_path last` over a folder holding step checkpoints but no last.ckpt (deleted, or
+    `checkpoint.save_last false`): Lightning warned and restarted at step 0, overwriting them and the export."""
+    from lit_flash.checkpointing import resolve_ckpt_path
+    from lit_flash.trainer_setup import resume_path
+
+    _fake_checkpoint(tmp_path / "epoch=0-step=3.ckpt", 3)
+    _fake_checkpoint(tmp_path / "epoch=0-step=6.ckpt", 6)
+    for subcommand in ("fit", "validate"):
+        with pytest.raises(LitFlashError, match=r"--ckpt_path last: .* has no last.ckpt, only .*epoch=0-step=6.ckpt"
+                           r".*--ckpt_path auto"):
+            resolve_ckpt_path("last", tmp_path, subcommand)
+    root = tmp_path / "run"
+    (root / "checkpoints").mkdir(parents=True)
+    _fake_checkpoint(root / "checkpoints" / "epoch=0-step=3.ckpt", 3)
+    with pytest.raises(LitFlashError, match="has no last.ckpt"):
+        resume_path(root, "last")
+    _fake_checkpoint(tmp_path / "last.ckpt", 6)
+    assert resolve_ckpt_path("last", tmp_path, "fit") == "last"
+
+
+def test_a_weights_only_checkpoint_cannot_resume_a_fit(tmp_path: Path) -> None:
+    """Attack: after `fit --checkpoint.save_weights_only true`, `fit --ckpt_path auto` picked a weights-only
+    checkpoint and Lightning stopped with a KeyError traceback (no optimizer state to restore)."""
+    from lit_flash.checkpointing import resolve_ckpt_path
+
+    for name in ("epoch=0-step=3.ckpt", "last.ckpt"):
+        _fake_checkpoint(tmp_path / name, 3, weights_only=True)  # no optimizer_states: save_weights_only's
+    for how in ("auto", "last", str(tmp_path / "epoch=0-step=3.ckpt")):
+        with pytest.raises(LitFlashError, match=rf"--ckpt_path {re.escape(how)}: .*\.ckpt holds the weights only"):
+            resolve_ckpt_path(how, tmp_path, "fit")
+    assert resolve_ckpt_path("auto", tmp_path, "validate") == str(tmp_path / "last.ckpt")  # fine to evaluate
+    _fake_checkpoint(tmp_path / "last.ckpt", 3)
+    assert resolve_ckpt_path("last", tmp_path, "fit") == "last"
+
+
+def test_a_checkpoint_of_another_model_config_is_refused_on_load(tiny_config) -> None:
+    """Attack: `fit --ckpt_path auto --model.model_config.n_head 4` over a run trained with n_head 2 loaded the
+    same-shaped weights into a different model and trained on, unsaid (a file path warns: LightningCLI swaps)."""
+    from _helpers import tiny_module
+
+    config = {"vocab_size": 300, "n_positions": 32, "n_embd": 32, "n_layer": 1, "n_head": 2}
+    saved = tiny_module(config)
+    checkpoint = {"state_dict": saved.state_dict(), "hyper_parameters": dict(saved.hparams)}
+    tiny_module({**config, "resid_pdrop": 0.0}).on_load_checkpoint(dict(checkpoint))  # dropout may change
+    with pytest.raises(LitFlashError, match=r"saved with model\.model_config\.n_head=2, this run has 4"):
+        tiny_module({**config, "n_head": 4}).on_load_checkpoint(dict(checkpoint))

@@ -13,7 +13,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lit_flash.distributed import gather_full_state_dict
-from lit_flash.export import check_export_target
+from lit_flash.export import check_export_target, exported_step, record_exported_step
 from lit_flash.lightning_adapters import is_log_step, steps_optimizer
 from lit_flash.limits import PositiveFloat, WindowInt
 
@@ -24,7 +24,9 @@ class HFExport(L.Callback):
     The target is checked when `fit` sets up, before any training: it may be a new folder, an empty one, or this
     run's own earlier export (a resumed or re-run fit replaces it). lit_flash writes `lit_flash_export.json` into
     every export, naming the run folder (`trainer.default_root_dir`) it belongs to; an export with that marker is
-    this run's when it names this run's folder or lies inside it. A file, a folder holding anything else, or
+    this run's when it names this run's folder or lies inside it, and it lists the files the export wrote: a file
+    added there since (notes, a tokenizer copied in) is refused too, as a new export replaces the whole folder. A
+    fit resumed at its end (nothing to train) keeps the export of that step. A file, a folder holding anything else, or
     another run's export is refused with one error line naming `export.dirname`; so is a target whose parent
     folder cannot be written. The export is written into a temporary folder beside the target and renamed onto it
     in one step (a previous export of the run is renamed aside, and deleted once the new one is in place): a
@@ -51,13 +53,21 @@ class HFExport(L.Callback):
             check_export_target(Path(default_root_dir) / self.dirname, default_root_dir, self.flag)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trained = False
         if stage == "fit":
             # Every rank checks (the same answer on a shared filesystem): one rank raising alone would hang the rest.
             self.check_target(trainer.default_root_dir)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trained = True  # not called when a resumed fit is already at its end
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self.export_path(trainer)
         if path is None or trainer.interrupted:
+            return
+        if not getattr(self, "_trained", True) and exported_step(path) == trainer.global_step:
+            # Nothing trained and the export holds these weights already; with a failed or older export, write it.
+            rank_zero_info(f"The export at {path} already holds step {trainer.global_step}: kept as it is")
             return
         if hasattr(pl_module, "stop_if_nonfinite"):
             pl_module.stop_if_nonfinite()  # on GPU the NaN check is deferred: never export NaN-trained weights
@@ -68,6 +78,7 @@ class HFExport(L.Callback):
     def _export(self, pl_module: Any, trainer: L.Trainer, path: Path, state_dict: dict | None) -> None:
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
         pl_module.export_hf(path, tokenizer, state_dict=state_dict, run_dir=trainer.default_root_dir, flag=self.flag)
+        record_exported_step(path, trainer.global_step)
         rank_zero_info(f"Exported the Hugging Face model to {path}")
 
 

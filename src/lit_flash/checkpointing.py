@@ -180,15 +180,33 @@ def loaded_checkpoint_name(trainer: Any) -> str:
     return f"ckpt_path={path}" if path else "the checkpoint"
 
 
-def stored_global_step(path: Path) -> int | None:
-    """The `global_step` a Lightning checkpoint file holds, or None when the file cannot be read (zero bytes,
-    truncated, corrupted, not a Lightning checkpoint). Cheap: with `mmap` the tensors are never read."""
+def _stored_state(path: Path) -> dict | None:
+    """A checkpoint file's top-level dictionary, or None when it cannot be read (zero bytes, truncated, corrupted,
+    not a dictionary). Cheap: with `mmap` the tensors are never read."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (*LOAD_ERRORS, OSError):
         return None
-    step = state.get("global_step") if isinstance(state, dict) else None
+    return state if isinstance(state, dict) else None
+
+
+def stored_global_step(path: Path) -> int | None:
+    """The `global_step` a Lightning checkpoint file holds, or None when the file cannot be read."""
+    step = (_stored_state(path) or {}).get("global_step")
     return step if isinstance(step, int) else None
+
+
+def check_resumes_fit(path: str | os.PathLike, how: str) -> None:
+    """Refuse to resume a fit from a weights-only checkpoint (`checkpoint.save_weights_only=true`): it has no
+    optimizer, scheduler or loop state, and Lightning stops with a KeyError deep in its restore. `how`: the
+    `--ckpt_path` value that chose it. An unreadable file is left to the load's own one-line error."""
+    state = _stored_state(Path(path))
+    if state is not None and "state_dict" in state and "optimizer_states" not in state:
+        raise LitFlashError(
+            f"--ckpt_path {how}: {path} holds the weights only (checkpoint.save_weights_only=true), not the optimizer "
+            "and loop state a fit resumes from: give a full checkpoint (checkpoint.save_weights_only=false), or "
+            "validate/test this one"
+        )
 
 
 def newest_intact_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -209,6 +227,11 @@ def newest_intact_checkpoint(ckpt_dir: Path) -> Path | None:
     return None if best is None else best[2]
 
 
+def _is_last_name(path: Path) -> bool:
+    """A file Lightning's `ckpt_path="last"` finds (its pattern: a .ckpt whose name starts with `last`)."""
+    return path.suffix == ".ckpt" and path.stem.startswith("last")
+
+
 def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcommand: str) -> str | None:
     """Turn `ckpt_path=auto` into the intact checkpoint of `ckpt_dir` with the highest step (normally `last.ckpt`;
     a step checkpoint when a kill landed between writing it and last.ckpt), or None (start fresh) when there is
@@ -226,6 +249,8 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcom
     if ckpt_path == "auto":
         chosen = newest_intact_checkpoint(ckpt_dir) if existing else None
         if chosen is not None:
+            if subcommand == "fit":
+                check_resumes_fit(chosen, "auto")
             print(f"lit_flash: resuming from {chosen} (ckpt_path=auto)", flush=True)
             return str(chosen)
         if existing:
@@ -240,6 +265,17 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcom
         raise LitFlashError(
             f"--ckpt_path last: no checkpoint in {ckpt_dir} yet; use --ckpt_path auto to start fresh when there is none"
         )
+    if ckpt_path == "last" and not any(_is_last_name(p) for p in existing):
+        # Lightning would warn and start from step 0, overwriting these checkpoints and the export.
+        names = ", ".join(p.name for p in existing[-3:])
+        raise LitFlashError(
+            f"--ckpt_path last: {ckpt_dir} has no last.ckpt, only {names}: resume with --ckpt_path auto (the one "
+            "with the highest step) or give one of them as --ckpt_path <file>"
+        )
+    if subcommand == "fit" and ckpt_path == "last":  # the one Lightning picks: the newest last*.ckpt
+        check_resumes_fit(max((p for p in existing if _is_last_name(p)), key=lambda p: p.stat().st_mtime), "last")
+    elif subcommand == "fit" and ckpt_path is not None and Path(ckpt_path).is_file():
+        check_resumes_fit(ckpt_path, str(ckpt_path))
     if ckpt_path is None and subcommand == "fit" and existing:
         names = ", ".join(p.name for p in existing[-3:])
         raise LitFlashError(

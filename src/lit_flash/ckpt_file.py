@@ -93,3 +93,22 @@ def _flatten(namespace: Any) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+def check_same_model_config(current: Any, checkpoint: dict[str, Any], name: str) -> None:
+    """Refuse a checkpoint saved with other `model.model_config` values than this run's (n_head,
+    activation_function, ...): weights of the same shapes load, and a different model would go on training on
+    them unsaid. `--ckpt_path <file>` swaps the checkpoint's values in with a warning (LightningCLI); `auto` and
+    `last` are resolved after the model is built, so they refuse instead. Dropout rates (`*_pdrop`) may change."""
+    stored = (checkpoint.get("hyper_parameters") or {}).get("model_config")
+    if not isinstance(stored, dict) or not isinstance(current, dict) and current is not None:
+        return  # a checkpoint not written by FlashGPT2LM (or without hyperparameters): nothing to compare
+    current = dict(current or {})
+    for key in sorted(set(stored) | set(current)):
+        if key.endswith("_pdrop") or stored.get(key) == current.get(key):
+            continue
+        raise LitFlashError(
+            f"{name} was saved with model.model_config.{key}={stored.get(key)!r}, this run has "
+            f"{current.get(key)!r}: resume with the checkpoint's value, or start a new run "
+            "(another trainer.default_root_dir)"
+        )

@@ -1,7 +1,8 @@
 """Where a Hugging Face export may go, and writing it so that a failure never leaves half a model behind.
 
 The rule: an export target may be written when it does not exist, is an empty folder, or is an export lit_flash
-wrote for the same run (it holds `MARKER`, naming that run's folder, or it lies inside this run's folder). Anything
+wrote for the same run (it holds `MARKER`, naming that run's folder, or it lies inside this run's folder) and
+holding only the files that export wrote (listed in `MARKER`: a new export replaces the whole folder). Anything
 else (a file, a folder holding someone's model or notes, another run's export) is refused, before training when
 the `HFExport` callback is set up, and again just before writing.
 
@@ -12,6 +13,7 @@ temporary folder is removed and the previous export put back.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -69,7 +71,54 @@ def check_export_target(path: Path, run_dir: str | os.PathLike | None, flag: str
         ours = marker["run_dir"] == _run_id(run_dir) or (run_dir is not None and _inside(path, run_dir))
         if not ours:
             raise LitFlashError(f"{flag}: {path} holds the export of another run ({marker['run_dir']}): {fix}")
+        added = foreign_files(path, marker)
+        if added:  # replacing the export replaces the whole folder: what the user put there would be lost
+            raise LitFlashError(
+                f"{flag}: {path / added[0]} was not written by the export ({len(added)} such file(s)), and a new "
+                f"export replaces the whole folder: move it out of {path}, or choose another {flag.split('=')[0]}"
+            )
     _check_writable(path.parent, flag)
+
+
+# What save_pretrained and a tokenizer's save_pretrained write: an export recorded before the marker listed its
+# files ("files") is judged by these names.
+_EXPORT_NAMES = (
+    "config.json", "generation_config.json", "adapter_config.json", "*.safetensors", "*.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", MARKER,
+)
+
+
+def _listing(folder: Path) -> list[str]:
+    """The files under `folder`, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def foreign_files(path: Path, marker: dict) -> list[str]:
+    """Files in this run's export folder `path` the export did not write (the user's notes, a tokenizer copied in),
+    by the marker's list of the files written; by the names exports write, for a marker without one."""
+    written = marker.get("files")
+    if isinstance(written, list):
+        return [f for f in _listing(path) if f not in written and f != MARKER]
+    return [f for f in _listing(path) if not any(fnmatch.fnmatch(f, name) for name in _EXPORT_NAMES)]
+
+
+def exported_step(path: Path) -> int | None:
+    """The global step an export at `path` was written at (None: unknown, or no export there)."""
+    marker = _marker(Path(path))
+    step = marker.get("global_step") if marker else None
+    return step if isinstance(step, int) else None
+
+
+def record_exported_step(path: Path, step: int) -> None:
+    """Add the global step to the marker of the export just written at `path` (replaced in one rename): a fit
+    resumed with nothing left to train then keeps that export instead of writing it again."""
+    marker = _marker(Path(path))
+    if marker is None:
+        return
+    tmp = Path(path) / f".{MARKER}.partial"
+    tmp.write_text(json.dumps({**marker, "global_step": int(step)}) + "\n", encoding="utf-8")
+    os.replace(tmp, Path(path) / MARKER)
 
 
 def _check_writable(folder: Path, flag: str) -> None:
@@ -114,7 +163,7 @@ def write_export(
                 f"{flag}: the model was saved without config.json or weights (transformers logged why above); "
                 "nothing was exported"
             )
-        marker = {"run_dir": _run_id(run_dir), "written_by": "lit_flash"}
+        marker = {"run_dir": _run_id(run_dir), "written_by": "lit_flash", "files": _listing(tmp)}
         (tmp / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
         if path.exists():  # an earlier export of this run (checked above): aside now, deleted once replaced
             os.replace(path, aside)

@@ -18,6 +18,7 @@ from lit_flash.attention import SDPA_BACKENDS, AttnImplementation, SDPABackend, 
 from lit_flash.blocks import IGNORE_INDEX
 from lit_flash.build import adapt_for_training, liger_fused_ce, load_causal_lm
 from lit_flash.checkpointing import check_state_dict_fits, loaded_checkpoint_name
+from lit_flash.ckpt_file import check_same_model_config
 from lit_flash.export import export_causal_lm
 from lit_flash.guards import (
     DataFacts,
@@ -286,6 +287,7 @@ class FlashGPT2LM(L.LightningModule):
         # Before Lightning's load_state_dict: a wrong-shape checkpoint is one line, not a page of size mismatches.
         if "state_dict" in checkpoint:  # FSDP loads (and pops) the weights itself, before this hook
             name = loaded_checkpoint_name(attached_trainer(self))
+            check_same_model_config(self.hparams.model_config, checkpoint, name)
             adapters.check_checkpoint_lora(self.hparams.lora, checkpoint, name)
             adapters.check_checkpoint_base(self.base_fingerprint, checkpoint, name, self.hparams.model_name_or_path)
             expected = self.state_dict()
