@@ -350,6 +350,17 @@ def test_config_file_that_is_not_a_yaml_mapping(user: dict[str, Path], kind: str
     assert_refused_and_unchanged(user["root"], args, str(path))
 
 
+SCALAR_SECTIONS = ["model: 5", "data: 5", "trainer: 5", "trainer: null", "checkpoint: 5", "export: [a, b]"]
+
+
+@pytest.mark.parametrize("section", SCALAR_SECTIONS)
+def test_a_config_section_that_is_not_a_mapping_is_named(user: dict[str, Path], section: str) -> None:
+    """`trainer: 5` raised a TypeError, `trainer: null` a misleading "Key trainer.default_root_dir not found"."""
+    path = _write(user["root"] / "configs" / f"section-{section.replace(' ', '').replace(':', '_')}.yaml", section)
+    args = ["fit", "--config", str(user["config"]), "--config", str(path)]
+    assert_refused_and_unchanged(user["root"], args, str(path), f"{section.split(':')[0]} must be a mapping of keys")
+
+
 CHECKPOINT_FILES: dict[str, Callable[[Path], Path]] = {
     "random bytes": lambda p: _write(p, random.Random(0).randbytes(4096)),
     "empty file": lambda p: _write(p, b""),
