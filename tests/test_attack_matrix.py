@@ -209,6 +209,9 @@ def test_fit_values_out_of_range(user: dict[str, Path], data: st.DataObject) -> 
         ("seed_everything", str(2**32)),
         ("seed_everything", "abc"),
         ("trainer.strategy", "no_such_strategy"),
+        ("trainer.overfit_batches", "2"),
+        ("trainer.overfit_batches", "0.5"),
+        ("checkpoint.monitor", "foo"),
     ],
 )
 def test_trainer_union_values_out_of_range(user: dict[str, Path], key: str, value: str) -> None:
@@ -736,12 +739,21 @@ def test_a_run_folder_holding_the_wrong_kind_of_entry_is_one_line(user: dict[str
 @pytest.mark.parametrize("extra", [
     "--trainer.default_root_dir=", "--checkpoint.filename=../../notes", "--checkpoint.filename=sub/x",
     "--trainer.max_steps=0", "--trainer.max_epochs=0", "--trainer.limit_train_batches=0",
+    "--trainer.max_time=00:00:00:00", "--trainer.max_time={minutes: 0}",
 ])
 def test_a_run_that_would_write_elsewhere_or_train_nothing_is_refused(user: dict[str, Path], extra: str):
     """`checkpoint.filename=../../notes` replaced the user's notes.ckpt; an empty root wrote into the current
     folder; a fit of no step exported the untrained model as if it had trained."""
     key = extra.split("=")[0].lstrip("-")
     assert_refused_and_unchanged(user["root"], fit_args(user, extra), key)
+
+
+def test_a_logged_monitor_and_a_positive_max_time_still_train(user: dict[str, Path], tmp_path) -> None:
+    args = fit_args(user, f"--trainer.default_root_dir={tmp_path / 'run'}", "--checkpoint.monitor=val_loss",
+                    "--trainer.max_time=00:00:10:00")
+    code, err = run(args)
+    assert code == 0, err
+    assert (tmp_path / "run" / "model").is_dir()
 
 
 def test_plot_output_in_a_format_matplotlib_cannot_write_is_one_line(user: dict[str, Path]) -> None:
