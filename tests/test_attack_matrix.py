@@ -209,6 +209,8 @@ def test_fit_values_out_of_range(user: dict[str, Path], data: st.DataObject) -> 
         ("seed_everything", str(2**32)),
         ("seed_everything", "abc"),
         ("trainer.strategy", "no_such_strategy"),
+        ("trainer.limit_train_batches", "0.01"),
+        ("trainer.limit_val_batches", "0.01"),
         ("trainer.overfit_batches", "2"),
         ("trainer.overfit_batches", "0.5"),
         ("checkpoint.monitor", "foo"),

@@ -21,6 +21,7 @@ from lit_flash.checkpointing import check_state_dict_fits, loaded_checkpoint_nam
 from lit_flash.export import export_causal_lm
 from lit_flash.guards import (
     DataFacts,
+    check_batch_fractions,
     check_data_fits_model,
     check_module_args,
     check_precision_fits,
@@ -181,6 +182,9 @@ class FlashGPT2LM(L.LightningModule):
         )
         if stage == "fit" and hasattr(dm, "train_dataloader"):
             check_validation_interval(self.trainer, _length(dm.train_dataloader()))
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+        check_batch_fractions(self.trainer, {s: getattr(dm, f"{s}_dataloader") for s in splits
+                                             if hasattr(dm, f"{s}_dataloader")})
 
     # ------------------------------------------------------------------------------------------- steps
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
