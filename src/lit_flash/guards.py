@@ -214,11 +214,17 @@ def check_module_args(
         raise LitFlashError(f"model.sdpa_backends: unknown {sorted(unknown)}; choose from {list(SDPA_BACKENDS)}")
 
 
-def check_sdpa_backends_run_on(device: torch.device, backends: list[str] | None) -> None:
-    """Refuse a list of SDPA kernels none of which exists on `device` (math and flash are the CPU's only two)."""
-    if device.type != "cuda" and backends and not {"math", "flash"} & set(backends):
+def check_sdpa_backends_run_on(device: torch.device, backends: list[str] | None, attn_dropout: float = 0.0) -> None:
+    """Refuse a list of SDPA kernels none of which runs on `device`: math and flash are the CPU's only two, and the
+    CPU's flash kernel takes no dropout ("No available kernel" at the first training step). `attn_dropout`: the
+    attention dropout the steps run with (0 when not training)."""
+    if device.type == "cuda" or not backends:
+        return
+    runs = {"math"} if attn_dropout else {"math", "flash"}
+    if not runs & set(backends):
+        why = f" with attention dropout {attn_dropout} (its flash kernel takes none)" if "flash" in backends else ""
         raise LitFlashError(
-            f"model.sdpa_backends={list(backends)}: none of these runs on {device.type}; add math, or set "
+            f"model.sdpa_backends={list(backends)}: none of these runs on {device.type}{why}; add math, or set "
             "model.sdpa_backends=null"
         )
 

@@ -155,7 +155,9 @@ class FlashGPT2LM(L.LightningModule):
             self.attn_implementation = resolve_attn_implementation("flash_attention_2", fallback, device)
             self.model.set_attn_implementation(self.attn_implementation)
         precision = str(self.trainer.precision)
-        check_sdpa_backends_run_on(device, self.hparams.sdpa_backends)
+        config = self.model.config
+        attn_dropout = getattr(config, "attn_pdrop", None) or getattr(config, "attention_dropout", None) or 0.0
+        check_sdpa_backends_run_on(device, self.hparams.sdpa_backends, attn_dropout if stage == "fit" else 0.0)
         if self.lora is not None:
             adapters.check_strategy(self.trainer.strategy)
         check_skip_supported(self.hparams.on_nonfinite, precision, self.trainer.strategy)
