@@ -842,12 +842,74 @@ def test_token_rows_of_the_wrong_shape_or_type_are_one_line(user: dict[str, Path
     assert_refused_and_unchanged(tmp_path, fit_args(user, f"--data.tokenized_dataset_load_dir={folder}"), "blocks")
 
 
-def test_a_cache_dir_that_is_a_file_is_one_line(user: dict[str, Path], tokenizer_dir: Path, tmp_path) -> None:
+def _dangling_link(tmp: Path) -> Path:
+    (tmp / "dangling").symlink_to(tmp / "nowhere" / "target")
+    return tmp / "dangling"
+
+
+def _link_loop(tmp: Path) -> Path:
+    (tmp / "loop").symlink_to(tmp / "loop")
+    return tmp / "loop"
+
+
+# Places lit_flash cannot create a folder or file in (each a traceback - NotADirectoryError, FileExistsError,
+# OSError - once the work was done): tmp -> the path to give.
+UNCREATABLE: dict[str, Callable[[Path], Path]] = {
+    "a file": lambda tmp: _write(tmp / "afile", "the user's file\n"),
+    "under a file": lambda tmp: _write(tmp / "afile", "the user's file\n") / "sub",
+    "under /proc": lambda tmp: Path("/proc/lit_flash_no_such/sub"),
+    "a dangling link": _dangling_link,
+    "under a dangling link": lambda tmp: _dangling_link(tmp) / "sub",
+    "a link loop": _link_loop,
+    "under a link loop": lambda tmp: _link_loop(tmp) / "sub",
+}
+
+
+@pytest.mark.parametrize("where", sorted(UNCREATABLE))
+def test_a_cache_dir_that_cannot_be_created_is_one_line(user: dict[str, Path], tokenizer_dir: Path, tmp_path,
+                                                         where: str) -> None:
     text = _write(tmp_path / "train.txt", "one two three four five six seven\n" * 100)
-    afile = _write(tmp_path / "afile", "the user's file\n")
     args = fit_args(user, "--data.tokenized_dataset_load_dir=null", f"--data.tokenizer_name={tokenizer_dir}",
-                    f"--data.text_files={{train: {text}, test: {text}}}", f"--data.cache_dir={afile}")
+                    f"--data.text_files={{train: {text}, test: {text}}}",
+                    f"--data.cache_dir={UNCREATABLE[where](tmp_path)}")
     assert_refused_and_unchanged(tmp_path, args, "data.cache_dir")
+
+
+@pytest.mark.parametrize("where", sorted(set(UNCREATABLE) - {"a file"}))  # a file: test_prepare_into_a_file
+def test_a_prepare_save_dir_that_cannot_be_created_is_refused_before_tokenizing(
+    user: dict[str, Path], tokenizer_folder: Path, tmp_path, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lit_flash.prepare
+
+    def no_tokenizing(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("tokenized before the --save_dir check")
+
+    monkeypatch.setattr(lit_flash.prepare, "tokenize_and_group", no_tokenizing)
+    text = _write(tmp_path / "small.txt", "one two three\n" * 20)
+    args = ["prepare", "--save_dir", str(UNCREATABLE[where](tmp_path)), f"--tokenizer_name={tokenizer_folder}",
+            f"--text_files={{train: {text}}}", "--splits=[train]"]
+    assert_refused_and_unchanged(tmp_path, args, "--save_dir")
+
+
+@pytest.mark.parametrize("where", sorted(set(UNCREATABLE) - {"a file"}))  # a file: test_generate_output_that_exists
+def test_a_generate_output_that_cannot_be_created_is_refused_before_loading(
+    model_folder: Path, tmp_path, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lit_flash.generate
+
+    def no_loading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("loaded the model before the --output check")
+
+    monkeypatch.setattr(lit_flash.generate, "load_for_generation", no_loading)
+    output = UNCREATABLE[where](tmp_path) / "out.jsonl" if where.startswith("a ") else UNCREATABLE[where](tmp_path)
+    args = ["generate", "--model_name_or_path", str(model_folder), "--prompts", "a", "--output", str(output)]
+    assert_refused_and_unchanged(tmp_path, args, "--output")
+
+
+def test_an_empty_generate_output_is_named_as_empty(model_folder: Path, tmp_path) -> None:
+    """It said "--output  exists" (the empty path is the current folder)."""
+    args = ["generate", "--model_name_or_path", str(model_folder), "--prompts", "a", "--output", ""]
+    assert_refused_and_unchanged(tmp_path, args, "--output is empty")
 
 
 def test_a_validation_interval_longer_than_an_epoch_while_counting_by_epochs_is_one_line(user: dict[str, Path]):

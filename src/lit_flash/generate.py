@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 
 from lit_flash.attention import AttnImplementation
-from lit_flash.errors import LitFlashError, not_a_file
+from lit_flash.errors import LitFlashError, check_can_create, not_a_file
 from lit_flash.limits import NonNegativeFloat, OpenUnitFloat, PositiveInt, SeedInt
 
 
@@ -251,8 +251,12 @@ def generate_main(
         texts += read_prompts(prompts_file)
     if not texts:
         raise LitFlashError("no prompts: give --prompts, --input_str or --prompts_file")
+    if output is not None and not output.strip():
+        raise LitFlashError("--output is empty: give the file to write, such as completions.jsonl")
     if output is not None and Path(output).exists():
         raise LitFlashError(f"--output {output} exists: choose another file or remove it yourself")
+    if output is not None:  # before the (slow) model load and generation
+        check_can_create(output, f"--output {output}", "choose another file")
     _check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the (slow) model load
     check_device(device)
     model, loaded_tokenizer = load_for_generation(model_name_or_path, device, attn_implementation, dtype, tokenizer)

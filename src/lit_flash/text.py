@@ -16,7 +16,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from lit_flash.errors import LitFlashError
+from lit_flash.errors import LitFlashError, check_can_create
 
 # The reference recipe groups within map batches of 1000 rows and drops each batch's tail; so do we.
 GROUP_BATCH_ROWS = 1000
@@ -221,6 +221,5 @@ def tokenized_cache_dir(
         key["packing"] = packing
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir or Path.home() / ".cache" / "lit_flash").expanduser()
-    if root.exists() and not root.is_dir():
-        raise LitFlashError(f"data.cache_dir={root} is a file: give a folder for the tokenized cache")
+    check_can_create(root, f"data.cache_dir={root}", "give a folder for the tokenized cache")
     return root / digest
