@@ -117,7 +117,7 @@ FIT_RANGES: dict[str, tuple[str, Any, Any]] = {
     "data.max_eval_samples": (INT, 1, None),
     "data.num_proc": (INT, 1, None),
     "data.seed": (INT, 0, 2**32 - 1),
-    "data.train_tokenizer_vocab_size": (INT, 1, None),
+    "data.train_tokenizer_vocab_size": (INT, 257, None),
     "model.warmup_steps": (INT, 0, None),
     "model.pad_vocab_to_multiple_of": (INT, 1, None),
     "model.learning_rate": (FLOAT, (0, False), None),
@@ -211,6 +211,7 @@ def test_fit_values_out_of_range(user: dict[str, Path], data: st.DataObject) -> 
         ("trainer.strategy", "no_such_strategy"),
         ("trainer.limit_train_batches", "0.01"),
         ("trainer.limit_val_batches", "0.01"),
+        ("data.train_tokenizer_vocab_size", "10"),  # a byte-level BPE holds 257 tokens at least: it gave 257
         ("model.sdpa_backends", "[flash]"),  # CPU's flash kernel takes no dropout: it failed at step 1
         ("trainer.overfit_batches", "2"),
         ("trainer.overfit_batches", "0.5"),
@@ -508,6 +509,7 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Pa
         (["--prompts", "a", "--max_new_tokens", str(10 * BLOCK)], "max_new_tokens"),
         (["--prompts", "a", "--temperature", "-1"], "temperature"),
         (["--prompts", "a", "--temperature", "nan"], "temperature"),
+        (["--prompts", "a", "--temperature", "1e-40"], "temperature"),  # "probability tensor contains inf"
         (["--prompts", "a", "--top_k", "0"], "top_k"),
         (["--prompts", "a", "--top_p", "0"], "top_p"),
         (["--prompts", "a", "--device", "banana"], "--device"),
@@ -524,6 +526,16 @@ def test_generate_output_that_exists(model_folder: Path, tmp_path: Path) -> None
     out = _write(tmp_path / "out.jsonl", "mine")
     args = ["generate", "--model_name_or_path", str(model_folder), "--prompts", "a", "--output", str(out)]
     assert_refused_and_unchanged(tmp_path, args, str(out))
+
+
+def test_the_smallest_temperature_samples_without_overflow(model_folder: Path, tmp_path: Path) -> None:
+    from lit_flash.generate import MIN_TEMPERATURE
+
+    args = ["generate", "--model_name_or_path", str(model_folder), "--prompts", "one two", "--temperature",
+            str(MIN_TEMPERATURE), "--max_new_tokens", "3", "--output", str(tmp_path / "out.jsonl")]
+    code, err = run(args)
+    assert code == 0, err
+    assert (tmp_path / "out.jsonl").read_text().count("completion") == 1
 
 
 def test_temperature_zero_is_greedy_and_works(model_folder: Path, tmp_path: Path) -> None:

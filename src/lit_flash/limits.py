@@ -92,6 +92,9 @@ PositiveFloat = number_type("PositiveFloat", float, low=0, low_open=True)
 NonNegativeFloat = number_type("NonNegativeFloat", float, low=0)
 UnitFloat = number_type("FloatIn0To1", float, low=0, high=1)
 DropoutFloat = number_type("FloatFrom0Below1", float, low=0, high=1, high_open=True)  # 1 drops everything
+# A trained byte-level BPE tokenizer holds the 256 byte tokens and its special token whatever size is asked: a
+# smaller data.train_tokenizer_vocab_size silently gave 257.
+TokenizerVocabInt = number_type("IntAtLeast257", int, low=257)
 OpenUnitFloat = number_type("FloatAbove0To1", float, low=0, high=1, low_open=True)
 
 
