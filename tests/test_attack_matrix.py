@@ -414,7 +414,18 @@ TEXT_FILES: dict[str, Callable[[Path], Path]] = {
     "binary": lambda p: _write(p, bytes(range(256)) * 8),
     "empty": lambda p: _write(p, ""),
     "a safetensors file": _safetensors,
+    "a folder": _empty_folder,
+    "a fifo": lambda p: (p.parent.mkdir(parents=True, exist_ok=True), os.mkfifo(p), p)[-1],
 }
+
+
+@pytest.mark.parametrize(("kind", "said"), [("a folder", "a folder"), ("a fifo", "named pipe")])
+def test_a_text_file_that_is_a_folder_or_fifo_is_said_for_what_it_is(user: dict[str, Path], kind: str, said: str):
+    """It said "no file matches" of a path that exists."""
+    path = TEXT_FILES[kind](user["root"] / "texts" / f"said-{kind.replace(' ', '_')}")
+    prepare = ["prepare", "--save_dir", str(user["root"] / "prepared"), f"--text_files={{train: {path}}}",
+               "--splits=[train]"]
+    assert_refused_and_unchanged(user["root"], prepare, str(path), "--text_files", said)
 
 
 @pytest.fixture(scope="module")
