@@ -117,7 +117,7 @@ FIT_RANGES: dict[str, tuple[str, Any, Any]] = {
     "data.max_eval_samples": (INT, 1, None),
     "data.num_proc": (INT, 1, None),
     "data.seed": (INT, 0, 2**32 - 1),
-    "data.train_tokenizer_vocab_size": (INT, 1, None),
+    "data.train_tokenizer_vocab_size": (INT, 257, None),
     "model.warmup_steps": (INT, 0, None),
     "model.pad_vocab_to_multiple_of": (INT, 1, None),
     "model.learning_rate": (FLOAT, (0, False), None),
@@ -209,6 +209,13 @@ def test_fit_values_out_of_range(user: dict[str, Path], data: st.DataObject) -> 
         ("seed_everything", str(2**32)),
         ("seed_everything", "abc"),
         ("trainer.strategy", "no_such_strategy"),
+        ("trainer.limit_train_batches", "0.01"),
+        ("trainer.limit_val_batches", "0.01"),
+        ("data.train_tokenizer_vocab_size", "10"),  # a byte-level BPE holds 257 tokens at least: it gave 257
+        ("model.sdpa_backends", "[flash]"),  # CPU's flash kernel takes no dropout: it failed at step 1
+        ("trainer.overfit_batches", "2"),
+        ("trainer.overfit_batches", "0.5"),
+        ("checkpoint.monitor", "foo"),
     ],
 )
 def test_trainer_union_values_out_of_range(user: dict[str, Path], key: str, value: str) -> None:
@@ -350,6 +357,17 @@ def test_config_file_that_is_not_a_yaml_mapping(user: dict[str, Path], kind: str
     assert_refused_and_unchanged(user["root"], args, str(path))
 
 
+SCALAR_SECTIONS = ["model: 5", "data: 5", "trainer: 5", "trainer: null", "checkpoint: 5", "export: [a, b]"]
+
+
+@pytest.mark.parametrize("section", SCALAR_SECTIONS)
+def test_a_config_section_that_is_not_a_mapping_is_named(user: dict[str, Path], section: str) -> None:
+    """`trainer: 5` raised a TypeError, `trainer: null` a misleading "Key trainer.default_root_dir not found"."""
+    path = _write(user["root"] / "configs" / f"section-{section.replace(' ', '').replace(':', '_')}.yaml", section)
+    args = ["fit", "--config", str(user["config"]), "--config", str(path)]
+    assert_refused_and_unchanged(user["root"], args, str(path), f"{section.split(':')[0]} must be a mapping of keys")
+
+
 CHECKPOINT_FILES: dict[str, Callable[[Path], Path]] = {
     "random bytes": lambda p: _write(p, random.Random(0).randbytes(4096)),
     "empty file": lambda p: _write(p, b""),
@@ -396,7 +414,18 @@ TEXT_FILES: dict[str, Callable[[Path], Path]] = {
     "binary": lambda p: _write(p, bytes(range(256)) * 8),
     "empty": lambda p: _write(p, ""),
     "a safetensors file": _safetensors,
+    "a folder": _empty_folder,
+    "a fifo": lambda p: (p.parent.mkdir(parents=True, exist_ok=True), os.mkfifo(p), p)[-1],
 }
+
+
+@pytest.mark.parametrize(("kind", "said"), [("a folder", "a folder"), ("a fifo", "named pipe")])
+def test_a_text_file_that_is_a_folder_or_fifo_is_said_for_what_it_is(user: dict[str, Path], kind: str, said: str):
+    """It said "no file matches" of a path that exists."""
+    path = TEXT_FILES[kind](user["root"] / "texts" / f"said-{kind.replace(' ', '_')}")
+    prepare = ["prepare", "--save_dir", str(user["root"] / "prepared"), f"--text_files={{train: {path}}}",
+               "--splits=[train]"]
+    assert_refused_and_unchanged(user["root"], prepare, str(path), "--text_files", said)
 
 
 @pytest.fixture(scope="module")
@@ -491,6 +520,7 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Pa
         (["--prompts", "a", "--max_new_tokens", str(10 * BLOCK)], "max_new_tokens"),
         (["--prompts", "a", "--temperature", "-1"], "temperature"),
         (["--prompts", "a", "--temperature", "nan"], "temperature"),
+        (["--prompts", "a", "--temperature", "1e-40"], "temperature"),  # "probability tensor contains inf"
         (["--prompts", "a", "--top_k", "0"], "top_k"),
         (["--prompts", "a", "--top_p", "0"], "top_p"),
         (["--prompts", "a", "--device", "banana"], "--device"),
@@ -507,6 +537,16 @@ def test_generate_output_that_exists(model_folder: Path, tmp_path: Path) -> None
     out = _write(tmp_path / "out.jsonl", "mine")
     args = ["generate", "--model_name_or_path", str(model_folder), "--prompts", "a", "--output", str(out)]
     assert_refused_and_unchanged(tmp_path, args, str(out))
+
+
+def test_the_smallest_temperature_samples_without_overflow(model_folder: Path, tmp_path: Path) -> None:
+    from lit_flash.generate import MIN_TEMPERATURE
+
+    args = ["generate", "--model_name_or_path", str(model_folder), "--prompts", "one two", "--temperature",
+            str(MIN_TEMPERATURE), "--max_new_tokens", "3", "--output", str(tmp_path / "out.jsonl")]
+    code, err = run(args)
+    assert code == 0, err
+    assert (tmp_path / "out.jsonl").read_text().count("completion") == 1
 
 
 def test_temperature_zero_is_greedy_and_works(model_folder: Path, tmp_path: Path) -> None:
@@ -725,12 +765,21 @@ def test_a_run_folder_holding_the_wrong_kind_of_entry_is_one_line(user: dict[str
 @pytest.mark.parametrize("extra", [
     "--trainer.default_root_dir=", "--checkpoint.filename=../../notes", "--checkpoint.filename=sub/x",
     "--trainer.max_steps=0", "--trainer.max_epochs=0", "--trainer.limit_train_batches=0",
+    "--trainer.max_time=00:00:00:00", "--trainer.max_time={minutes: 0}",
 ])
 def test_a_run_that_would_write_elsewhere_or_train_nothing_is_refused(user: dict[str, Path], extra: str):
     """`checkpoint.filename=../../notes` replaced the user's notes.ckpt; an empty root wrote into the current
     folder; a fit of no step exported the untrained model as if it had trained."""
     key = extra.split("=")[0].lstrip("-")
     assert_refused_and_unchanged(user["root"], fit_args(user, extra), key)
+
+
+def test_a_logged_monitor_and_a_positive_max_time_still_train(user: dict[str, Path], tmp_path) -> None:
+    args = fit_args(user, f"--trainer.default_root_dir={tmp_path / 'run'}", "--checkpoint.monitor=val_loss",
+                    "--trainer.max_time=00:00:10:00")
+    code, err = run(args)
+    assert code == 0, err
+    assert (tmp_path / "run" / "model").is_dir()
 
 
 def test_plot_output_in_a_format_matplotlib_cannot_write_is_one_line(user: dict[str, Path]) -> None:
@@ -816,12 +865,74 @@ def test_token_rows_of_the_wrong_shape_or_type_are_one_line(user: dict[str, Path
     assert_refused_and_unchanged(tmp_path, fit_args(user, f"--data.tokenized_dataset_load_dir={folder}"), "blocks")
 
 
-def test_a_cache_dir_that_is_a_file_is_one_line(user: dict[str, Path], tokenizer_dir: Path, tmp_path) -> None:
+def _dangling_link(tmp: Path) -> Path:
+    (tmp / "dangling").symlink_to(tmp / "nowhere" / "target")
+    return tmp / "dangling"
+
+
+def _link_loop(tmp: Path) -> Path:
+    (tmp / "loop").symlink_to(tmp / "loop")
+    return tmp / "loop"
+
+
+# Places lit_flash cannot create a folder or file in (each a traceback - NotADirectoryError, FileExistsError,
+# OSError - once the work was done): tmp -> the path to give.
+UNCREATABLE: dict[str, Callable[[Path], Path]] = {
+    "a file": lambda tmp: _write(tmp / "afile", "the user's file\n"),
+    "under a file": lambda tmp: _write(tmp / "afile", "the user's file\n") / "sub",
+    "under /proc": lambda tmp: Path("/proc/lit_flash_no_such/sub"),
+    "a dangling link": _dangling_link,
+    "under a dangling link": lambda tmp: _dangling_link(tmp) / "sub",
+    "a link loop": _link_loop,
+    "under a link loop": lambda tmp: _link_loop(tmp) / "sub",
+}
+
+
+@pytest.mark.parametrize("where", sorted(UNCREATABLE))
+def test_a_cache_dir_that_cannot_be_created_is_one_line(user: dict[str, Path], tokenizer_dir: Path, tmp_path,
+                                                         where: str) -> None:
     text = _write(tmp_path / "train.txt", "one two three four five six seven\n" * 100)
-    afile = _write(tmp_path / "afile", "the user's file\n")
     args = fit_args(user, "--data.tokenized_dataset_load_dir=null", f"--data.tokenizer_name={tokenizer_dir}",
-                    f"--data.text_files={{train: {text}, test: {text}}}", f"--data.cache_dir={afile}")
+                    f"--data.text_files={{train: {text}, test: {text}}}",
+                    f"--data.cache_dir={UNCREATABLE[where](tmp_path)}")
     assert_refused_and_unchanged(tmp_path, args, "data.cache_dir")
+
+
+@pytest.mark.parametrize("where", sorted(set(UNCREATABLE) - {"a file"}))  # a file: test_prepare_into_a_file
+def test_a_prepare_save_dir_that_cannot_be_created_is_refused_before_tokenizing(
+    user: dict[str, Path], tokenizer_folder: Path, tmp_path, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lit_flash.prepare
+
+    def no_tokenizing(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("tokenized before the --save_dir check")
+
+    monkeypatch.setattr(lit_flash.prepare, "tokenize_and_group", no_tokenizing)
+    text = _write(tmp_path / "small.txt", "one two three\n" * 20)
+    args = ["prepare", "--save_dir", str(UNCREATABLE[where](tmp_path)), f"--tokenizer_name={tokenizer_folder}",
+            f"--text_files={{train: {text}}}", "--splits=[train]"]
+    assert_refused_and_unchanged(tmp_path, args, "--save_dir")
+
+
+@pytest.mark.parametrize("where", sorted(set(UNCREATABLE) - {"a file"}))  # a file: test_generate_output_that_exists
+def test_a_generate_output_that_cannot_be_created_is_refused_before_loading(
+    model_folder: Path, tmp_path, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lit_flash.generate
+
+    def no_loading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("loaded the model before the --output check")
+
+    monkeypatch.setattr(lit_flash.generate, "load_for_generation", no_loading)
+    output = UNCREATABLE[where](tmp_path) / "out.jsonl" if where.startswith("a ") else UNCREATABLE[where](tmp_path)
+    args = ["generate", "--model_name_or_path", str(model_folder), "--prompts", "a", "--output", str(output)]
+    assert_refused_and_unchanged(tmp_path, args, "--output")
+
+
+def test_an_empty_generate_output_is_named_as_empty(model_folder: Path, tmp_path) -> None:
+    """It said "--output  exists" (the empty path is the current folder)."""
+    args = ["generate", "--model_name_or_path", str(model_folder), "--prompts", "a", "--output", ""]
+    assert_refused_and_unchanged(tmp_path, args, "--output is empty")
 
 
 def test_a_validation_interval_longer_than_an_epoch_while_counting_by_epochs_is_one_line(user: dict[str, Path]):

@@ -599,6 +599,35 @@ def test_sdpa_backends_reach_scaled_dot_product_attention(tiny_model_config):
         cudnn_only._loss(batch, True)
 
 
+BACKEND_LISTS = [["flash"], ["efficient"], ["cudnn"], ["math"], ["flash", "efficient"], ["cudnn", "efficient"],
+                 ["efficient", "math"]]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("backends", BACKEND_LISTS, ids=["+".join(b) for b in BACKEND_LISTS])
+def test_the_cpu_sdpa_backends_check_agrees_with_what_torch_runs(backends: list[str], dropout: float) -> None:
+    """`[flash]` passed the check on CPU, then failed at step 1 ("No available kernel"): the CPU's flash kernel takes
+    no dropout. The check's verdict must be torch's own, for a causal step with its backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lit_flash.attention import SDPA_BACKENDS
+    from lit_flash.guards import check_sdpa_backends_run_on
+
+    q = torch.randn(2, 2, 8, 16, requires_grad=True)
+    try:
+        with sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[b]) for b in backends]):
+            out = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True, dropout_p=dropout)
+            out.sum().backward()
+        runs = True
+    except RuntimeError:
+        runs = False
+    if runs:
+        check_sdpa_backends_run_on(torch.device("cpu"), backends, dropout)
+    else:
+        with pytest.raises(LitFlashError, match=r"model.sdpa_backends=.*none of these runs on cpu.*add math"):
+            check_sdpa_backends_run_on(torch.device("cpu"), backends, dropout)
+
+
 @pytest.mark.slow
 def test_compiled_step_keeps_the_sdpa_choice(tiny_model_config):
     module = tiny_module(_small_config(tiny_model_config, n_layer=1), sdpa_backends=["cudnn"], compile=True)

@@ -20,7 +20,7 @@ from lit_flash.blocks import (
 )
 from lit_flash.errors import LitFlashError
 from lit_flash.guards import DataFacts
-from lit_flash.limits import NonNegativeInt, PositiveInt, SeedInt
+from lit_flash.limits import NonNegativeInt, PositiveInt, SeedInt, TokenizerVocabInt
 from lit_flash.loaders import block_loader
 from lit_flash.packing import (
     Documents,
@@ -86,7 +86,7 @@ class WikitextDataModule(L.LightningDataModule):
         text_files: dict[str, str | list[str]] | None = None,
         tokenized_dataset_load_dir: str | None = None,
         tokenizer_name: str | None = "openai-community/gpt2",
-        train_tokenizer_vocab_size: PositiveInt | None = None,
+        train_tokenizer_vocab_size: TokenizerVocabInt | None = None,
         block_size: PositiveInt = 1024,
         batch_size: PositiveInt = 8,
         eval_batch_size: PositiveInt = 8,

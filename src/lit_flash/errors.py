@@ -1,9 +1,13 @@
-"""The one exception type for mistakes the user can fix, and how a path that is not a file is said."""
+"""The one exception type for mistakes the user can fix, how a path that is not a file is said, and whether a file
+or folder can be created at a path."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import tempfile
+from pathlib import Path
 
 
 class LitFlashError(ValueError):
@@ -31,6 +35,46 @@ def not_a_file(path: str | os.PathLike) -> str:
     kinds = {stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a device",
              stat.S_ISBLK: "a device"}
     return next((f"{name}, not a regular file" for test, name in kinds.items() if test(mode)), "not a regular file")
+
+
+def check_can_create(path: str | os.PathLike, flag: str, fix: str = "choose another") -> None:
+    """Refuse, before any work, a file or folder lit_flash will create at `path` (or write into, where it is an
+    existing folder) that cannot be: a file, a dangling symbolic link or a link loop on its way, or a nearest
+    existing folder nothing can be written in (/proc, read-only). `flag`: how the message names the setting, e.g.
+    `--save_dir x` or `data.cache_dir=x`. An existing `path` that is a file is the caller's to judge first."""
+    path = Path(os.path.abspath(path))
+    existing = None
+    for part in (path, *path.parents):
+        try:
+            mode = os.stat(part).st_mode
+        except FileNotFoundError:
+            if os.path.islink(part):
+                raise LitFlashError(f"{flag}: {part} is a symbolic link to nothing (dangling): {fix}") from None
+            continue
+        except NotADirectoryError:
+            continue  # a file further up: named when the walk gets there
+        except OSError as err:
+            what = "a symbolic link loop" if err.errno == errno.ELOOP else f"unreadable ({err.strerror or err})"
+            raise LitFlashError(f"{flag}: {part} is {what}: {fix}") from None
+        if not stat.S_ISDIR(mode):
+            where = "" if part == path else f"cannot create {path}: "
+            raise LitFlashError(f"{flag}: {where}{part} is {not_a_folder(part)}: {fix}")
+        existing = part
+        break
+    if existing is None:
+        raise LitFlashError(f"{flag}: no folder of {path} exists: {fix}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".lit_flash-write-probe-"):
+            pass
+    except OSError as err:
+        raise LitFlashError(f"{flag}: cannot write in {existing} ({err.strerror or err}); {fix}") from err
+
+
+def not_a_folder(path: str | os.PathLike) -> str:
+    """What a path that is not a folder is, in words: a file, a FIFO, a socket or a device."""
+    why = not_a_file(path)
+    return "a file, not a folder" if why == "not a regular file" or os.path.isfile(path) else why.replace(
+        ", not a regular file", ", not a folder")
 
 
 def one_line(err: LitFlashError) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lit_flash.errors import LitFlashError
+from lit_flash.errors import LitFlashError, check_can_create
 
 MARKER = "lit_flash_export.json"  # written into every export: says which run may replace it
 _TMP_TAG = ".lit_flash-tmp-"  # temporary siblings: `.<name>.lit_flash-tmp-<pid>-<random>[.old]`
@@ -122,19 +122,8 @@ def record_exported_step(path: Path, step: int) -> None:
 
 
 def _check_writable(folder: Path, flag: str) -> None:
-    """A probe file in `folder`, or in its nearest existing parent when it is yet to be created."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise LitFlashError(f"{flag}: cannot create {folder}: {existing} is a file, not a folder: choose another")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".lit_flash-write-probe-"):
-            pass
-    except OSError as err:
-        raise LitFlashError(
-            f"{flag}: cannot write in {existing} ({err.strerror or err}); choose a writable folder"
-        ) from err
+    """`folder` writable, or creatable in its nearest existing parent."""
+    check_can_create(folder, flag)
 
 
 def write_export(

@@ -14,8 +14,10 @@ from typing import Any, Literal
 import torch
 
 from lit_flash.attention import AttnImplementation
-from lit_flash.errors import LitFlashError, not_a_file
+from lit_flash.errors import LitFlashError, check_can_create, not_a_file
 from lit_flash.limits import NonNegativeFloat, OpenUnitFloat, PositiveInt, SeedInt
+
+MIN_TEMPERATURE = 1e-3  # below: logits scaled past fp32's range; at it, sampling is already as good as greedy
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -23,6 +25,11 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, 
         raise LitFlashError(f"max_new_tokens={max_new_tokens}: must be >= 1")
     if temperature < 0:
         raise LitFlashError(f"temperature={temperature}: must be >= 0 (0 is greedy decoding)")
+    if 0 < temperature < MIN_TEMPERATURE:  # logits / 1e-40 overflow to inf: "probability tensor contains inf"
+        raise LitFlashError(
+            f"temperature={temperature}: must be 0 (greedy decoding) or >= {MIN_TEMPERATURE} (smaller ones overflow "
+            "the scaled logits and sample nothing but greedy anyway)"
+        )
     if top_k is not None and top_k < 1:
         raise LitFlashError(f"top_k={top_k}: must be >= 1, or null for no top-k filter")
     if top_p is not None and not 0 < top_p <= 1:
@@ -234,7 +241,7 @@ def generate_main(
         prompts_file: A text file with one prompt per line (blank lines skipped).
         input_str: One prompt (the reference recipe's predict.py flag).
         max_new_tokens: Tokens to generate per prompt.
-        temperature: Sampling temperature; 0 decodes greedily.
+        temperature: Sampling temperature; 0 decodes greedily; otherwise at least 0.001.
         top_k: Sample only among the k most likely tokens (null: no limit).
         top_p: Nucleus sampling: the smallest set of tokens whose probability reaches p (null: no limit).
         seed: Seed for reproducible sampling.
@@ -251,8 +258,12 @@ def generate_main(
         texts += read_prompts(prompts_file)
     if not texts:
         raise LitFlashError("no prompts: give --prompts, --input_str or --prompts_file")
+    if output is not None and not output.strip():
+        raise LitFlashError("--output is empty: give the file to write, such as completions.jsonl")
     if output is not None and Path(output).exists():
         raise LitFlashError(f"--output {output} exists: choose another file or remove it yourself")
+    if output is not None:  # before the (slow) model load and generation
+        check_can_create(output, f"--output {output}", "choose another file")
     _check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the (slow) model load
     check_device(device)
     model, loaded_tokenizer = load_for_generation(model_name_or_path, device, attn_implementation, dtype, tokenizer)

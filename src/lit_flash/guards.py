@@ -214,11 +214,17 @@ def check_module_args(
         raise LitFlashError(f"model.sdpa_backends: unknown {sorted(unknown)}; choose from {list(SDPA_BACKENDS)}")
 
 
-def check_sdpa_backends_run_on(device: torch.device, backends: list[str] | None) -> None:
-    """Refuse a list of SDPA kernels none of which exists on `device` (math and flash are the CPU's only two)."""
-    if device.type != "cuda" and backends and not {"math", "flash"} & set(backends):
+def check_sdpa_backends_run_on(device: torch.device, backends: list[str] | None, attn_dropout: float = 0.0) -> None:
+    """Refuse a list of SDPA kernels none of which runs on `device`: math and flash are the CPU's only two, and the
+    CPU's flash kernel takes no dropout ("No available kernel" at the first training step). `attn_dropout`: the
+    attention dropout the steps run with (0 when not training)."""
+    if device.type == "cuda" or not backends:
+        return
+    runs = {"math"} if attn_dropout else {"math", "flash"}
+    if not runs & set(backends):
+        why = f" with attention dropout {attn_dropout} (its flash kernel takes none)" if "flash" in backends else ""
         raise LitFlashError(
-            f"model.sdpa_backends={list(backends)}: none of these runs on {device.type}; add math, or set "
+            f"model.sdpa_backends={list(backends)}: none of these runs on {device.type}{why}; add math, or set "
             "model.sdpa_backends=null"
         )
 
@@ -292,3 +298,23 @@ def check_validation_interval(trainer: Any, train_batches: int | None) -> None:
             f"trainer.check_val_every_n_epoch={every} counts within epochs: set check_val_every_n_epoch to null "
             "(count steps across epochs, as the shipped recipes do) or lower val_check_interval"
         )
+
+
+def check_batch_fractions(trainer: Any, loaders: dict[str, Any]) -> None:
+    """A fraction `trainer.limit_{train,val,test}_batches` that leaves less than one batch of the split: Lightning
+    refuses it with a traceback once the loader is built (after the sanity check, or mid-fit for validation).
+    `loaders`: split ("train", "val", "test") -> a function returning its DataLoader; called only for a fraction."""
+    for split, make_loader in loaders.items():
+        key = f"limit_{split}_batches"
+        limit = getattr(trainer, key, None)
+        if not isinstance(limit, float) or not 0 < limit < 1:
+            continue
+        try:
+            batches = len(make_loader())
+        except TypeError:  # a stream: no length, Lightning does not scale it
+            continue
+        if batches and int(batches * limit) == 0:
+            raise LitFlashError(
+                f"trainer.{key}={limit}: that fraction of the {batches} {split} batches is less than one batch: give "
+                f"a fraction >= {1 / batches:.3g}, or a number of batches (an integer such as 1)"
+            )

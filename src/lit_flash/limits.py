@@ -92,6 +92,9 @@ PositiveFloat = number_type("PositiveFloat", float, low=0, low_open=True)
 NonNegativeFloat = number_type("NonNegativeFloat", float, low=0)
 UnitFloat = number_type("FloatIn0To1", float, low=0, high=1)
 DropoutFloat = number_type("FloatFrom0Below1", float, low=0, high=1, high_open=True)  # 1 drops everything
+# A trained byte-level BPE tokenizer holds the 256 byte tokens and its special token whatever size is asked: a
+# smaller data.train_tokenizer_vocab_size silently gave 257.
+TokenizerVocabInt = number_type("IntAtLeast257", int, low=257)
 OpenUnitFloat = number_type("FloatAbove0To1", float, low=0, high=1, low_open=True)
 
 
@@ -168,6 +171,27 @@ def _seed(value: Any) -> str | None:
     return None if ok else "must be an integer in [0, 4294967295], or true for a random seed"
 
 
+# What ModelCheckpoint can monitor in a lit_flash run: the metrics FlashGPT2LM logs with `self.log` (module.py:
+# train_loss, and `loss` for the progress bar; val_loss/val_ppl; test_* are never seen by a fit's checkpoints), and
+# the epoch and step ModelCheckpoint adds itself. Any other name made Lightning raise at the first save, after training.
+MONITORABLE = ("val_loss", "val_ppl", "train_loss", "loss", "step", "epoch")
+
+
+def _monitor(value: Any) -> str | None:
+    if value is None or value in MONITORABLE:
+        return None
+    return f"not a metric lit_flash logs: monitor one of {', '.join(MONITORABLE)}, or null (keep the latest)"
+
+
+def _overfit_batches(value: Any) -> str | None:
+    # lit_flash's loaders resume exactly (a seeded sampler of their own): Lightning's overfit mode swaps the sampler,
+    # which they cannot take (a TypeError at the first batch).
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool) and value == 0):
+        return None
+    return ("is not supported by lit_flash's resumable loaders: to train on a few batches, set "
+            "trainer.limit_train_batches=N (and trainer.limit_val_batches)")
+
+
 LIGHTNING_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "seed_everything": _seed,
     "trainer.max_steps": _int_at_least(-1),
@@ -185,6 +209,8 @@ LIGHTNING_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "trainer.limit_test_batches": _optional(_limit_batches, "all batches"),
     "trainer.num_nodes": _int_at_least(1),
     "trainer.devices": _devices,
+    "trainer.overfit_batches": _overfit_batches,
+    "checkpoint.monitor": _monitor,
     "checkpoint.every_n_train_steps": _optional(_int_at_least(0), "no step checkpoints"),
     "checkpoint.every_n_epochs": _optional(_int_at_least(0), "Lightning's default"),
     "checkpoint.save_top_k": _int_at_least(-1),
@@ -226,6 +252,31 @@ def check_training_length(config: Mapping[str, Any] | Any) -> None:
         value = _get(config, key)
         if value is not _MISSING and value is not None and not isinstance(value, bool) and value == none_means:
             raise LitFlashError(f"{key}={value!r}: fit would train no step; give a positive value (or leave it unset)")
+    max_time = _get(config, "trainer.max_time")
+    seconds = _seconds(max_time) if max_time is not _MISSING else None
+    if seconds is not None and seconds <= 0:
+        raise LitFlashError(
+            f"trainer.max_time={max_time!r}: fit would train no step; give a positive time (DD:HH:MM:SS, such as "
+            "00:12:00:00), or leave it unset"
+        )
+
+
+def _seconds(duration: Any) -> float | None:
+    """Lightning's `max_time` (a "DD:HH:MM:SS" string, a dict of timedelta's keywords, or a timedelta) in seconds;
+    None when it is none of these (Lightning says so)."""
+    from datetime import timedelta
+
+    try:
+        if isinstance(duration, timedelta):
+            return duration.total_seconds()
+        if isinstance(duration, str):
+            days, hours, minutes, seconds = (float(part) for part in duration.strip().split(":"))
+            return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds).total_seconds()
+        if isinstance(duration, Mapping):
+            return timedelta(**duration).total_seconds()
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return None
 
 
 def check_loader_workers(num_workers: Any) -> None:

@@ -22,6 +22,7 @@ from lit_flash.ckpt_file import check_same_model_config
 from lit_flash.export import export_causal_lm
 from lit_flash.guards import (
     DataFacts,
+    check_batch_fractions,
     check_data_fits_model,
     check_module_args,
     check_precision_fits,
@@ -155,7 +156,9 @@ class FlashGPT2LM(L.LightningModule):
             self.attn_implementation = resolve_attn_implementation("flash_attention_2", fallback, device)
             self.model.set_attn_implementation(self.attn_implementation)
         precision = str(self.trainer.precision)
-        check_sdpa_backends_run_on(device, self.hparams.sdpa_backends)
+        config = self.model.config
+        attn_dropout = getattr(config, "attn_pdrop", None) or getattr(config, "attention_dropout", None) or 0.0
+        check_sdpa_backends_run_on(device, self.hparams.sdpa_backends, attn_dropout if stage == "fit" else 0.0)
         if self.lora is not None:
             adapters.check_strategy(self.trainer.strategy)
         check_skip_supported(self.hparams.on_nonfinite, precision, self.trainer.strategy)
@@ -182,6 +185,9 @@ class FlashGPT2LM(L.LightningModule):
         )
         if stage == "fit" and hasattr(dm, "train_dataloader"):
             check_validation_interval(self.trainer, _length(dm.train_dataloader()))
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+        check_batch_fractions(self.trainer, {s: getattr(dm, f"{s}_dataloader") for s in splits
+                                             if hasattr(dm, f"{s}_dataloader")})
 
     # ------------------------------------------------------------------------------------------- steps
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:

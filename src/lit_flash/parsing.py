@@ -207,6 +207,8 @@ def _nested_error(message: str) -> str | None:
 
 
 MAX_CONFIG_NODES = 100_000
+# The sections of a trainer subcommand's config: each a mapping of keys (GROUP_TITLES' sections, and the Trainer's).
+CONFIG_SECTIONS = tuple(GROUP_TITLES)
 
 
 def expanded_yaml_size(node: Any, sizes: dict[int, int] | None = None) -> int:
@@ -262,3 +264,9 @@ def check_config_files(args: list[str]) -> None:
                 f"--config {path}: holds a {type(content).__name__}, not a mapping: give a YAML file with "
                 "trainer:, model:, data: ... keys"
             )
+        for section in CONFIG_SECTIONS:  # `trainer: 5` raised a TypeError; `trainer:` (null) a misleading key error
+            if section in content and not isinstance(content[section], dict):
+                raise LitFlashError(
+                    f"--config {path}: {section} must be a mapping of keys (e.g. {section}: {{key: value}}), got "
+                    f"{content[section]!r}: give its keys, or leave the section out"
+                )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lit_flash.blocks import save_dataset_dict
-from lit_flash.errors import LitFlashError
+from lit_flash.errors import LitFlashError, check_can_create
 from lit_flash.limits import PositiveInt
 from lit_flash.packing import Documents
 from lit_flash.text import load_raw_text, load_tokenizer, tokenize_and_group
@@ -48,6 +48,7 @@ def prepare_dataset(
         raise LitFlashError(f"--save_dir {save_dir} is a file: choose a new folder")
     if Path(save_dir).exists() and any(Path(save_dir).iterdir()):
         raise LitFlashError(f"--save_dir {save_dir} exists and is not empty: choose a new folder")
+    check_can_create(save_dir, f"--save_dir {save_dir}", "choose a new folder")  # before any tokenizing
     splits = splits or ["train", "test"]
     documents = resolve_documents(packing_documents, text_files, dataset_name)
     read_by = sample_by(documents) if packing else "line"

@@ -16,7 +16,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from lit_flash.errors import LitFlashError
+from lit_flash.errors import LitFlashError, check_can_create, not_a_file
 
 # The reference recipe groups within map batches of 1000 rows and drops each batch's tail; so do we.
 GROUP_BATCH_ROWS = 1000
@@ -61,6 +61,11 @@ def resolve_text_files(text_files: dict[str, str | list[str]], prefix: str = "da
             pattern = os.path.expanduser(pattern.replace("{stdlib}", stdlib))
             matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
             missing = [m for m in matches if not os.path.isfile(m)]
+            if missing and os.path.exists(missing[0]):  # a folder, a FIFO, a device: said for what it is
+                raise LitFlashError(
+                    f"{prefix}text_files[{split!r}]: {missing[0]} is {not_a_file(missing[0])}: give text files "
+                    "(a glob such as folder/*.txt for a folder's files)"
+                )
             if not matches or missing:
                 first = missing[0] if missing else pattern
                 raise LitFlashError(f"{prefix}text_files[{split!r}]: no file matches {first}")
@@ -221,6 +226,5 @@ def tokenized_cache_dir(
         key["packing"] = packing
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir or Path.home() / ".cache" / "lit_flash").expanduser()
-    if root.exists() and not root.is_dir():
-        raise LitFlashError(f"data.cache_dir={root} is a file: give a folder for the tokenized cache")
+    check_can_create(root, f"data.cache_dir={root}", "give a folder for the tokenized cache")
     return root / digest
