@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
+from typing import Any
 
 import datasets
 import pytest
@@ -319,3 +321,30 @@ def test_block_rows_match_the_dataset_across_arrow_chunks_and_subsets():
             assert row["input_ids"].tolist() == ds[i]["input_ids"] and row["labels"].tolist() == ds[i]["labels"]
             assert row["input_ids"].dtype == torch.int64
         assert rows[5]["input_ids"].tolist() == ds[5]["input_ids"]
+
+
+# -------------------------------------------------------- errors name what the user set, not the cache folder
+
+
+def _text_module(text_files: dict, tokenizer_dir: Path, tmp_path: Path, **kwargs: Any) -> WikitextDataModule:
+    kwargs = {"tokenizer_name": str(tokenizer_dir), "block_size": 16, "cache_dir": str(tmp_path / "cache"), **kwargs}
+    return WikitextDataModule(text_files=text_files, **kwargs)
+
+
+def test_a_block_of_one_token_is_refused_naming_block_size(text_files, tokenizer_dir, tmp_path):
+    with pytest.raises(LitFlashError, match=r"data.block_size=1: must be >= 2"):
+        _text_module(text_files, tokenizer_dir, tmp_path, block_size=1)
+
+
+def test_text_shorter_than_a_block_names_the_text_and_block_size(text_files, tokenizer_dir, tmp_path):
+    dm = _text_module(text_files, tokenizer_dir, tmp_path, block_size=1_000_000)
+    with pytest.raises(LitFlashError, match=r"^data.text_files: split '\w+' holds fewer than data.block_size=1000000"):
+        dm.prepare_data()
+    assert not list((tmp_path / "cache").rglob("dataset_dict.json")), "an unusable cache was saved"
+
+
+def test_text_without_an_evaluation_split_names_the_text_files(text_files, tokenizer_dir, tmp_path):
+    dm = _text_module({"train": text_files["train"]}, tokenizer_dir, tmp_path)
+    dm.prepare_data()
+    with pytest.raises(LitFlashError, match=r"^data.text_files: no 'validation' or 'test' split .*limit_val_batches=0"):
+        dm.setup("fit")

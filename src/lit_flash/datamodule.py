@@ -31,7 +31,14 @@ from lit_flash.packing import (
     sample_by,
 )
 from lit_flash.stream import POSITION_KEY, StreamLoader, check_resume_streaming, stream_splits
-from lit_flash.text import load_raw_text, load_tokenizer, tokenize_and_group, tokenized_cache_dir, train_bpe_tokenizer
+from lit_flash.text import (
+    check_no_empty_split,
+    load_raw_text,
+    load_tokenizer,
+    tokenize_and_group,
+    tokenized_cache_dir,
+    train_bpe_tokenizer,
+)
 
 
 class WikitextDataModule(L.LightningDataModule):
@@ -114,10 +121,10 @@ class WikitextDataModule(L.LightningDataModule):
         for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
             if value is not None and value < 1:
                 raise LitFlashError(f"data.{name}={value}: must be >= 1, or null for all rows")
-        sizes = (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("block_size", block_size))
-        for name, value in sizes:
-            if value < 1:
-                raise LitFlashError(f"data.{name}={value}: must be >= 1")
+        for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                 ("block_size", block_size, 2)):  # a block of 1 token has nothing to predict
+            if value < low:
+                raise LitFlashError(f"data.{name}={value}: must be >= {low}")
         if tokenizer_name is None and tokenized_dataset_load_dir is None and train_tokenizer_vocab_size is None:
             raise LitFlashError("data.tokenizer_name is null: raw text needs a tokenizer")
         self.save_hyperparameters()
@@ -191,7 +198,15 @@ class WikitextDataModule(L.LightningDataModule):
             blocks = pack_documents(raw, tokenizer, h.block_size, documents, h.num_proc)
         else:
             blocks = tokenize_and_group(raw, tokenizer, h.block_size, h.num_proc)
+        check_no_empty_split(blocks, h.block_size, self._source_flag(), "data.block_size")
         save_dataset_dict(blocks, cache / "blocks", overwrite=True)
+
+    def _source_flag(self) -> str:
+        """How errors name where the blocks come from: the user's load dir or text, not our cache folder."""
+        h = self.hparams
+        if h.tokenized_dataset_load_dir:
+            return f"data.tokenized_dataset_load_dir={h.tokenized_dataset_load_dir}"
+        return "data.text_files" if h.text_files else f"data.dataset_name={h.dataset_name}"
 
     def _load_tokenizer(self) -> Any:
         h = self.hparams
@@ -215,16 +230,19 @@ class WikitextDataModule(L.LightningDataModule):
             self.train_dataset = self._subset(dataset["train"], h.max_train_samples)
         if stage in ("fit", "validate"):
             if eval_split not in dataset:
-                raise LitFlashError(f"{self.blocks_path}: no 'validation' or 'test' split to validate on")
+                raise LitFlashError(
+                    f"{self._source_flag()}: no 'validation' or 'test' split to validate on: add one, or set "
+                    "trainer.limit_val_batches=0"
+                )
             self.val_dataset = self._subset(dataset[eval_split], h.max_eval_samples)
         if stage == "test":
             if "test" not in dataset:
-                raise LitFlashError(f"{self.blocks_path}: no 'test' split (found {sorted(dataset)})")
+                raise LitFlashError(f"{self._source_flag()}: no 'test' split (found {sorted(dataset)})")
             self.test_dataset = self._subset(dataset["test"], h.max_eval_samples)
         if stage == "predict":  # scores the test split (the validation split when there is none)
             split = "test" if "test" in dataset else eval_split
             if split not in dataset:
-                raise LitFlashError(f"{self.blocks_path}: no 'test' or 'validation' split to predict on")
+                raise LitFlashError(f"{self._source_flag()}: no 'test' or 'validation' split to predict on")
             self.predict_dataset = self._subset(dataset[split], h.max_eval_samples)
         splits = (self.train_dataset, self.val_dataset, self.test_dataset, self.predict_dataset)
         used = [d for d in splits if d is not None]

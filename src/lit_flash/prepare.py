@@ -9,7 +9,7 @@ from lit_flash.blocks import save_dataset_dict
 from lit_flash.errors import LitFlashError, check_can_create
 from lit_flash.limits import PositiveInt
 from lit_flash.packing import Documents
-from lit_flash.text import load_raw_text, load_tokenizer, tokenize_and_group
+from lit_flash.text import check_no_empty_split, load_raw_text, load_tokenizer, tokenize_and_group
 
 
 def prepare_dataset(
@@ -67,10 +67,5 @@ def prepare_dataset(
         blocks = pack_documents(raw, tokenizer, block_size, documents, num_proc)
     else:
         blocks = tokenize_and_group(raw, tokenizer, block_size, num_proc)
-    empty = [split for split in splits if len(blocks[split]) == 0]
-    if empty:  # saving it would hand fit a dataset it refuses later, far from the cause
-        raise LitFlashError(
-            f"--text_files: split {empty[0]!r} holds fewer than --block_size={block_size} tokens of text: "
-            "give more text or a smaller --block_size"
-        )
+    check_no_empty_split(blocks, block_size, "--text_files" if text_files else "--dataset_name", "--block_size")
     save_dataset_dict(blocks, save_dir)

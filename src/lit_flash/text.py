@@ -228,3 +228,14 @@ def tokenized_cache_dir(
     root = Path(cache_dir or Path.home() / ".cache" / "lit_flash").expanduser()
     check_can_create(root, f"data.cache_dir={root}", "give a folder for the tokenized cache")
     return root / digest
+
+
+def check_no_empty_split(blocks: Any, block_size: int, text_flag: str, block_flag: str) -> None:
+    """Refuse blocks with an empty split (less text than one block): saved, they would be refused later, by a check
+    that can only name the cache folder, far from the cause."""
+    empty = [split for split in blocks if len(blocks[split]) == 0]
+    if empty:
+        raise LitFlashError(
+            f"{text_flag}: split {empty[0]!r} holds fewer than {block_flag}={block_size} tokens of text: give more "
+            f"text or a smaller {block_flag}"
+        )
