@@ -15,9 +15,10 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from lit_flash.attention import flash_attention_unavailable_reason, resolve_attn_implementation
 from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError
-from lit_flash.guards import check_data_fits_model, check_skip_supported
+from lit_flash.guards import check_data_fits_model
 from lit_flash.metrics import flops_per_token
 from lit_flash.module import FlashGPT2LM
+from lit_flash.nonfinite import check_skip_supported
 
 FLASH_REASON = flash_attention_unavailable_reason()
 

@@ -1,5 +1,4 @@
-"""Refuse-early checks (what would otherwise fail deep inside transformers, a CUDA kernel or Lightning mid-run),
-and the guard that stops or skips on a NaN/inf training loss."""
+"""Refuse-early checks: what would otherwise fail deep inside transformers, a CUDA kernel or Lightning mid-run."""
 
 from __future__ import annotations
 
@@ -9,12 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, Strategy
-from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_flash.attention import SDPA_BACKENDS
-from lit_flash.blocks import IGNORE_INDEX
-from lit_flash.errors import LitFlashError, NonFiniteLossError
+from lit_flash.errors import LitFlashError
 
 
 @dataclass(frozen=True)
@@ -182,16 +178,6 @@ def _is_fraction_below_one(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
 
 
-def check_skip_supported(on_nonfinite: str, precision: str, strategy: Any) -> None:
-    """Lightning's FSDP precision plugin unscales the fp16 gradients of a skipped step without updating its
-    GradScaler, so the next step would fail; the other strategies' plugin skips both."""
-    if on_nonfinite == "skip" and precision in ("16-mixed", "16") and isinstance(strategy, FSDPStrategy):
-        raise LitFlashError(
-            "model.on_nonfinite=skip cannot skip a step under FSDP with trainer.precision=16-mixed: "
-            "use bf16-mixed, or model.on_nonfinite=stop"
-        )
-
-
 def check_module_args(
     attn_implementation: str, sdpa_backends: list[str] | None, lr_scheduler: str, warmup_steps: int,
     compile: bool, compile_mode: str,
@@ -236,52 +222,6 @@ def check_precision_fits(attn_implementation: str, precision: str) -> None:
             f"trainer.precision={precision}: flash_attention_2 runs in fp16/bf16 only; "
             "use 16-mixed or bf16-mixed, or model.attn_implementation=sdpa"
         )
-
-
-# ---------------------------------------------------------------------------------- the non-finite guard
-
-
-def record_first_nonfinite(first: torch.Tensor | None, loss: torch.Tensor, step: int) -> torch.Tensor:
-    """`first` (the first step whose loss was NaN/inf, -1: none), updated on the device without a host sync."""
-    if first is None:
-        first = torch.tensor(-1, device=loss.device)
-    first.copy_(torch.where(~torch.isfinite(loss.detach()) & (first < 0), step, first))
-    return first
-
-
-def stop_if_nonfinite(first: torch.Tensor | None, strategy: Strategy) -> None:
-    """Raise when any rank recorded a NaN/inf loss (`record_first_nonfinite`); every rank must call it."""
-    step = -1 if first is None else int(first)
-    if not strategy.reduce_boolean_decision(step < 0, all=True):
-        raise NonFiniteLossError(
-            f"train_loss was NaN/inf at step {step} (on GPU checked every trainer.log_every_n_steps; no checkpoint "
-            "holds the weights since): lower model.learning_rate, use bf16-mixed instead of 16-mixed, or set "
-            "model.on_nonfinite=skip"
-        )
-
-
-def finite_or_skip(
-    loss: torch.Tensor, n_tokens: torch.Tensor | None, on_nonfinite: str, strategy: Strategy, where: str
-) -> bool:
-    """Whether to train on this batch: True for a finite loss; False (with a warning) to skip a NaN/inf one; or
-    `NonFiniteLossError`. `where`: the step, epoch and batch, for the message. One host sync."""
-    # Every rank takes the same decision: a skip on one rank alone would hang DDP.
-    finite = strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-    if finite:
-        return True
-    where = f"train_loss is {loss.item()} at {where}"
-    if on_nonfinite == "stop":
-        if n_tokens is not None and int(n_tokens) == 0:  # a mean over no token: 0/0, whatever the weights
-            raise NonFiniteLossError(
-                f"{where}: the batch has no token to predict (every label is {IGNORE_INDEX}); give its rows "
-                "labels to learn, or leave such rows out of the data"
-            )
-        raise NonFiniteLossError(
-            f"{where}: stopped before updating the weights; lower model.learning_rate, use bf16-mixed instead "
-            "of 16-mixed, or set model.on_nonfinite=skip"
-        )
-    rank_zero_warn(f"{where}: skipped the batch (model.on_nonfinite=skip)")
-    return False
 
 
 def check_validation_interval(trainer: Any, train_batches: int | None) -> None:

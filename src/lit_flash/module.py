@@ -27,16 +27,13 @@ from lit_flash.guards import (
     check_module_args,
     check_precision_fits,
     check_sdpa_backends_run_on,
-    check_skip_supported,
     check_validation_interval,
-    finite_or_skip,
-    record_first_nonfinite,
-    stop_if_nonfinite,
 )
 from lit_flash.lightning_adapters import attached_trainer, is_log_step
 from lit_flash.limits import DropoutFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lit_flash.lora import LoraSettings
 from lit_flash.metrics import TokenMean, flops_per_token, perplexity, row_scores
+from lit_flash.nonfinite import check_skip_supported, finite_or_skip, record_first_nonfinite, stop_if_nonfinite
 from lit_flash.optim import LR_PLAN_KEY, adamw_with_schedule, clip_fused_or_sharded, planned_optimizer_steps
 from lit_flash.packing import packed_attention_kwargs
 
