@@ -109,7 +109,7 @@ def fit_args(user: dict[str, Path], *extra: str) -> list[str]:
 # ModelCheckpoint values lit_flash's configs set.
 INT, FLOAT = "int", "float"
 FIT_RANGES: dict[str, tuple[str, Any, Any]] = {
-    "data.block_size": (INT, 1, None),
+    "data.block_size": (INT, 2, None),
     "data.batch_size": (INT, 1, None),
     "data.eval_batch_size": (INT, 1, None),
     "data.num_workers": (INT, 0, None),
@@ -122,7 +122,7 @@ FIT_RANGES: dict[str, tuple[str, Any, Any]] = {
     "model.pad_vocab_to_multiple_of": (INT, 1, None),
     "model.learning_rate": (FLOAT, (0, False), None),
     "model.weight_decay": (FLOAT, 0, None),
-    "model.eps": (FLOAT, 0, None),
+    "model.eps": (FLOAT, (0, False), None),
     "model.dropout": (FLOAT, 0, (1, False)),
     "throughput.window_size": (INT, 2, None),
     "throughput.peak_tflops": (FLOAT, (0, False), None),

@@ -154,6 +154,8 @@ CASES = [
     ("token ids past the vocabulary", lambda tmp: ["--model.model_config.vocab_size=100"], "vocabulary has 100"),
     ("block_size past the context", lambda tmp: ["--model.model_config.n_positions=16"], "data.block_size"),
     ("max_train_samples=0", lambda tmp: ["--data.max_train_samples=0"], "data.max_train_samples=0"),
+    ("AdamW eps of 0 (NaN where a gradient is 0)", lambda tmp: ["--model.eps=0"], "model.eps=0"),
+    ("a block of one token", lambda tmp: ["--data.block_size=1"], "data.block_size=1"),
     ("an empty split", _blocks("blocks2", {"train": token_rows(8, 0), "test": []}), "split 'test': the split is empty"),
     ("unknown attention implementation", lambda tmp: ["--model.attn_implementation=flash3"], "attn_implementation"),
     (

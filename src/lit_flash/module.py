@@ -59,7 +59,7 @@ class FlashGPT2LM(L.LightningModule):
         learning_rate: Peak AdamW learning rate (`--learning_rate`).
         weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights (`--weight_decay`).
         betas: AdamW betas (`--adam_beta1`, `--adam_beta2`).
-        eps: AdamW epsilon (`--adam_epsilon`).
+        eps: AdamW epsilon (`--adam_epsilon`); above 0 (0 divides by zero where a gradient is 0: NaN).
         warmup_steps: Linear warm-up steps from 0 to `learning_rate` (`--warmup_steps`).
         lr_scheduler: Decay after warm-up, as transformers' `get_scheduler` names it (`--lr_scheduler_type`).
             `constant` has no warm-up (use `constant_with_warmup`); `cosine_with_min_lr` ends at 10% of the peak.
@@ -98,7 +98,7 @@ class FlashGPT2LM(L.LightningModule):
         learning_rate: PositiveFloat = 5e-5,
         weight_decay: NonNegativeFloat = 0.0,
         betas: tuple[DropoutFloat, DropoutFloat] = (0.9, 0.999),
-        eps: NonNegativeFloat = 1e-8,
+        eps: PositiveFloat = 1e-8,
         warmup_steps: NonNegativeInt = 0,
         lr_scheduler: LRSchedule = "linear",
         dropout: DropoutFloat | None = None,
