@@ -348,3 +348,19 @@ def test_text_without_an_evaluation_split_names_the_text_files(text_files, token
     dm.prepare_data()
     with pytest.raises(LitFlashError, match=r"^data.text_files: no 'validation' or 'test' split .*limit_val_batches=0"):
         dm.setup("fit")
+
+
+def test_a_trained_tokenizer_larger_than_the_model_names_its_vocab_size(text_files, tmp_path):
+    from transformers import GPT2Config
+
+    from lit_flash.guards import check_data_fits_model
+
+    dm = WikitextDataModule(text_files=text_files, tokenizer_name=None, train_tokenizer_vocab_size=300, block_size=16,
+                            cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("fit")
+    facts = dm.data_facts()
+    config = GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    with pytest.raises(LitFlashError, match=r"^data.train_tokenizer_vocab_size: the tokenizer has \d+ tokens but the "
+                                            r"model only 256: set it to at most 256"):
+        check_data_fits_model(config, tokenizer_size=facts.tokenizer_size, tokenizer_trained=facts.tokenizer_trained)

@@ -155,7 +155,8 @@ class WikitextDataModule(L.LightningDataModule):
     def data_facts(self) -> DataFacts:
         """What the model checks these blocks against before training (after `setup`)."""
         tokenizer_size = len(self.tokenizer) if self.tokenizer is not None else None
-        return DataFacts(self.seq_len, self.max_token_id, tokenizer_size, self.max_token_where)
+        trained = bool(self.hparams.train_tokenizer_vocab_size) and not self.hparams.tokenized_dataset_load_dir
+        return DataFacts(self.seq_len, self.max_token_id, tokenizer_size, self.max_token_where, trained)
 
     def state_dict(self) -> dict[str, Any]:
         # How the run read its data, for a resume to compare. The stream's position is the train loader's state

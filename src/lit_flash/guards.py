@@ -21,6 +21,7 @@ class DataFacts:
     max_token_id: int | None = None
     tokenizer_size: int | None = None
     max_token_where: str | None = None  # e.g. "labels of the 'train' rows in /input"
+    tokenizer_trained: bool = False  # trained on the run's text (data.train_tokenizer_vocab_size), not loaded
 
 
 def check_data_fits_model(
@@ -30,6 +31,7 @@ def check_data_fits_model(
     tokenizer_size: int | None = None,
     vocab_size: int | None = None,
     max_token_where: str | None = None,
+    tokenizer_trained: bool = False,
 ) -> None:
     """Catch on the host what would otherwise be a CUDA device-side assert deep inside the embedding."""
     vocab = vocab_size or config.vocab_size
@@ -44,9 +46,11 @@ def check_data_fits_model(
             "ids: tokenize with the model's tokenizer (data.tokenizer_name) or raise model.model_config.vocab_size"
         )
     if tokenizer_size is not None and tokenizer_size > vocab:
+        flag, fix = ("data.train_tokenizer_vocab_size", f"set it to at most {vocab}") if tokenizer_trained else (
+            "data.tokenizer_name", "use the model's own tokenizer")
         raise LitFlashError(
-            f"data.tokenizer_name: the tokenizer has {tokenizer_size} tokens but the model only {vocab}: "
-            "use the model's own tokenizer or set model.model_config.vocab_size"
+            f"{flag}: the tokenizer has {tokenizer_size} tokens but the model only {vocab}: {fix} or set "
+            "model.model_config.vocab_size"
         )
 
 

@@ -179,6 +179,7 @@ class FlashGPT2LM(L.LightningModule):
             max_token_id=facts.max_token_id,
             tokenizer_size=facts.tokenizer_size,
             max_token_where=facts.max_token_where,
+            tokenizer_trained=facts.tokenizer_trained,
         )
         if stage == "fit" and hasattr(dm, "train_dataloader"):
             check_validation_interval(self.trainer, _length(dm.train_dataloader()))
