@@ -36,7 +36,7 @@ OVERVIEW = """usage: python -m lit_flash <subcommand> [options]   (or: lit-flash
   validate  validation loss and perplexity of a model or checkpoint (--ckpt_path)
   test      the same on the test split
   prepare   tokenize text into the reference recipe's DatasetDict (save_to_disk), for data.tokenized_dataset_load_dir
-  generate  sample text from an exported model (<run>/model) or a checkpoint
+  generate  sample text from an exported model folder (<run>/model, or a hub id)
   plot      draw a run's training loss and validation perplexity into a PNG
 
 `python -m lit_flash <subcommand> --help` lists a subcommand's options; `fit --config configs/gpt2_flash.yaml
