@@ -59,7 +59,9 @@ def as_settings(lora: LoraSettings | dict[str, Any] | None) -> LoraSettings | No
     """`lora` as `LoraSettings` (a checkpoint's hyperparameters hold it as a plain dict), its layer names checked
     here rather than in `__post_init__`: the CLI's parser would turn a refusal there into a traceback."""
     settings = LoraSettings(**lora) if isinstance(lora, dict) else lora
-    names = settings.target_modules if settings is not None else ["-"]
+    if settings is None:
+        return None
+    names = settings.target_modules
     if not names or not all(isinstance(t, str) and t.strip() for t in names):
         raise LitFlashError(
             f"model.lora.target_modules={names!r}: give a list of layer names, e.g. [c_attn, c_proj, c_fc]"
