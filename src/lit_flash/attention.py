@@ -6,6 +6,7 @@ transformers.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Literal, get_args
 
@@ -63,3 +64,14 @@ def resolve_attn_implementation(
 
     rank_zero_warn(f"flash_attention_2 cannot run: {reason}. Using sdpa instead (model.attn_fallback=false to stop).")
     return "sdpa"
+
+
+def sdpa_kernels_in_order(priority: list[torch.nn.attention.SDPBackend]) -> contextlib.AbstractContextManager:
+    """torch's attention kernels to try, in this order, for the block (none given: torch's own choice)."""
+    # The backward runs outside this block: eager autograd and torch.compile both keep the forward's kernel.
+    if not priority:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(priority, set_priority=True)
+

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from lit_flash.blocks import IGNORE_INDEX
 from lit_flash.errors import LitFlashError
 from lit_flash.guards import as_declared_types, check_model_config
 
@@ -80,13 +79,3 @@ def _to_autocast_dtype(module: torch.nn.Module, args: Any, output: torch.Tensor)
     # Embeddings are not autocast ops: their fp32 output would make every later residual add fp32 too.
     device = output.device.type
     return output.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else output
-
-
-def liger_fused_ce() -> torch.nn.Module:
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError as err:
-        raise LitFlashError(
-            f"model.fused_cross_entropy=true needs liger-kernel ({err}): pip install 'lit-flash[fast]', or set it false"
-        ) from err
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)

@@ -262,3 +262,40 @@ def check_batch_fractions(trainer: Any, loaders: dict[str, Any]) -> None:
                 f"trainer.{key}={limit}: that fraction of the {batches} {split} batches is less than one batch: give "
                 f"a fraction >= {1 / batches:.3g}, or a number of batches (an integer such as 1)"
             )
+
+
+def check_before_stage(
+    trainer: Any, stage: str, model_config: Any, vocab_size: int, attn_implementation: str, hparams: Any
+) -> None:
+    """The checks that need the trainer, its device or the data, run when fit/validate/test/predict sets up
+    (`FlashGPT2LM.setup`): a mistake is one line before the first step. `hparams`: the module's arguments."""
+    from lit_flash.loss import check_fused_loss_runs_on
+    from lit_flash.nonfinite import check_skip_supported
+
+    device, precision = trainer.strategy.root_device, str(trainer.precision)
+    attn_dropout = getattr(model_config, "attn_pdrop", None) or getattr(model_config, "attention_dropout", None)
+    check_sdpa_backends_run_on(device, hparams.sdpa_backends, (attn_dropout or 0.0) if stage == "fit" else 0.0)
+    check_fused_loss_runs_on(device, hparams.fused_cross_entropy)
+    check_skip_supported(hparams.on_nonfinite, precision, trainer.strategy)
+    check_precision_fits(attn_implementation, precision)
+    dm = getattr(trainer, "datamodule", None)
+    # Another DataModule (or loaders passed to fit) tells nothing: then only the model's own sizes are known.
+    facts = dm.data_facts() if hasattr(dm, "data_facts") else DataFacts()
+    check_data_fits_model(
+        model_config, vocab_size=vocab_size, seq_len=facts.seq_len, max_token_id=facts.max_token_id,
+        tokenizer_size=facts.tokenizer_size, max_token_where=facts.max_token_where,
+        tokenizer_trained=facts.tokenizer_trained,
+    )
+    if stage == "fit" and hasattr(dm, "train_dataloader"):
+        check_validation_interval(trainer, _length(dm.train_dataloader()))
+    splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+    check_batch_fractions(trainer, {s: getattr(dm, f"{s}_dataloader") for s in splits
+                                    if hasattr(dm, f"{s}_dataloader")})
+
+
+def _length(loader: Any) -> int | None:
+    """A loader's number of batches, or None for a stream (no length)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None

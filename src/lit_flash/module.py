@@ -5,35 +5,33 @@ The `nn.Module` is transformers' own model (`self.model`); this file only adds t
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 from lit_flash import lora as adapters
-from lit_flash.attention import SDPA_BACKENDS, AttnImplementation, SDPABackend, resolve_attn_implementation
+from lit_flash.attention import (
+    SDPA_BACKENDS,
+    AttnImplementation,
+    SDPABackend,
+    resolve_attn_implementation,
+    sdpa_kernels_in_order,
+)
 from lit_flash.blocks import IGNORE_INDEX
-from lit_flash.build import adapt_for_training, liger_fused_ce, load_causal_lm
+from lit_flash.build import adapt_for_training, load_causal_lm
 from lit_flash.checkpointing import check_state_dict_fits, loaded_checkpoint_name
 from lit_flash.ckpt_file import check_same_model_config
 from lit_flash.export import export_causal_lm
-from lit_flash.guards import (
-    DataFacts,
-    check_batch_fractions,
-    check_data_fits_model,
-    check_module_args,
-    check_precision_fits,
-    check_sdpa_backends_run_on,
-    check_validation_interval,
-)
+from lit_flash.guards import check_before_stage, check_module_args
 from lit_flash.lightning_adapters import attached_trainer, is_log_step
 from lit_flash.limits import DropoutFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lit_flash.lora import LoraSettings
+from lit_flash.loss import FusedCrossEntropy, causal_lm_loss, fused_loss
 from lit_flash.metrics import TokenMean, flops_per_token, perplexity, row_scores
-from lit_flash.nonfinite import check_skip_supported, finite_or_skip, record_first_nonfinite, stop_if_nonfinite
+from lit_flash.nonfinite import finite_or_skip, record_first_nonfinite, stop_if_nonfinite
 from lit_flash.optim import LR_PLAN_KEY, adamw_with_schedule, clip_fused_or_sharded, planned_optimizer_steps
 from lit_flash.packing import packed_attention_kwargs
 
@@ -65,13 +63,14 @@ class FlashGPT2LM(L.LightningModule):
             `constant` has no warm-up (use `constant_with_warmup`); `cosine_with_min_lr` ends at 10% of the peak.
         dropout: Sets GPT-2's residual, embedding and attention dropout together; null keeps the model's.
         trust_remote_code: Allow hub models that ship their own code. Off unless you trust the repository.
-        compile: `torch.compile` the forward and the loss (only the body when liger's cross-entropy is on). The
+        compile: `torch.compile` the forward and the loss (only the body with a fused cross-entropy). The
             first steps are slow while it compiles.
         compile_mode: `torch.compile`'s mode (needs `compile: true`). `reduce-overhead` (CUDA graphs) pays at small
             batches, where launching each kernel from Python would leave the GPU idle; `max-autotune-no-cudagraphs`
             tunes Triton matmuls against cuBLAS for many minutes and mostly keeps cuBLAS (benchmarks/RESULTS.md).
-        fused_cross_entropy: Compute the loss with liger-kernel's fused linear cross-entropy, chunk by chunk, so the
-            full fp32 logits (batch x seq x vocab) are never materialized. Needs `pip install 'lit-flash[fast]'`.
+        fused_cross_entropy: Compute the head and the loss with a fused kernel that never holds the whole batch's
+            logits (batch x seq x vocab): `liger` (or true: liger-kernel's, chunk by chunk) or `cut` (Cut
+            Cross-Entropy, logit tiles in on-chip memory). CUDA only; needs `pip install 'lit-flash[fast]'`.
         pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
             faster matmuls. The pad ids are masked out of the softmax; the export is sliced back to the real size.
         fused_adamw: AdamW's fused kernel (one launch a step; under 16-mixed it skips an overflowed step on the GPU
@@ -105,7 +104,7 @@ class FlashGPT2LM(L.LightningModule):
         trust_remote_code: bool = False,
         compile: bool = False,
         compile_mode: CompileMode = "default",
-        fused_cross_entropy: bool = False,
+        fused_cross_entropy: FusedCrossEntropy = False,
         pad_vocab_to_multiple_of: PositiveInt | None = None,
         fused_adamw: bool | None = None,
         low_precision_residual: bool = False,
@@ -137,7 +136,7 @@ class FlashGPT2LM(L.LightningModule):
         # First step whose loss was NaN/inf (-1: none), kept on the device: see _finite_or_skip. Not a buffer: DDP
         # broadcasts buffers from rank 0 before each forward, which would erase another rank's record.
         self.first_nonfinite_step: torch.Tensor | None = None
-        self.fused_ce = liger_fused_ce() if fused_cross_entropy else None
+        self.fused_ce = fused_loss(fused_cross_entropy)
         self._compute_loss = self._loss_impl
         self._compiled = False
         self.val_loss = TokenMean()
@@ -152,17 +151,10 @@ class FlashGPT2LM(L.LightningModule):
             fallback = self.hparams.attn_fallback
             self.attn_implementation = resolve_attn_implementation("flash_attention_2", fallback, device)
             self.model.set_attn_implementation(self.attn_implementation)
-        precision = str(self.trainer.precision)
-        config = self.model.config
-        attn_dropout = getattr(config, "attn_pdrop", None) or getattr(config, "attention_dropout", None) or 0.0
-        check_sdpa_backends_run_on(device, self.hparams.sdpa_backends, attn_dropout if stage == "fit" else 0.0)
         if self.lora is not None:
             adapters.check_strategy(self.trainer.strategy)
-        check_skip_supported(self.hparams.on_nonfinite, precision, self.trainer.strategy)
-        check_precision_fits(self.attn_implementation, precision)
-        dm = getattr(self.trainer, "datamodule", None)
-        # Another DataModule (or loaders passed to fit) tells nothing: then only the model's own sizes are known.
-        facts = dm.data_facts() if hasattr(dm, "data_facts") else DataFacts()
+        check_before_stage(self.trainer, stage, self.model.config, self.vocab_size, self.attn_implementation,
+                           self.hparams)
         if self.hparams.compile and not self._compiled:
             self._compiled = True
             mode = None if self.hparams.compile_mode == "default" else self.hparams.compile_mode
@@ -170,22 +162,8 @@ class FlashGPT2LM(L.LightningModule):
                 # Static shapes: an epoch's smaller last batch gets its own graph instead of turning every later
                 # step's graph dynamic (slower).
                 self._compute_loss = torch.compile(self._loss_impl, dynamic=False, mode=mode)
-            else:  # liger's kernels stay outside the graph
+            else:  # the fused kernels stay outside the graph
                 self.model.base_model.compile(mode=mode)
-        check_data_fits_model(
-            self.model.config,
-            vocab_size=self.vocab_size,
-            seq_len=facts.seq_len,
-            max_token_id=facts.max_token_id,
-            tokenizer_size=facts.tokenizer_size,
-            max_token_where=facts.max_token_where,
-            tokenizer_trained=facts.tokenizer_trained,
-        )
-        if stage == "fit" and hasattr(dm, "train_dataloader"):
-            check_validation_interval(self.trainer, _length(dm.train_dataloader()))
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
-        check_batch_fractions(self.trainer, {s: getattr(dm, f"{s}_dataloader") for s in splits
-                                             if hasattr(dm, f"{s}_dataloader")})
 
     # ------------------------------------------------------------------------------------------- steps
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -195,7 +173,7 @@ class FlashGPT2LM(L.LightningModule):
         """Mean loss over the batch's predicted tokens, and how many tokens that mean is over."""
         labels = batch["labels"]
         self.flops_per_batch = self._flops(labels.shape[1], training) * labels.numel()
-        with self._sdpa_kernels():
+        with sdpa_kernels_in_order(self.sdpa_priority):
             loss = self._compute_loss(
                 batch["input_ids"], labels, batch.get("attention_mask"), batch.get("position_ids"),
                 batch.get("cu_seq_lens"),
@@ -207,27 +185,8 @@ class FlashGPT2LM(L.LightningModule):
         position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         packed = packed_attention_kwargs(position_ids, cu_seq_lens, self.attn_implementation)
-        if self.fused_ce is None and self.model.config.vocab_size == self.vocab_size:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **packed).loss
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **packed).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        # Shift the labels, not the hidden states (as transformers' own loss does): the last position predicts
-        # nothing (ignored), and the head's matmul keeps all batch x seq rows, contiguous, with no slice copy.
-        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-        head = self.model.get_output_embeddings()
-        if self.fused_ce is not None:
-            # liger wants the head weight in the activations' dtype (bf16/fp16 under autocast), not fp32.
-            weight, bias = head.weight.to(hidden.dtype), self.vocab_bias.to(hidden.dtype)
-            return self.fused_ce(weight, hidden, targets, bias=bias)
-        # Masking the pad ids with the bias keeps the logits' aligned width (a slice to 50257 would not).
-        logits = (head(hidden) + self.vocab_bias).float()
-        return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
-
-    def _sdpa_kernels(self) -> contextlib.AbstractContextManager:
-        # The backward runs outside this block: eager autograd and torch.compile both keep the forward's kernel.
-        if not self.sdpa_priority:
-            return contextlib.nullcontext()
-        return sdpa_kernel(self.sdpa_priority, set_priority=True)
+        return causal_lm_loss(self.model, input_ids, labels, attention_mask, packed, self.vocab_size,
+                              self.vocab_bias, self.fused_ce)
 
     def _flops(self, seq_len: int, training: bool) -> float:
         key = (seq_len, training)
@@ -372,10 +331,3 @@ class FlashGPT2LM(L.LightningModule):
             return adapters.export_lora(self.model, self.lora, self.vocab_size, path, tokenizer, run_dir, flag)
         return export_causal_lm(self.model, self.vocab_size, path, tokenizer, state_dict, run_dir, flag)
 
-
-def _length(loader: Any) -> int | None:
-    """A loader's number of batches, or None for a stream (no length)."""
-    try:
-        return len(loader)
-    except TypeError:
-        return None
