@@ -274,6 +274,9 @@ LEVERS: list[tuple[str, str, list[str]]] = [
     ("recipe: + 16-bit residual stream (fp16)", "gpt2_flash.yaml", ["--model.low_precision_residual", "true"]),
     ("recipe: bf16-mixed + 16-bit residual stream", "gpt2_flash.yaml",
      ["--trainer.precision", "bf16-mixed", "--model.low_precision_residual", "true"]),
+    ("+ Cut Cross-Entropy (for compiled cross-entropy)", "gpt2_fast.yaml", ["--model.fused_cross_entropy", "cut"]),
+    ("+ Cut Cross-Entropy, batch 64", "gpt2_fast.yaml",
+     ["--model.fused_cross_entropy", "cut", "--config", str(ROOT / "configs" / "batch64.yaml")]),
 ]
 
 
@@ -411,13 +414,15 @@ def main() -> None:
     p.add_argument("--parts", default="matmul,reference,peers,recipe,recipe_bf16,fast,fastest,lora,quality",
                    help="comma-separated subset of: matmul, reference, peers, recipe, recipe_bf16, fast, fastest, "
                         "lora (the recipe with configs/lora.yaml), quality (recipe vs HF Trainer from the same "
-                        "weights), quality_fast, levers, packing")
+                        "weights), quality_fast, quality_levers, levers, packing")
     p.add_argument("--peers", default="recipe,recipe_bf16,fast,fastest", help="whose HF+torch_compile peer to run")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--warmup", type=int, default=25)
     p.add_argument("--quality-steps", type=int, default=300)
     p.add_argument("--packing-cases", default="a,b,c", help="packing's cases to run (see run_packing)")
     p.add_argument("--levers", default="", help="comma-separated lever indices (default all)")
+    p.add_argument("--quality-levers", default="", help="quality_levers: lever indices whose validation loss after "
+                   "--quality-steps to compare with gpt2_fast.yaml's levers-off run (as quality_fast's)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, 4 steps, CPU: tests the script only")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -487,11 +492,12 @@ def main() -> None:
         results["quality"] = q
         print(json.dumps(q), flush=True)
         save()
-    if "quality_fast" in parts:  # same tokens, same seed: fast levers on vs off (bf16, batch 32, dropout 0 in both)
+    # Same tokens, same seed: gpt2_fast.yaml's levers on vs off (bf16, batch 32, dropout 0 in both)
+    off = ["--model.compile", "false", "--model.fused_cross_entropy", "false", "--model.pad_vocab_to_multiple_of",
+           "null", "--model.low_precision_residual", "false", "--trainer.log_every_n_steps", "1"]
+    on = ["--trainer.log_every_n_steps", "1"]
+    if "quality_fast" in parts:
         n = 8 if smoke else a.quality_steps
-        off = ["--model.compile", "false", "--model.fused_cross_entropy", "false", "--model.pad_vocab_to_multiple_of",
-               "null", "--model.low_precision_residual", "false", "--trainer.log_every_n_steps", "1"]
-        on = ["--trainer.log_every_n_steps", "1"]
         q = {"steps": n}
         q["fast_val_loss"] = run_lit(data, "gpt2_fast.yaml", on + cpu, weights, n, 2)["val_loss"]
         q["plain_val_loss"] = run_lit(data, "gpt2_fast.yaml", off + cpu, weights, n, 2)["val_loss"]
@@ -499,6 +505,16 @@ def main() -> None:
         results["quality_fast"] = q
         print(json.dumps(q), flush=True)
         save()
+    if "quality_levers" in parts:  # each lever's validation loss against the levers-off run, same tokens
+        n = 8 if smoke else a.quality_steps
+        q = results.setdefault("quality_levers", {"steps": n})
+        q["plain_val_loss"] = run_lit(data, "gpt2_fast.yaml", off + cpu, weights, n, 2)["val_loss"]
+        for i in [int(i) for i in a.quality_levers.split(",") if i]:
+            name, config, extra = LEVERS[i]
+            loss = run_lit(data, config, extra + on + cpu, weights, n, 2)["val_loss"]
+            q[name] = {"val_loss": loss, "rel_diff": abs(loss - q["plain_val_loss"]) / q["plain_val_loss"]}
+            print(name, json.dumps(q[name]), flush=True)
+            save()
     if "packing" in parts:
         results["packing"] = run_packing(work, block, cpu, weights, steps, warmup, 8 if smoke else a.quality_steps,
                                          smoke, a.packing_cases)
