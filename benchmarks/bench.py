@@ -277,9 +277,6 @@ LEVERS: list[tuple[str, str, list[str]]] = [
     ("recipe: + 16-bit residual stream (fp16)", "gpt2_flash.yaml", ["--model.low_precision_residual", "true"]),
     ("recipe: bf16-mixed + 16-bit residual stream", "gpt2_flash.yaml",
      ["--trainer.precision", "bf16-mixed", "--model.low_precision_residual", "true"]),
-    ("+ Cut Cross-Entropy (for compiled cross-entropy)", "gpt2_fast.yaml", ["--model.fused_cross_entropy", "cut"]),
-    ("+ Cut Cross-Entropy, batch 64", "gpt2_fast.yaml",
-     ["--model.fused_cross_entropy", "cut", "--config", str(ROOT / "configs" / "batch64.yaml")]),
     ("+ inductor coordinate-descent tuning", "gpt2_fast.yaml", []),
 ]
 # Levers that are inductor settings rather than lit_flash keys: patched around that lever's run only.

@@ -4,9 +4,7 @@ callback. Tiny GPT-2s; the GPU timings are benchmarks/bench.py's."""
 
 from __future__ import annotations
 
-import sys
 import time
-import types
 from typing import Any
 
 import lightning as L
@@ -68,27 +66,13 @@ class _LigerStandIn(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
 
 
-def _cut_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Cut Cross-Entropy's `linear_cross_entropy` call signature, computed plainly: checks our wiring to it."""
-
-    def linear_cross_entropy(e, c, targets, ignore_index=-100):
-        assert e.dtype == c.dtype and c.is_contiguous()  # one dtype, the head's rows as they are
-        return torch.nn.functional.cross_entropy((e @ c.T).float(), targets, ignore_index=ignore_index)
-
-    stand_in = types.SimpleNamespace(linear_cross_entropy=linear_cross_entropy)
-    monkeypatch.setitem(sys.modules, "cut_cross_entropy", stand_in)
-
-
-@pytest.mark.parametrize("cross_entropy", ["torch", "liger_stand_in", "cut_stand_in"])
+@pytest.mark.parametrize("cross_entropy", ["torch", "liger_stand_in"])
 def test_padded_vocab_trains_exactly_as_the_unpadded_model(tiny_model_config, monkeypatch, cross_entropy):
     if cross_entropy == "liger_stand_in":
         monkeypatch.setattr(loss_module, "liger_fused_ce", _LigerStandIn)
-    if cross_entropy == "cut_stand_in":
-        _cut_stand_in(monkeypatch)
     config = _small_config(tiny_model_config)
     plain = tiny_module(config)
-    fused = {"torch": False, "liger_stand_in": True, "cut_stand_in": "cut"}[cross_entropy]
-    padded = _padded_twin(plain, config, fused_cross_entropy=fused)
+    padded = _padded_twin(plain, config, fused_cross_entropy=cross_entropy != "torch")
     assert plain.vocab_size == padded.vocab_size == REAL_VOCAB
     assert padded.model.config.vocab_size == PADDED_VOCAB
     assert padded.model.get_input_embeddings().weight is padded.model.get_output_embeddings().weight  # still tied
@@ -218,22 +202,13 @@ def test_compiled_loss_matches_eager_in_a_cpu_fit(tiny_model_config, make_token_
 # ------------------------------------------------------------------------------------ fused cross-entropy
 
 
-@pytest.mark.parametrize("choice", [True, "liger", "cut"])
-def test_fused_cross_entropy_off_cuda_is_a_one_line_error_before_the_first_step(tiny_model_config, monkeypatch, choice):
+def test_fused_cross_entropy_off_cuda_is_a_one_line_error_before_the_first_step(tiny_model_config, monkeypatch):
     monkeypatch.setattr(loss_module, "liger_fused_ce", _LigerStandIn)
-    _cut_stand_in(monkeypatch)
-    module = tiny_module(_small_config(tiny_model_config), fused_cross_entropy=choice)
+    module = tiny_module(_small_config(tiny_model_config), fused_cross_entropy=True)
     module.trainer = cpu_trainer(max_steps=2, max_epochs=-1)
-    with pytest.raises(LitFlashError, match="model.fused_cross_entropy=.*CUDA") as err:
+    with pytest.raises(LitFlashError, match="model.fused_cross_entropy=true runs on CUDA") as err:
         module.setup("fit")
     assert "\n" not in str(err.value)
-
-
-def test_cut_cross_entropy_without_its_package_is_a_one_line_error(tiny_model_config, monkeypatch):
-    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)  # what an absent package imports as
-    with pytest.raises(LitFlashError, match="model.fused_cross_entropy=cut needs cut-cross-entropy") as err:
-        tiny_module(_small_config(tiny_model_config), fused_cross_entropy="cut")
-    assert "\n" not in str(err.value) and "lit-flash[fast]" in str(err.value)
 
 
 def test_fused_cross_entropy_without_liger_is_a_one_line_error(tiny_model_config):

@@ -1,22 +1,20 @@
 """The training loss: GPT-2's head and the next-token cross-entropy over a batch's hidden states.
 
-Three ways to compute the same loss (`model.fused_cross_entropy`): torch's matmul + cross-entropy, compiled
-with the forward when `model.compile` is on (`false`); or a fused kernel that never holds the whole batch's
-logits (batch x seq x vocab): liger-kernel's fused linear cross-entropy (`liger`, or `true`), or Cut
-Cross-Entropy (`cut`, Apple's `cut-cross-entropy`), which computes each logit tile in on-chip memory.
+Two ways to compute the same loss (`model.fused_cross_entropy`): torch's matmul + cross-entropy, compiled with
+the forward when `model.compile` is on (false); or liger-kernel's fused linear cross-entropy (true), which never
+holds the whole batch's logits (batch x seq x vocab). Cut Cross-Entropy was measured as a third and left out:
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from lit_flash.blocks import IGNORE_INDEX
 from lit_flash.errors import LitFlashError
-
-FusedCrossEntropy = bool | Literal["liger", "cut"]
 
 
 class FusedLoss(Protocol):
@@ -55,21 +53,16 @@ def causal_lm_loss(
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
 
 
-def fused_loss(choice: FusedCrossEntropy) -> FusedLoss | None:
-    """The kernel `model.fused_cross_entropy` names (imported now, so a missing package stops the run at once)."""
-    if choice is False:
-        return None
-    if choice == "cut":
-        return _cut_cross_entropy()
-    return _liger_cross_entropy()
+def fused_loss(fused_cross_entropy: bool) -> FusedLoss | None:
+    """liger's kernel when asked (imported now, so a missing package stops the run at once), else None."""
+    return _liger_cross_entropy() if fused_cross_entropy else None
 
 
-def check_fused_loss_runs_on(device: torch.device, choice: FusedCrossEntropy) -> None:
-    """Both kernels are Triton code for CUDA GPUs."""
-    if choice is not False and device.type != "cuda":
+def check_fused_loss_runs_on(device: torch.device, fused_cross_entropy: bool) -> None:
+    """liger's kernels are Triton code for CUDA GPUs."""
+    if fused_cross_entropy and device.type != "cuda":
         raise LitFlashError(
-            f"model.fused_cross_entropy={str(choice).lower()} runs on CUDA GPUs only (Triton kernels): set it false "
-            "on this machine"
+            "model.fused_cross_entropy=true runs on CUDA GPUs only (Triton kernels): set it false on this machine"
         )
 
 
@@ -78,7 +71,7 @@ def liger_fused_ce() -> torch.nn.Module:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError as err:
         raise LitFlashError(
-            f"model.fused_cross_entropy=liger needs liger-kernel ({err}): pip install 'lit-flash[fast]', or set it "
+            f"model.fused_cross_entropy=true needs liger-kernel ({err}): pip install 'lit-flash[fast]', or set it "
             "false"
         ) from err
     return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
@@ -94,23 +87,3 @@ def _liger_cross_entropy() -> FusedLoss:
 
     return loss
 
-
-def _cut_cross_entropy() -> FusedLoss:
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except ImportError as err:
-        raise LitFlashError(
-            f"model.fused_cross_entropy=cut needs cut-cross-entropy ({err}): pip install 'lit-flash[fast]', or set "
-            "it false"
-        ) from err
-
-    def loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor,
-             vocab_size: int) -> torch.Tensor:
-        # Its kernel takes no bias: the padded rows are left out instead (the first rows of a row-major weight
-        # are a view, no copy). It wants both operands in one 16-bit dtype: the autocast one, as a matmul gets.
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        return linear_cross_entropy(hidden.to(dtype), weight[:vocab_size].to(dtype), targets,
-                                    ignore_index=IGNORE_INDEX)
-
-    return loss

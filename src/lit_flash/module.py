@@ -29,7 +29,7 @@ from lit_flash.guards import check_before_stage, check_module_args
 from lit_flash.lightning_adapters import attached_trainer, is_log_step
 from lit_flash.limits import DropoutFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lit_flash.lora import LoraSettings
-from lit_flash.loss import FusedCrossEntropy, causal_lm_loss, fused_loss
+from lit_flash.loss import causal_lm_loss, fused_loss
 from lit_flash.metrics import TokenMean, flops_per_token, perplexity, row_scores
 from lit_flash.nonfinite import finite_or_skip, record_first_nonfinite, stop_if_nonfinite
 from lit_flash.optim import LR_PLAN_KEY, adamw_with_schedule, clip_fused_or_sharded, planned_optimizer_steps
@@ -68,9 +68,9 @@ class FlashGPT2LM(L.LightningModule):
         compile_mode: `torch.compile`'s mode (needs `compile: true`). `reduce-overhead` (CUDA graphs) pays at small
             batches, where launching each kernel from Python would leave the GPU idle; `max-autotune-no-cudagraphs`
             tunes Triton matmuls against cuBLAS for many minutes and mostly keeps cuBLAS (benchmarks/RESULTS.md).
-        fused_cross_entropy: Compute the head and the loss with a fused kernel that never holds the whole batch's
-            logits (batch x seq x vocab): `liger` (or true: liger-kernel's, chunk by chunk) or `cut` (Cut
-            Cross-Entropy, logit tiles in on-chip memory). CUDA only; needs `pip install 'lit-flash[fast]'`.
+        fused_cross_entropy: Compute the loss with liger-kernel's fused linear cross-entropy, chunk by chunk, so the
+            full fp32 logits (batch x seq x vocab) are never materialized. CUDA only; needs
+            `pip install 'lit-flash[fast]'`.
         pad_vocab_to_multiple_of: Pad the embedding/head rows to a multiple of this (64: 50257 -> 50304) for
             faster matmuls. The pad ids are masked out of the softmax; the export is sliced back to the real size.
         fused_adamw: AdamW's fused kernel (one launch a step; under 16-mixed it skips an overflowed step on the GPU
@@ -104,7 +104,7 @@ class FlashGPT2LM(L.LightningModule):
         trust_remote_code: bool = False,
         compile: bool = False,
         compile_mode: CompileMode = "default",
-        fused_cross_entropy: FusedCrossEntropy = False,
+        fused_cross_entropy: bool = False,
         pad_vocab_to_multiple_of: PositiveInt | None = None,
         fused_adamw: bool | None = None,
         low_precision_residual: bool = False,
