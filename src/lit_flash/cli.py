@@ -22,7 +22,7 @@ from lit_flash.ckpt_file import check_is_lightning_checkpoint, warn_replaced_mod
 from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError, one_line
 from lit_flash.guards import check_model_config
-from lit_flash.lightning_adapters import last_saved_step, quiet_library_notices, with_progress_bar
+from lit_flash.lightning_adapters import last_saved_step
 from lit_flash.limits import check_lightning_values, check_training_length
 from lit_flash.lock import acquire_run_lock, release_all
 from lit_flash.module import FlashGPT2LM
@@ -46,6 +46,7 @@ from lit_flash.trainer_setup import (
     CALLBACK_SECTIONS,
     CHECKPOINT_DEFAULTS,
     checkpoint_dir,
+    console_callbacks,
     fixed_callbacks,
     trainer_plugins,
     with_default_loggers,
@@ -140,7 +141,7 @@ class LitFlashCLI(LightningCLI):
         if config["logger"] is False:  # nothing to log the learning rate to: Lightning would refuse to start
             sections = [c for c in sections if not isinstance(c, LearningRateMonitor)]
         callbacks = [*_as_list(config.get("callbacks")), *fixed_callbacks(), *sections]
-        config["callbacks"] = with_progress_bar(callbacks, config.get("enable_progress_bar"))
+        config["callbacks"] = console_callbacks(callbacks, config.get("enable_progress_bar"))
         try:
             return super().instantiate_trainer(**config)
         except LitFlashError:
@@ -251,7 +252,6 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
                 print(f"lit_flash: no --config given, running the offline demo ({config_path(DEFAULT_CONFIG)})")
             args[1:1] = ["--config", str(config_path(DEFAULT_CONFIG))]
         check_config_files(args)
-        quiet_library_notices()
         previous = interrupt.install()
         try:
             cli = LitFlashCLI(
