@@ -4,12 +4,16 @@ A range type is the annotation of an `__init__` argument (`batch_size: PositiveI
 out-of-range value while parsing, with a message that names the key, and `--help` shows the range in the type's
 name. Each type is registered with a deserializer that returns a plain `int`/`float`, never an instance of the
 type: the parsed values go into checkpoints as hyperparameters, and a `weights_only` load accepts builtins only.
-In Python (no parser) the annotations check nothing; the classes keep their own checks where they had them.
+In Python (no parser) the annotations check nothing by themselves: `check_call_args` checks a call's values against
+them, with the CLI's words.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import types
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -96,6 +100,58 @@ DropoutFloat = number_type("FloatFrom0Below1", float, low=0, high=1, high_open=T
 # smaller data.train_tokenizer_vocab_size silently gave 257.
 TokenizerVocabInt = number_type("IntAtLeast257", int, low=257)
 OpenUnitFloat = number_type("FloatAbove0To1", float, low=0, high=1, low_open=True)
+
+
+def check_call_args(func_or_cls: Callable[..., Any], values: Mapping[str, Any], section: str) -> None:
+    """What the CLI's parser checks, for a call from Python: each of `values` (e.g. an `__init__`'s `locals()`) whose
+    parameter of `func_or_cls` (a class: its `__init__`) is annotated with a range type, alone, `X | None`, or in a
+    tuple or list (`betas: tuple[DropoutFloat, DropoutFloat]`), must be in range; the first that is not raises one
+    line naming `section.name`, in the CLI's words (`model.learning_rate=-1: must be a finite number > 0`)."""
+    func = func_or_cls.__init__ if isinstance(func_or_cls, type) else func_or_cls
+    for name, annotation in _range_annotations(func).items():
+        if name in values:
+            problem = _range_problem(annotation, values[name])
+            if problem is not None:
+                raise LitFlashError(f"{section}.{name}{problem}")
+
+
+@functools.cache
+def _range_annotations(func: Callable[..., Any]) -> dict[str, Any]:
+    """The parameters of `func` whose annotation holds a range type (once per function: resolving is not free)."""
+    hints = typing.get_type_hints(func)
+    return {name: hint for name, hint in hints.items() if name != "return" and _holds_range(hint)}
+
+
+def _holds_range(hint: Any) -> bool:
+    return hint in RANGE_TYPES.values() or any(_holds_range(arg) for arg in typing.get_args(hint))
+
+
+def _range_problem(hint: Any, value: Any) -> str | None:
+    """None when `value` fits `hint`, else what follows the key in the error: `=value: must be ...`."""
+    if hint in RANGE_TYPES.values():
+        try:
+            if isinstance(value, str):  # the parser reads "5" from a command line; Python code passes numbers
+                raise ValueError(value)
+            hint.check(value)
+        except (TypeError, ValueError):
+            return f"={value!r}: must be {hint.__doc__}"
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        members = [arg for arg in args if arg is not type(None)]
+        if len(members) != 1 or value is None:  # `X | None` only; a wider union is no one range
+            return None
+        problem = _range_problem(members[0], value)
+        return None if problem is None else f"{problem}, or null"
+    if origin in (tuple, list) and isinstance(value, tuple | list):
+        fixed = origin is tuple and Ellipsis not in args
+        if fixed and len(value) != len(args):
+            return f"={value!r}: must hold {len(args)} values"
+        for index, item in enumerate(value):
+            problem = _range_problem(args[index] if fixed else args[0], item)
+            if problem is not None:
+                return f"[{index}]{problem}"
+    return None  # not a range type (a string, a Literal, a dataclass): the callee's own checks apply
 
 
 # -- Trainer and ModelCheckpoint values: Lightning's own Union annotations, so checked after parsing instead.
