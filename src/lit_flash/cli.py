@@ -23,7 +23,7 @@ from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError, one_line
 from lit_flash.guards import check_model_config
 from lit_flash.lightning_adapters import last_saved_step
-from lit_flash.limits import check_lightning_values, check_training_length
+from lit_flash.lightning_checks import check_lightning_values, check_training_length
 from lit_flash.lock import acquire_run_lock, release_all
 from lit_flash.module import FlashGPT2LM
 from lit_flash.parsing import (
