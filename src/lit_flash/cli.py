@@ -92,12 +92,20 @@ class LitFlashCLI(LightningCLI):
         if subcommand in (None, "fit"):
             check_training_length(self.config[subcommand] if subcommand else self.config)
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # LightningCLI's own calls, reordered: `--help` lists the sections in the order they are added, and
+        # lit_flash's (model, data, its callbacks) were lost after the Trainer's hundred options.
+        parser.add_lightning_class_args(self.model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self.datamodule_class, "data", subclass_mode=self.subclass_mode_data)
         for key, callback_class in CALLBACK_SECTIONS.items():
             # As `add_lightning_class_args` does, without registering them as LightningCLI's callback keys: which
             # of them the trainer gets depends on its settings (see instantiate_trainer).
             parser.add_class_arguments(callback_class, key, fail_untyped=False, sub_configs=True)
         parser.set_defaults({f"checkpoint.{key}": value for key, value in CHECKPOINT_DEFAULTS.items()})
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         for key, title in GROUP_TITLES.items():
             if key in parser.groups:
