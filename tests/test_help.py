@@ -42,3 +42,16 @@ def test_tool_help_names_the_program_as_typed(subcommand: str, run_cli) -> None:
     code, out, _ = run_cli([subcommand, "--help"])
     assert code == 0
     assert out.startswith(f"usage: python -m lit_flash {subcommand} ")  # not `__main__.py`
+
+
+def test_lit_flash_sections_come_before_the_trainers_hundred_options(run_cli) -> None:
+    code, out, _ = run_cli(["fit", "--help"])
+    assert code == 0
+    lines = [line.strip() for line in out.splitlines()]
+
+    def line_of(flag: str) -> int:
+        return next(i for i, line in enumerate(lines) if line.startswith(f"{flag} "))
+
+    flags = ["--model.learning_rate", "--data.batch_size", "--checkpoint.every_n_train_steps",
+             "--export.dirname", "--throughput.window_size", "--trainer.accelerator"]
+    assert [line_of(flag) for flag in flags] == sorted(line_of(flag) for flag in flags)

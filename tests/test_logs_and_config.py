@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import sysconfig
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ import yaml
 from lit_flash.cli import cli_main, config_path
 from lit_flash.errors import LitFlashError
 from lit_flash.plot import plot_metrics, read_metrics
-from lit_flash.trainer_setup import with_default_loggers
+from lit_flash.trainer_setup import trainer_kwargs, with_default_loggers
 
 
 def print_config(args: list[str], capsys) -> str:
@@ -148,3 +151,35 @@ def test_a_fit_prints_no_library_notice_its_user_cannot_act_on(tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr
     for notice in ("litlogger", "loss_type", "LeafSpec"):
         assert notice not in proc.stderr, notice
+
+
+def test_a_trainer_from_trainer_kwargs_prints_what_the_cli_prints(
+    tmp_path, tiny_model_config, make_token_dataset, monkeypatch, capsys
+) -> None:
+    """The Python API's console is the CLI's: no cloud-logger tip, no LeafSpec deprecation at each step, and a run
+    bounded by steps shows `Epoch 0` on its progress bar, not Lightning 2.6's `Epoch 0/-2` (Lightning#21925)."""
+    pytest.importorskip("rich")
+    import lightning as L
+    from _helpers import tiny_module
+
+    from lit_flash.datamodule import WikitextDataModule
+
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    monkeypatch.setattr(tips, "filters", [])  # as in a new process: no filter left by an earlier test's CLI run
+    logged: list[str] = []
+    recorder = logging.Handler()
+    recorder.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    tips.addHandler(recorder)
+    data = WikitextDataModule(tokenized_dataset_load_dir=str(make_token_dataset(n_rows=4, seq_len=16)),
+                              tokenizer_name=None, batch_size=2)
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # the filters trainer_kwargs adds end with the block
+            trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, enable_model_summary=False,
+                                **trainer_kwargs(tmp_path / "run", export_dirname=None))
+            trainer.fit(tiny_module(tiny_model_config), datamodule=data)
+    finally:
+        tips.removeHandler(recorder)
+    assert logged and not [m for m in logged if "litlogger" in m], logged
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]
+    out, err = capsys.readouterr()
+    assert set(re.findall(r"Epoch \d+(?:/-?\d+)?", out + err)) == {"Epoch 0"}, out + err

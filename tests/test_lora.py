@@ -408,6 +408,17 @@ def test_the_adapter_export_loads_with_peft(tmp_path: Path, pretrained: Path) ->
     assert not module.model.transformer.h[0].attn.c_attn.merged
 
 
+def test_generate_on_an_adapter_export_says_it_is_one_and_how_to_merge(tmp_path: Path, pretrained: Path,
+                                                                        run_cli) -> None:
+    module = lora_module(pretrained, lora=LoraSettings(r=4, export="adapter"))
+    module.export_hf(tmp_path / "adapter")
+    code, _, err = run_cli(["generate", "--model_name_or_path", str(tmp_path / "adapter"), "--prompts", "a"])
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert "LoRA adapter alone" in errors[0] and "model.lora.export=merged" in errors[0]
+    assert f"from_pretrained('{pretrained}')" in errors[0]  # the base its adapter_config.json names
+
+
 # ---------------------------------------------------------------------------------------- whole runs
 
 RECIPE = CONFIGS / "gpt2_flash.yaml"

@@ -368,8 +368,8 @@ def test_a_packed_run_resumes_mid_epoch_with_bit_identical_losses(tmp_path, text
         module = tiny_module(tiny_model_config, dropout=0.1, learning_rate=1e-2)
         dm = _datamodule(tmp_path, text_files, tokenizer_dir, batch_size=2)
         trainer = L.Trainer(accelerator="cpu", precision="32-true", max_steps=10, val_check_interval=4,
-                            check_val_every_n_epoch=None, log_every_n_steps=1, enable_progress_bar=False,
-                            enable_model_summary=False, **lit_flash.trainer_kwargs(root, every_n_train_steps=4))
+                            check_val_every_n_epoch=None, log_every_n_steps=1, enable_model_summary=False,
+                            **lit_flash.trainer_kwargs(root, every_n_train_steps=4, enable_progress_bar=False))
         trainer.fit(module, dm, ckpt_path=ckpt_path)
 
     fit(tmp_path / "whole")

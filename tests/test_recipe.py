@@ -176,8 +176,8 @@ def fit_in_python(root: Path, pretrained: Path, blocks: Path, ckpt_path: str | N
     dm = WikitextDataModule(tokenized_dataset_load_dir=str(blocks), tokenizer_name=None, batch_size=2,
                             eval_batch_size=4, num_workers=0)
     trainer = L.Trainer(accelerator="cpu", precision="32-true", max_epochs=2, val_check_interval=4,
-                        log_every_n_steps=1, enable_progress_bar=False,
-                        **lit_flash.trainer_kwargs(root, every_n_train_steps=4))
+                        log_every_n_steps=1,
+                        **lit_flash.trainer_kwargs(root, every_n_train_steps=4, enable_progress_bar=False))
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer
 

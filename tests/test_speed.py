@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM
 import lit_flash.loss as loss_module
 from lit_flash.blocks import IGNORE_INDEX
 from lit_flash.callbacks import TokenThroughput
+from lit_flash.checkpointing import check_state_dict_fits
+from lit_flash.ckpt_file import check_same_vocab_padding
 from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError
 from lit_flash.lightning_adapters import is_log_step, steps_optimizer
@@ -56,6 +58,27 @@ def _padded_twin(plain: FlashGPT2LM, config: dict, **kwargs) -> FlashGPT2LM:
 
 
 # ------------------------------------------------------------------------------------------ padded vocabulary
+
+
+def _load_checks(module: FlashGPT2LM, checkpoint: dict[str, Any]) -> None:
+    # FlashGPT2LM.on_load_checkpoint's order: the padding named first, then any other shape difference.
+    check_same_vocab_padding(module.hparams.pad_vocab_to_multiple_of, checkpoint, "ckpt_path=x.ckpt",
+                             module.state_dict())
+    check_state_dict_fits(module.state_dict(), checkpoint["state_dict"])
+
+
+def test_a_checkpoint_padded_otherwise_names_pad_vocab_to_multiple_of(tiny_model_config) -> None:
+    config = _small_config(tiny_model_config)  # 300 tokens: padding to 64 adds rows
+    saved = tiny_module(config, pad_vocab_to_multiple_of=PAD_TO)
+    checkpoint = {"state_dict": saved.state_dict(), "hyper_parameters": dict(saved.hparams)}
+    with pytest.raises(LitFlashError) as error:
+        _load_checks(tiny_module(config), checkpoint)
+    assert str(error.value).startswith(f"ckpt_path=x.ckpt was saved with model.pad_vocab_to_multiple_of={PAD_TO}, "
+                                       "this run has None: resume with the checkpoint's value")
+    _load_checks(tiny_module(config, pad_vocab_to_multiple_of=PAD_TO), checkpoint)  # the same value: loads
+    # Padded to 4 (300 is a multiple of 4, no row added): the same shapes as no padding, so it loads.
+    four = tiny_module(config, pad_vocab_to_multiple_of=4)
+    _load_checks(tiny_module(config), {"state_dict": four.state_dict(), "hyper_parameters": dict(four.hparams)})
 
 
 class _LigerStandIn(torch.nn.Module):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import zipfile
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -111,4 +112,22 @@ def check_same_model_config(current: Any, checkpoint: dict[str, Any], name: str)
             f"{name} was saved with model.model_config.{key}={stored.get(key)!r}, this run has "
             f"{current.get(key)!r}: resume with the checkpoint's value, or start a new run "
             "(another trainer.default_root_dir)"
+        )
+
+
+def check_same_vocab_padding(
+    current: int | None, checkpoint: dict[str, Any], name: str, expected: Mapping[str, Any]
+) -> None:
+    """Refuse a checkpoint padded to another `model.pad_vocab_to_multiple_of` than this run's, naming that key:
+    its embedding and head have other row counts than `expected` (this model's weights), and check_state_dict_fits
+    could only name a weight's shape. Different values that pad to the same rows load as they are."""
+    stored = (checkpoint.get("hyper_parameters") or {}).get("pad_vocab_to_multiple_of", current)
+    if stored == current:
+        return
+    found = checkpoint.get("state_dict") or {}
+    shapes = [(getattr(found.get(key), "shape", None), want.shape) for key, want in expected.items() if key in found]
+    if any(got is not None and tuple(got) != tuple(want) for got, want in shapes):
+        raise LitFlashError(
+            f"{name} was saved with model.pad_vocab_to_multiple_of={stored!r}, this run has {current!r}: resume "
+            "with the checkpoint's value, or start a new run (another trainer.default_root_dir)"
         )

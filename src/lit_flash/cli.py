@@ -22,8 +22,8 @@ from lit_flash.ckpt_file import check_is_lightning_checkpoint, warn_replaced_mod
 from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError, one_line
 from lit_flash.guards import check_model_config
-from lit_flash.lightning_adapters import last_saved_step, quiet_library_notices, with_progress_bar
-from lit_flash.limits import check_lightning_values, check_training_length
+from lit_flash.lightning_adapters import last_saved_step
+from lit_flash.lightning_checks import check_lightning_values, check_training_length
 from lit_flash.lock import acquire_run_lock, release_all
 from lit_flash.module import FlashGPT2LM
 from lit_flash.parsing import (
@@ -46,6 +46,7 @@ from lit_flash.trainer_setup import (
     CALLBACK_SECTIONS,
     CHECKPOINT_DEFAULTS,
     checkpoint_dir,
+    console_callbacks,
     fixed_callbacks,
     trainer_plugins,
     with_default_loggers,
@@ -91,12 +92,20 @@ class LitFlashCLI(LightningCLI):
         if subcommand in (None, "fit"):
             check_training_length(self.config[subcommand] if subcommand else self.config)
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # LightningCLI's own calls, reordered: `--help` lists the sections in the order they are added, and
+        # lit_flash's (model, data, its callbacks) were lost after the Trainer's hundred options.
+        parser.add_lightning_class_args(self.model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self.datamodule_class, "data", subclass_mode=self.subclass_mode_data)
         for key, callback_class in CALLBACK_SECTIONS.items():
             # As `add_lightning_class_args` does, without registering them as LightningCLI's callback keys: which
             # of them the trainer gets depends on its settings (see instantiate_trainer).
             parser.add_class_arguments(callback_class, key, fail_untyped=False, sub_configs=True)
         parser.set_defaults({f"checkpoint.{key}": value for key, value in CHECKPOINT_DEFAULTS.items()})
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         for key, title in GROUP_TITLES.items():
             if key in parser.groups:
@@ -140,7 +149,7 @@ class LitFlashCLI(LightningCLI):
         if config["logger"] is False:  # nothing to log the learning rate to: Lightning would refuse to start
             sections = [c for c in sections if not isinstance(c, LearningRateMonitor)]
         callbacks = [*_as_list(config.get("callbacks")), *fixed_callbacks(), *sections]
-        config["callbacks"] = with_progress_bar(callbacks, config.get("enable_progress_bar"))
+        config["callbacks"] = console_callbacks(callbacks, config.get("enable_progress_bar"))
         try:
             return super().instantiate_trainer(**config)
         except LitFlashError:
@@ -251,7 +260,6 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
                 print(f"lit_flash: no --config given, running the offline demo ({config_path(DEFAULT_CONFIG)})")
             args[1:1] = ["--config", str(config_path(DEFAULT_CONFIG))]
         check_config_files(args)
-        quiet_library_notices()
         previous = interrupt.install()
         try:
             cli = LitFlashCLI(

@@ -20,7 +20,7 @@ from lit_flash.blocks import (
 )
 from lit_flash.errors import LitFlashError
 from lit_flash.guards import DataFacts
-from lit_flash.limits import NonNegativeInt, PositiveInt, SeedInt, TokenizerVocabInt
+from lit_flash.limits import NonNegativeInt, PositiveInt, SeedInt, TokenizerVocabInt, check_call_args
 from lit_flash.loaders import block_loader
 from lit_flash.packing import (
     Documents,
@@ -111,6 +111,7 @@ class WikitextDataModule(L.LightningDataModule):
         packing_documents: Documents = "auto",
     ) -> None:
         super().__init__()
+        check_call_args(WikitextDataModule, locals(), "data")  # the CLI's range checks, for a call from Python
         if streaming and (tokenized_dataset_load_dir or train_tokenizer_vocab_size):
             raise LitFlashError(
                 "data.streaming=true reads raw text with a given tokenizer: unset data.tokenized_dataset_load_dir "
@@ -118,13 +119,8 @@ class WikitextDataModule(L.LightningDataModule):
             )
         if streaming and packing:
             raise LitFlashError("data.packing=true does not work with data.streaming=true yet: set one of them false")
-        for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
-            if value is not None and value < 1:
-                raise LitFlashError(f"data.{name}={value}: must be >= 1, or null for all rows")
-        for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
-                                 ("block_size", block_size, 2)):  # a block of 1 token has nothing to predict
-            if value < low:
-                raise LitFlashError(f"data.{name}={value}: must be >= {low}")
+        if block_size < 2:  # past its type's range (>= 1): a block of 1 token has nothing to predict
+            raise LitFlashError(f"data.block_size={block_size}: must be >= 2")
         if tokenizer_name is None and tokenized_dataset_load_dir is None and train_tokenizer_vocab_size is None:
             raise LitFlashError("data.tokenizer_name is null: raw text needs a tokenizer")
         self.save_hyperparameters()

@@ -168,11 +168,26 @@ def check_model_source(source: str, flag: str, needs_config: bool = True) -> Non
         raise LitFlashError(f"{given}: no such folder (give a run's exported model folder, <run>/model)")
     if not path.is_dir():
         raise LitFlashError(f"{given} is a file: give the folder holding it (a run's <run>/model)")
+    if needs_config and not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        raise LitFlashError(
+            f"{given} holds a LoRA adapter alone (adapter_config.json, no config.json: model.lora.export=adapter), "
+            "not a whole model: fit with model.lora.export=merged (the default) to export one, or merge this adapter "
+            f"into its base with peft: PeftModel.from_pretrained({_adapter_base(path)}, '{source}').merge_and_unload()"
+        )
     if needs_config and not (path / "config.json").is_file():
         raise LitFlashError(
             f"{given} holds no config.json, so it is not a saved model: give a run's exported model folder "
             "(<run>/model)"
         )
+
+
+def _adapter_base(path: Path) -> str:
+    """How the LoRA error names the adapter's base model: as its adapter_config.json records it, when it does."""
+    try:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    return f"AutoModelForCausalLM.from_pretrained('{base}')" if isinstance(base, str) and base else "base_model"
 
 
 def check_device(device: str | None) -> None:

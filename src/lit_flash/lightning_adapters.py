@@ -64,11 +64,16 @@ class _DropLitLoggerTip(logging.Filter):
         return "litlogger" not in str(record.msg)
 
 
+# One instance: `addFilter` skips a filter the logger already has, so a second call adds nothing.
+_LITLOGGER_TIP_FILTER = _DropLitLoggerTip()
+
+
 def quiet_library_notices() -> None:
     """Hide notices a lit_flash user cannot act on: Lightning's advertisement for its cloud logger at every fit, the
     deprecation warning torch >= 2.13 raises at each step for the `LeafSpec` that Lightning 2.6 builds, and
-    ModelCheckpoint's warning that a resumed run's checkpoint folder is not empty."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLitLoggerTip())
+    ModelCheckpoint's warning that a resumed run's checkpoint folder is not empty. Safe to call again (each
+    Trainer built from `trainer_kwargs` calls it): `filterwarnings` too replaces an identical filter."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_LITLOGGER_TIP_FILTER)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", module=r"lightning\.pytorch\.utilities")
     # lit_flash itself refuses a fresh fit over checkpoints; on a resume the folder is meant to hold them.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")

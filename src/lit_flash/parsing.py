@@ -21,14 +21,14 @@ from lit_flash.limits import RANGE_TYPES
 
 # `--help` section titles. jsonargparse takes a class's first docstring line, which is cut mid-sentence where the
 # summary runs over a line (Lightning's ModelCheckpoint among them).
-GROUP_TITLES = {
-    "trainer": "trainer: Lightning's Trainer (devices, precision, steps, validation and logging intervals)",
+GROUP_TITLES = {  # in the order of `--help` (cli.py: add_core_arguments_to_parser)
     "model": "model: FlashGPT2LM, the causal LM (attention, speed levers, loss guard, AdamW and its schedule)",
     "data": "data: WikitextDataModule, token blocks from a hub dataset, text files or a tokenized dataset",
     "checkpoint": "checkpoint: Lightning's ModelCheckpoint (lit_flash keeps every checkpoint, and last.ckpt)",
     "export": "export: the Hugging Face model written at the end of fit",
     "lr_monitor": "lr_monitor: Lightning's LearningRateMonitor",
     "throughput": "throughput: samples/s, tokens/s, FLOP/s and MFU, logged every trainer.log_every_n_steps",
+    "trainer": "trainer: Lightning's Trainer (devices, precision, steps, validation and logging intervals)",
 }
 OVERVIEW = """usage: python -m lit_flash <subcommand> [options]   (or: lit-flash <subcommand> ...)
 
@@ -51,7 +51,7 @@ PARSER_KWARGS: dict[str, Any] = {
     **{
         name: {
             "usage": f"python -m lit_flash {name} [--config FILE ...] [--ckpt_path PATH|last|auto] "
-                     "[--<section>.<key> VALUE ...]   (sections: trainer, model, data, checkpoint, export, ...)",
+                     "[--<section>.<key> VALUE ...]   (sections: model, data, checkpoint, ..., trainer)",
             "description": f"{what} Every option below is a key of a YAML config (--config) or a flag; "
                            "--ckpt_path is explained at the end, under 'Where the run starts from'.",
         }

@@ -11,6 +11,7 @@ in `<root>/model` at the end of `fit`, CSV and TensorBoard logs in `<root>/logs`
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -20,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_flash.callbacks import HFExport, LastValidatedStep, TokenThroughput
 from lit_flash.checkpointing import AtomicCheckpointIO, resolve_resume
+from lit_flash.lightning_adapters import quiet_library_notices, with_progress_bar
 from lit_flash.resume import ExactResume
 
 # The CLI's ModelCheckpoint defaults and the Python API's, from here: every checkpoint kept, and last.ckpt. No
@@ -95,17 +97,32 @@ def trainer_plugins() -> list[Any]:
     return [AtomicCheckpointIO()]
 
 
+def console_callbacks(callbacks: Sequence[Any], enable_progress_bar: bool | None) -> list[Any]:
+    """What a run prints, the same for the CLI and a Trainer built in Python: library notices a user cannot act on
+    hidden, and `callbacks` plus the progress bar without a negative epoch total (unless the bar is off, or
+    `callbacks` holds its own). Call it before the Trainer is built: Lightning's logger tip comes from its __init__."""
+    quiet_library_notices()
+    return with_progress_bar(list(callbacks), enable_progress_bar)
+
+
 def trainer_kwargs(
     default_root_dir: str | os.PathLike,
     every_n_train_steps: int | None = None,
     export_dirname: str | None = "model",
+    callbacks: Sequence[L.Callback] = (),
+    enable_progress_bar: bool = True,
 ) -> dict[str, Any]:
-    """`L.Trainer(**trainer_kwargs(root), ...)`: the run folder, the CLI's loggers, callbacks and plugins."""
+    """`L.Trainer(**trainer_kwargs(root), ...)`: the run folder, the CLI's loggers, callbacks, plugins and console
+    (progress bar, quiet notices). `callbacks`: your own, added to the CLI's (a progress bar of yours replaces
+    lit_flash's). `enable_progress_bar` is Lightning's flag, given here because the bar is one of the callbacks:
+    the Trainer would refuse a bar among them with the flag off."""
+    own = [*callbacks, *trainer_callbacks(default_root_dir, every_n_train_steps, export_dirname)]
     return {
         "default_root_dir": str(default_root_dir),
         "logger": default_loggers(default_root_dir),
-        "callbacks": trainer_callbacks(default_root_dir, every_n_train_steps, export_dirname),
+        "callbacks": console_callbacks(own, enable_progress_bar),
         "plugins": trainer_plugins(),
+        "enable_progress_bar": enable_progress_bar,
     }
 
 
