@@ -23,11 +23,18 @@ from lit_flash.attention import (
 from lit_flash.blocks import IGNORE_INDEX
 from lit_flash.build import adapt_for_training, load_causal_lm
 from lit_flash.checkpointing import check_state_dict_fits, loaded_checkpoint_name
-from lit_flash.ckpt_file import check_same_model_config
+from lit_flash.ckpt_file import check_same_model_config, check_same_vocab_padding
 from lit_flash.export import export_causal_lm
 from lit_flash.guards import check_before_stage, check_module_args
 from lit_flash.lightning_adapters import attached_trainer, is_log_step
-from lit_flash.limits import DropoutFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from lit_flash.limits import (
+    DropoutFloat,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    check_call_args,
+)
 from lit_flash.lora import LoraSettings
 from lit_flash.loss import causal_lm_loss, fused_loss
 from lit_flash.metrics import TokenMean, flops_per_token, perplexity, row_scores
@@ -112,6 +119,7 @@ class FlashGPT2LM(L.LightningModule):
         lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
+        check_call_args(FlashGPT2LM, locals(), "model")  # the CLI's range checks, for a call from Python
         check_module_args(attn_implementation, sdpa_backends, lr_scheduler, warmup_steps, compile, compile_mode)
         # The hyperparameter as plain values (checkpoints load with weights_only), the settings as a dataclass.
         self.lora, lora = adapters.as_settings(lora), adapters.as_hparam(lora)
@@ -255,6 +263,7 @@ class FlashGPT2LM(L.LightningModule):
             adapters.check_checkpoint_base(self.base_fingerprint, checkpoint, name, self.hparams.model_name_or_path)
             expected = self.state_dict()
             expected = expected if self.lora is None else adapters.trainable_state_dict(self, expected)
+            check_same_vocab_padding(self.hparams.pad_vocab_to_multiple_of, checkpoint, name, expected)
             check_state_dict_fits(expected, checkpoint["state_dict"])
         # Read by configure_optimizers, which Lightning calls after this hook and before restoring the scheduler.
         self._resumed_lr_plan = (checkpoint.get(LR_PLAN_KEY), int(checkpoint.get("global_step", 0)))
