@@ -66,12 +66,13 @@ def resolve_attn_implementation(
     return "sdpa"
 
 
-def sdpa_kernels_in_order(priority: list[torch.nn.attention.SDPBackend]) -> contextlib.AbstractContextManager:
-    """torch's attention kernels to try, in this order, for the block (none given: torch's own choice)."""
+def sdpa_kernels_in_order(names: list[str] | None) -> contextlib.AbstractContextManager:
+    """torch's attention kernels to try, in this order (`model.sdpa_backends`), for the block (none given: torch's
+    own choice)."""
     # The backward runs outside this block: eager autograd and torch.compile both keep the forward's kernel.
-    if not priority:
+    if not names:
         return contextlib.nullcontext()
-    from torch.nn.attention import sdpa_kernel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel(priority, set_priority=True)
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name]) for name in names], set_priority=True)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lit_flash.checkpointing import LOAD_ERRORS, load_error
+from lit_flash.checkpointing import LOAD_ERRORS, check_state_dict_fits, load_error
 from lit_flash.errors import LitFlashError
 
 
@@ -131,3 +131,19 @@ def check_same_vocab_padding(
             f"{name} was saved with model.pad_vocab_to_multiple_of={stored!r}, this run has {current!r}: resume "
             "with the checkpoint's value, or start a new run (another trainer.default_root_dir)"
         )
+
+
+def check_checkpoint_fits(
+    checkpoint: dict[str, Any], name: str, hparams: Any, expected: dict[str, Any], base_fingerprint: Any
+) -> None:
+    """Before Lightning loads a checkpoint's weights into `FlashGPT2LM` (its `hparams`; `expected`: the state dict it
+    checkpoints): another model, LoRA setting, base model or padding is one line naming the key, not a page of size
+    mismatches or (a transposed or same-size weight) a silently wrong model."""
+    from lit_flash import lora as adapters
+
+    check_same_model_config(hparams.model_config, checkpoint, name)
+    adapters.check_checkpoint_lora(hparams.lora, checkpoint, name)
+    adapters.check_checkpoint_base(base_fingerprint, checkpoint, name, hparams.model_name_or_path)
+    check_same_vocab_padding(hparams.pad_vocab_to_multiple_of, checkpoint, name, expected)
+    check_state_dict_fits(expected, checkpoint["state_dict"])
+

@@ -10,31 +10,17 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.nn.attention import SDPBackend
 
 from lit_flash import lora as adapters
-from lit_flash.attention import (
-    SDPA_BACKENDS,
-    AttnImplementation,
-    SDPABackend,
-    resolve_attn_implementation,
-    sdpa_kernels_in_order,
-)
+from lit_flash.attention import AttnImplementation, SDPABackend, resolve_attn_implementation, sdpa_kernels_in_order
 from lit_flash.blocks import IGNORE_INDEX
 from lit_flash.build import adapt_for_training, load_causal_lm
-from lit_flash.checkpointing import check_state_dict_fits, loaded_checkpoint_name
-from lit_flash.ckpt_file import check_same_model_config, check_same_vocab_padding
+from lit_flash.checkpointing import loaded_checkpoint_name
+from lit_flash.ckpt_file import check_checkpoint_fits
 from lit_flash.export import export_causal_lm
 from lit_flash.guards import check_before_stage, check_module_args
 from lit_flash.lightning_adapters import attached_trainer, is_log_step
-from lit_flash.limits import (
-    DropoutFloat,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    check_call_args,
-)
+from lit_flash.limits import DropoutFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_call_args
 from lit_flash.lora import LoraSettings
 from lit_flash.loss import causal_lm_loss, fused_loss
 from lit_flash.metrics import TokenMean, flops_per_token, perplexity, row_scores
@@ -124,7 +110,6 @@ class FlashGPT2LM(L.LightningModule):
         # The hyperparameter as plain values (checkpoints load with weights_only), the settings as a dataclass.
         self.lora, lora = adapters.as_settings(lora), adapters.as_hparam(lora)
         self.save_hyperparameters()
-        self.sdpa_priority = [getattr(SDPBackend, SDPA_BACKENDS[name]) for name in sdpa_backends or ()]
         self.attn_implementation = resolve_attn_implementation(attn_implementation, attn_fallback)
         self.model = load_causal_lm(
             model_name_or_path, model_config, dropout, self.attn_implementation, trust_remote_code
@@ -137,9 +122,8 @@ class FlashGPT2LM(L.LightningModule):
             adapters.apply_lora(self.model, self.lora, pretrained=model_name_or_path is not None)
             self.strict_loading = False
         self.register_buffer("vocab_bias", bias, persistent=False)
-        # The same constant on every rank: DDP need not broadcast it from rank 0 before each forward that syncs
-        # gradients (once per optimizer step), a collective that holds the ranks to rank 0's pace. DDP reads this
-        # attribute by name (torch's interim API, pytorch#43690); GPT-2's own modules have no buffers left to sync.
+        # The same constant on every rank: no need for DDP to broadcast it before each syncing forward (a collective
+        # that holds the ranks to rank 0's pace). DDP reads this attribute by name (interim API, pytorch#43690).
         self._ddp_params_and_buffers_to_ignore = ["vocab_bias"]
         # First step whose loss was NaN/inf (-1: none), kept on the device: see _finite_or_skip. Not a buffer: DDP
         # broadcasts buffers from rank 0 before each forward, which would erase another rank's record.
@@ -181,7 +165,7 @@ class FlashGPT2LM(L.LightningModule):
         """Mean loss over the batch's predicted tokens, and how many tokens that mean is over."""
         labels = batch["labels"]
         self.flops_per_batch = self._flops(labels.shape[1], training) * labels.numel()
-        with sdpa_kernels_in_order(self.sdpa_priority):
+        with sdpa_kernels_in_order(self.hparams.sdpa_backends):
             loss = self._compute_loss(
                 batch["input_ids"], labels, batch.get("attention_mask"), batch.get("position_ids"),
                 batch.get("cu_seq_lens"),
@@ -255,16 +239,11 @@ class FlashGPT2LM(L.LightningModule):
             checkpoint[adapters.BASE_KEY] = self.base_fingerprint  # so a resume can tell it is the same base
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Before Lightning's load_state_dict: a wrong-shape checkpoint is one line, not a page of size mismatches.
         if "state_dict" in checkpoint:  # FSDP loads (and pops) the weights itself, before this hook
-            name = loaded_checkpoint_name(attached_trainer(self))
-            check_same_model_config(self.hparams.model_config, checkpoint, name)
-            adapters.check_checkpoint_lora(self.hparams.lora, checkpoint, name)
-            adapters.check_checkpoint_base(self.base_fingerprint, checkpoint, name, self.hparams.model_name_or_path)
             expected = self.state_dict()
             expected = expected if self.lora is None else adapters.trainable_state_dict(self, expected)
-            check_same_vocab_padding(self.hparams.pad_vocab_to_multiple_of, checkpoint, name, expected)
-            check_state_dict_fits(expected, checkpoint["state_dict"])
+            name = loaded_checkpoint_name(attached_trainer(self))
+            check_checkpoint_fits(checkpoint, name, self.hparams, expected, self.base_fingerprint)
         # Read by configure_optimizers, which Lightning calls after this hook and before restoring the scheduler.
         self._resumed_lr_plan = (checkpoint.get(LR_PLAN_KEY), int(checkpoint.get("global_step", 0)))
 
@@ -328,14 +307,10 @@ class FlashGPT2LM(L.LightningModule):
         run_dir: str | Path | None = None,
         flag: str | None = None,
     ) -> Path:
-        """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(path)` loads them.
-
-        `state_dict`: the full weights gathered under FSDP, where `self.model` only holds this rank's shard;
-        they are loaded into a plain copy of the model, which is saved instead.
-        `run_dir`: the run folder whose own earlier export at `path` may be replaced (`lit_flash.export` has the
-        rule: anything else already at `path` is refused). `flag`: how errors name `path` (default `path=...`).
-        Written into a temporary folder beside `path`, then renamed onto it: never half a model at `path`.
-        """
+        """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(path)` loads them;
+        written beside `path`, then renamed onto it. `state_dict`: the full weights gathered under FSDP. `run_dir`:
+        the run whose earlier export at `path` may be replaced (anything else there is refused: `lit_flash.export`).
+        `flag`: how errors name `path` (default `path=...`)."""
         if self.lora is not None:  # merged into a copy (this module keeps training unchanged), or the adapter alone
             return adapters.export_lora(self.model, self.lora, self.vocab_size, path, tokenizer, run_dir, flag)
         return export_causal_lm(self.model, self.vocab_size, path, tokenizer, state_dict, run_dir, flag)
