@@ -42,3 +42,4 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert printed.count("\n---") == 3 and "def __init__(self" in printed
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert list((tmp_path / "run" / "logs").glob("version_*/metrics.csv"))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # the CLI's checkpoints, through trainer_kwargs
