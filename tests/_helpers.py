@@ -10,6 +10,7 @@ import csv
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -198,6 +199,17 @@ class SlowSteps(L.Callback):
 
     def on_train_batch_end(self, *args: Any) -> None:
         time.sleep(self.seconds)
+
+
+class SigtermAt(L.Callback):
+    """Test-only: the process sends itself SIGTERM (a preemption) right after the training batch of `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def fork_cli(*args: str) -> Any:

@@ -145,24 +145,28 @@ BOUNDS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("bound", "accumulate", "compile"),
-    [(bound, accumulate, False) for bound in BOUNDS for accumulate in (1, 2)]
-    + [pytest.param("epochs", 1, True, marks=pytest.mark.slow, id="epochs-1-compiled")],
+    ("bound", "accumulate", "compile", "step"),
+    [(bound, accumulate, False, 8) for bound in BOUNDS for accumulate in (1, 2)]
+    + [pytest.param("epochs", 1, True, 8, marks=pytest.mark.slow, id="epochs-1-compiled")]
+    # Step 12: saved on an epoch's last batch (12 batches an epoch: the end of epoch 0, or of epoch 1 when
+    # accumulating 2), the step a Ctrl-C or SIGTERM there saves too.
+    + [pytest.param(bound, accumulate, False, 12, id=f"{bound}-{accumulate}-epoch-end")
+       for bound in ("epochs", "steps") for accumulate in (1, 2)],
 )
 def test_resume_from_a_mid_epoch_checkpoint_logs_bit_identical_losses(
-    tmp_path: Path, pretrained: Path, blocks: Path, bound: str, accumulate: int, compile: bool
+    tmp_path: Path, pretrained: Path, blocks: Path, bound: str, accumulate: int, compile: bool, step: int
 ) -> None:
     trainer = {**BOUNDS[bound], "accumulate_grad_batches": accumulate}
     whole = tmp_path / "whole"
     run_recipe(tmp_path, "whole", cpu_overlay(whole, pretrained, blocks, compile, **trainer))
     # Step 8: mid-epoch in every case (12 batches an epoch: 12 steps, or 6 when accumulating 2).
-    checkpoint = next((whole / "checkpoints").glob("*step=8.ckpt"))
+    checkpoint = next((whole / "checkpoints").glob(f"*step={step}.ckpt"))
     resumed = tmp_path / "resumed"
     run_recipe(tmp_path, "resumed", cpu_overlay(resumed, pretrained, blocks, compile, **trainer), "--ckpt_path",
                str(checkpoint))
-    for key in ("train_loss", "val_loss", "lr-AdamW/pg1"):
+    for key in ("train_loss", "val_loss", "lr-AdamW/pg1", "epoch"):
         expected, got = logged(whole, key), logged(resumed, key)
-        after = {step: value for step, value in expected.items() if step >= 8}
+        after = {s: value for s, value in expected.items() if s >= step}
         assert after and got == after, key  # bit-identical: compared as floats written by the same code
     weights = "model/model.safetensors"
     assert (whole / weights).read_bytes() == (resumed / weights).read_bytes()

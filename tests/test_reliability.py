@@ -186,6 +186,40 @@ def test_sigterm_saves_a_checkpoint_and_the_resume_matches(tmp_path: Path, data_
     _assert_same_weights(root, uninterrupted)
 
 
+@pytest.mark.slow
+def test_sigterm_on_an_epochs_last_batch_resumes_with_the_whole_next_epoch(
+    tmp_path: Path, data_dir: Path, uninterrupted: Path
+) -> None:
+    """Step 40 is epoch 0's last batch: Lightning finishes the epoch before it stops, so `last.ckpt` holds an ended
+    epoch. The resume must train all of epoch 1 (Lightning 2.6 alone ended it after one batch, two epochs on)."""
+    root = tmp_path / "run"
+    stop = tiny_run_config(root, data_dir)
+    stop["trainer"]["callbacks"] = [{"class_path": "_helpers.SigtermAt", "init_args": {"step": 40}}]
+    assert _finish(fork_cli("fit", "--config", str(write_config(tmp_path / "stop.yaml", stop)))) != 0
+    assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 40
+    assert _finish(fork_cli("fit", "--config", _config(tmp_path, root, data_dir, slow=None), "--ckpt_path",
+                            "last")) == 0
+    assert logged(root, "epoch") == logged(uninterrupted, "epoch")
+    _assert_same_losses(root, uninterrupted)
+    _assert_same_weights(root, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_run_ended_by_max_steps_on_an_epochs_last_batch_trains_longer_through_the_whole_next_epoch(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """The `last.ckpt` a finished run leaves (written after fit, its epoch ended), trained longer: every batch of
+    the next epoch runs, in the next epoch."""
+    root = tmp_path / "run"
+    every_15 = {"every_n_train_steps": 15}  # step 40 is no periodic checkpoint: last.ckpt is written after fit
+    assert _finish(fork_cli("fit", "--config", _config(tmp_path, root, data_dir, slow=None, checkpoint=every_15,
+                                                        trainer={"max_steps": 40}))) == 0
+    assert _finish(fork_cli("fit", "--config", _config(tmp_path, root, data_dir, slow=None, checkpoint=every_15,
+                                                        trainer={"max_steps": 80}), "--ckpt_path", "last")) == 0
+    epochs = logged(root, "epoch")
+    assert [s for s in epochs if epochs[s] == 1] == list(range(40, 80))  # 40 batches an epoch
+
+
 def test_fresh_fit_refuses_to_overwrite_an_earlier_runs_checkpoints(
     tmp_path: Path, uninterrupted: Path, data_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -96,3 +96,23 @@ def with_progress_bar(callbacks: list[Any], enabled: bool | None) -> list[Any]:
             return description
 
     return [*callbacks, StepBoundedRichProgressBar()]
+
+
+class NextEpochAfterResume(L.Callback):
+    """Start the epoch after a resume from zero batches when the checkpoint was written after the previous epoch's
+    last batch (the `last.ckpt` a finished run leaves, or a stop right at the epoch's end) in a run bounded by steps.
+
+    Lightning 2.6 marks such a run as restarting and restores its epoch loop with the finished epoch's batch count:
+    the next epoch would end after one batch, skipping its data and running the epoch count ahead. Lightning resets
+    those counters itself only for a checkpoint written at `on_train_batch_end` (its restart stages,
+    Lightning#14579 / #20379); this does the same reset here. The loop's progress counters are public attributes;
+    no hook or trainer argument sets them.
+    """
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        if loop.restarting and loop.batch_progress.current.completed >= trainer.num_training_batches:
+            loop.batch_progress.reset_on_run()
+            loop.scheduler_progress.reset_on_run()
+            loop.automatic_optimization.optim_progress.reset_on_run()
+            loop.val_loop.batch_progress.total.reset()

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_flash.callbacks import HFExport, LastValidatedStep, TokenThroughput
 from lit_flash.checkpointing import AtomicCheckpointIO, resolve_resume
-from lit_flash.lightning_adapters import quiet_library_notices, with_progress_bar
+from lit_flash.lightning_adapters import NextEpochAfterResume, quiet_library_notices, with_progress_bar
 from lit_flash.resume import ExactResume
 
 # The CLI's ModelCheckpoint defaults and the Python API's, from here: every checkpoint kept, and last.ckpt. No
@@ -71,9 +71,9 @@ CALLBACK_SECTIONS = {
 
 
 def fixed_callbacks() -> list[L.Callback]:
-    """The callbacks no setting turns off: exact resume, and the step of the last validation (fit's final
-    validation is skipped when it is the last step)."""
-    return [ExactResume(), LastValidatedStep()]
+    """The callbacks no setting turns off: exact resume (and the next epoch's start after one), and the step of the
+    last validation (fit's final validation is skipped when it is the last step)."""
+    return [ExactResume(), NextEpochAfterResume(), LastValidatedStep()]
 
 
 def trainer_callbacks(
