@@ -359,7 +359,7 @@ def test_ctrl_c_at_random_moments_saves_says_how_to_resume_and_exits_within_seco
         last = root / "checkpoints" / "last.ckpt"
         if "stopped by Ctrl-C at step" in output:  # stopped inside the training loop: last.ckpt holds that step
             step = int(output.split("stopped by Ctrl-C at step ")[1].split(":")[0])
-            assert checkpoint_step(last) == step and "resume with --ckpt_path" in output
+            assert checkpoint_step(last) == step and "--ckpt_path last (or auto) added to this same" in output
             saved += 1
         else:
             assert "nothing new was saved" in output, output[-3000:]

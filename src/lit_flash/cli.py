@@ -292,7 +292,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
         # Written here, not logged: the one line a user sees last, whatever the logging set-up.
         saved = interrupt.saved_checkpoint()
         what = (
-            f" at step {saved[0]}: saved {saved[1]}; resume with --ckpt_path last (or auto)"
+            f" at step {saved[0]}: saved {saved[1]}; resume with --ckpt_path last (or auto) added to this same "
+            "command"
             if saved
             else "; nothing new was saved (checkpoints already written are intact: resume with --ckpt_path auto)"
         )

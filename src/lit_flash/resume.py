@@ -169,7 +169,8 @@ class ExactResume(L.Callback):
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)  # a whole checkpoint, as ModelCheckpoint writes
         note_saved(trainer.global_step, path)
-        rank_zero_info(f"{signal_name()} at step {trainer.global_step}: saved {path} (resume with --ckpt_path last)")
+        rank_zero_info(f"{signal_name()} at step {trainer.global_step}: saved {path} (resume with --ckpt_path last "
+                       "added to the same command)")
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> str:
