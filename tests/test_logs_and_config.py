@@ -183,3 +183,17 @@ def test_a_trainer_from_trainer_kwargs_prints_what_the_cli_prints(
     assert not [w for w in caught if "LeafSpec" in str(w.message)]
     out, err = capsys.readouterr()
     assert set(re.findall(r"Epoch \d+(?:/-?\d+)?", out + err)) == {"Epoch 0"}, out + err
+
+
+def test_lit_flash_warnings_print_as_one_line_and_other_warnings_as_before(monkeypatch) -> None:
+    from lit_flash.errors import LitFlashWarning, show_own_warnings_as_lines, warn_user
+
+    monkeypatch.setattr(warnings, "formatwarning", lambda message, *args, **kwargs: f"as before: {message}\n")
+    show_own_warnings_as_lines()
+    show_own_warnings_as_lines()  # again (each Trainer from trainer_kwargs calls it): the same format
+    text = "model.warmup_steps=9 is not below the 4 training steps"
+    assert warnings.formatwarning(LitFlashWarning(text), LitFlashWarning, "optim.py", 118) == f"lit_flash: {text}\n"
+    other = UserWarning("something else")
+    assert warnings.formatwarning(other, UserWarning, "x.py", 1) == "as before: something else\n"
+    with pytest.warns(LitFlashWarning, match="not below"):  # code that records warnings still gets them
+        warn_user(text)

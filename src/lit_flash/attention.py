@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 import torch
 
-from lit_flash.errors import LitFlashError
+from lit_flash.errors import LitFlashError, warn_user
 
 AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
 SDPABackend = Literal["cudnn", "flash", "efficient", "math"]
@@ -60,9 +60,7 @@ def resolve_attn_implementation(
         fix = f"pass {flag} sdpa, or leave it out (flash where it can run, else sdpa)" if tool else (
             "set model.attn_fallback=true to use sdpa instead")
         raise LitFlashError(f"{named}flash_attention_2 cannot run: {reason}; {fix}")
-    from lightning.pytorch.utilities import rank_zero_warn  # here: generate.py imports this module without Lightning
-
-    rank_zero_warn(f"flash_attention_2 cannot run: {reason}. Using sdpa instead (model.attn_fallback=false to stop).")
+    warn_user(f"flash_attention_2 cannot run: {reason}. Using sdpa instead (model.attn_fallback=false to stop).")
     return "sdpa"
 
 

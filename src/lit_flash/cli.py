@@ -20,7 +20,7 @@ from lit_flash.callbacks import HFExport, LastValidatedStep
 from lit_flash.checkpointing import LOAD_ERRORS, load_error, resolve_resume
 from lit_flash.ckpt_file import check_is_lightning_checkpoint, warn_replaced_model_values
 from lit_flash.datamodule import WikitextDataModule
-from lit_flash.errors import LitFlashError, one_line
+from lit_flash.errors import LitFlashError, one_line, show_own_warnings_as_lines
 from lit_flash.guards import check_model_config
 from lit_flash.lightning_adapters import last_saved_step
 from lit_flash.lightning_checks import check_lightning_values, check_training_length
@@ -231,6 +231,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFlashCLI | N
     Without `--config`, the trainer subcommands run the offline demo (`configs/demo.yaml`).
     """
     args = list(sys.argv[1:] if args is None else args)
+    show_own_warnings_as_lines()
     if not args or args[0] in ("-h", "--help"):  # LightningCLI's own list names the Trainer subcommands only
         (sys.stdout if args else sys.stderr).write(OVERVIEW)
         raise SystemExit(0 if args else 2)

@@ -7,7 +7,38 @@ import errno
 import os
 import stat
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Any
+
+
+class LitFlashWarning(UserWarning):
+    """lit_flash's own warnings: about something the user set; printed as one line (`show_own_warnings_as_lines`)."""
+
+
+def warn_user(message: str) -> None:
+    """Warn (on rank 0 only) about something the user set; the CLI prints it as one line, without file or source."""
+    from lightning.pytorch.utilities import rank_zero_warn  # here: generate.py imports lit_flash without Lightning
+
+    rank_zero_warn(message, category=LitFlashWarning)
+
+
+def show_own_warnings_as_lines() -> None:
+    """Print `LitFlashWarning`s as `lit_flash: <message>` (Python shows the file, line and source line of the call,
+    which tell a user nothing); every other warning as before. Only the printed text changes: code that records
+    warnings (`warnings.catch_warnings(record=True)`, `pytest.warns`) still gets them. Safe to call again."""
+    previous = warnings.formatwarning
+    if getattr(previous, "lit_flash", False):
+        return
+
+    def format_warning(message: Any, category: type[Warning], filename: str, lineno: int,
+                       line: str | None = None) -> str:
+        if issubclass(category, LitFlashWarning):
+            return f"lit_flash: {message}\n"
+        return previous(message, category, filename, lineno, line)
+
+    format_warning.lit_flash = True  # type: ignore[attr-defined]
+    warnings.formatwarning = format_warning
 
 
 class LitFlashError(ValueError):

@@ -6,10 +6,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
-from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_flash.blocks import IGNORE_INDEX
-from lit_flash.errors import LitFlashError, NonFiniteLossError
+from lit_flash.errors import LitFlashError, NonFiniteLossError, warn_user
 
 
 def check_skip_supported(on_nonfinite: str, precision: str, strategy: Any) -> None:
@@ -61,5 +60,5 @@ def finite_or_skip(
             f"{where}: stopped before updating the weights; lower model.learning_rate, use bf16-mixed instead "
             "of 16-mixed, or set model.on_nonfinite=skip"
         )
-    rank_zero_warn(f"{where}: skipped the batch (model.on_nonfinite=skip)")
+    warn_user(f"{where}: skipped the batch (model.on_nonfinite=skip)")
     return False

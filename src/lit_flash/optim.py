@@ -8,9 +8,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_flash.errors import LitFlashError
+from lit_flash.errors import LitFlashError, warn_user
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -115,7 +114,7 @@ def lr_plan_for(stored: dict[str, Any] | None, at_step: int, total: int | float)
         )
     plan = stretch_lr_plan(stored, at_step, int(total))
     ended = schedule_step(stored, at_step) >= stored["planned_steps"]
-    rank_zero_warn(
+    warn_user(
         f"the run now plans {int(total)} optimizer steps instead of {stored['end']} (trainer.max_steps, "
         "max_epochs, the data or the number of devices changed): "
         + (
@@ -193,5 +192,5 @@ def adamw_with_schedule(
     optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps, fused=fused)
     plan = lr_plan_for(stored_plan, at_step, total)
     if h.warmup_steps >= total and h.lr_scheduler != "constant":
-        rank_zero_warn(f"model.warmup_steps={h.warmup_steps} is not below the {total} training steps")
+        warn_user(f"model.warmup_steps={h.warmup_steps} is not below the {total} training steps")
     return optimizer, lr_scheduler_for(h.lr_scheduler, optimizer, h.warmup_steps, total, plan), plan

@@ -20,11 +20,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lit_flash.errors import LitFlashError
+from lit_flash.errors import LitFlashError, warn_user
 from lit_flash.interrupt import note_saved, signal_name
 
 
@@ -98,14 +98,14 @@ class ResumableDataLoader(DataLoader):
         if rows >= len(self.sampler):  # saved after the epoch's last batch: the next pass is the next epoch, from 0
             epoch, batches, rows = epoch + 1, 0, 0
         if state.get("replicas", 1) != self.sampler.num_replicas and rows:
-            rank_zero_warn(
+            warn_user(
                 f"the checkpoint was saved mid-epoch by {state['replicas']} processes and this run has "
                 f"{self.sampler.num_replicas}: the shards differ, so epoch {epoch} starts over"
             )
             batches, rows = 0, 0
         if rows and saved_batch_size != self.batch_size:
             left = len(self.sampler) - rows
-            rank_zero_warn(
+            warn_user(
                 f"the checkpoint was saved with data.batch_size={saved_batch_size} and this run has "
                 f"{self.batch_size}: epoch {epoch} continues at row {rows} of {len(self.sampler)} (no row skipped "
                 "or repeated), but the batches, the steps per epoch and so the data order per step differ from an "

@@ -25,10 +25,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from lit_flash.errors import LitFlashError
+from lit_flash.errors import LitFlashError, warn_user
 
 POSITION_KEY = "stream_position"  # in a batch from `StreamLoader` until `record_trained` takes it out
 END = "end"  # the state of a worker whose shards ran out (its last batch was short)
@@ -135,7 +134,7 @@ class StreamLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         if self._untracked > 1:  # Lightning prefetches one batch; more means nobody called record_trained
-            rank_zero_warn(
+            warn_user(
                 "the stream's position is not tracked (StreamLoader.record_trained was not called on the batches): "
                 "train through WikitextDataModule so that a resume continues the stream"
             )
@@ -171,7 +170,7 @@ class StreamLoader(DataLoader):
     def _load_local(self, local: dict[str, Any]) -> None:
         positions, last = local["positions"], local["last_worker"]
         if local["batch_size"] != self.batch_size:
-            rank_zero_warn(
+            warn_user(
                 f"the checkpoint was saved with data.batch_size={local['batch_size']} and this run has "
                 f"{self.batch_size}: the stream continues where each worker stopped (no block skipped or repeated), "
                 "but the batches differ from an uninterrupted run's"
@@ -209,7 +208,7 @@ def check_resume_streaming(saved: dict[str, Any], streaming: bool) -> None:
             "position, so the stream would start over; resume with data.streaming=false, or start a new run"
         )
     if saved.get("streaming") and not saved.get("stream_position") and streaming:
-        rank_zero_warn(
+        warn_user(
             "data.streaming=true: this checkpoint was saved before lit_flash saved stream positions, so the "
             "stream restarts from its first block (the blocks trained on before it are read again)"
         )

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_flash.callbacks import HFExport, LastValidatedStep, TokenThroughput
 from lit_flash.checkpointing import AtomicCheckpointIO, resolve_resume
+from lit_flash.errors import show_own_warnings_as_lines
 from lit_flash.lightning_adapters import NextEpochAfterResume, quiet_library_notices, with_progress_bar
 from lit_flash.resume import ExactResume
 
@@ -99,9 +100,11 @@ def trainer_plugins() -> list[Any]:
 
 def console_callbacks(callbacks: Sequence[Any], enable_progress_bar: bool | None) -> list[Any]:
     """What a run prints, the same for the CLI and a Trainer built in Python: library notices a user cannot act on
-    hidden, and `callbacks` plus the progress bar without a negative epoch total (unless the bar is off, or
+    hidden, lit_flash's own warnings as one line, and `callbacks` plus the progress bar without a negative epoch
+    total (unless the bar is off, or
     `callbacks` holds its own). Call it before the Trainer is built: Lightning's logger tip comes from its __init__."""
     quiet_library_notices()
+    show_own_warnings_as_lines()
     return with_progress_bar(list(callbacks), enable_progress_bar)
 
 
