@@ -20,6 +20,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 import lit_flash
 from lit_flash import FlashGPT2LM, WikitextDataModule
 from lit_flash.cli import cli_main
+from lit_flash.errors import LitFlashError
 from lit_flash.optim import planned_optimizer_steps
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "gpt2_flash.yaml"
@@ -208,6 +209,21 @@ def test_the_python_api_keeps_the_clis_checkpoints_export_and_exact_resume(
         assert after and got == after, key  # bit-identical
     weights = "model/model.safetensors"
     assert (whole / weights).read_bytes() == (resumed / weights).read_bytes()
+
+
+@pytest.mark.slow
+def test_a_second_fresh_fit_in_python_refuses_to_write_over_the_first_run(
+    tmp_path: Path, pretrained: Path, blocks: Path
+) -> None:
+    root = tmp_path / "run"
+    fit_in_python(root, pretrained, blocks)
+    before = {p.name: p.read_bytes() for p in [*(root / "checkpoints").iterdir(), *(root / "model").iterdir()]}
+    with pytest.raises(LitFlashError, match="already holds checkpoints of an earlier run") as err:
+        fit_in_python(root, pretrained, blocks)  # no ckpt_path: a fresh run, into the same folder
+    assert "\n" not in str(err.value)
+    after = {p.name: p.read_bytes() for p in [*(root / "checkpoints").iterdir(), *(root / "model").iterdir()]}
+    assert after == before  # nothing of the first run written over
+    fit_in_python(root, pretrained, blocks, lit_flash.resume_path(root))  # resuming it is what it says to do
 
 
 def test_the_python_api_adds_what_the_cli_adds(tmp_path: Path, pretrained: Path, blocks: Path) -> None:

@@ -136,6 +136,14 @@ class ExactResume(L.Callback):
     def __init__(self) -> None:
         self._rng_to_restore: dict[str, Any] | None = None
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is None:  # known from here on: Lightning sets it when it restores, after `setup`
+            # A fresh fit would write over an earlier run's checkpoints and export in this folder: the CLI refuses
+            # it before the Trainer exists; this refuses it for a Trainer built in Python (`trainer_kwargs`).
+            from lit_flash.checkpointing import resolve_ckpt_path
+
+            resolve_ckpt_path(None, os.path.dirname(last_checkpoint_path(trainer)), "fit")
+
     def state_dict(self) -> dict[str, Any]:
         states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
