@@ -99,3 +99,55 @@ def test_the_python_refusal_says_what_the_cli_says(run_cli, tiny_config) -> None
     with pytest.raises(LitFlashError) as error:
         WikitextDataModule(batch_size=0)
     assert err.strip().splitlines()[-1].startswith(f"error: {error.value}")
+
+
+# Per class of wrong value, one argument of each kind: (section, key, value, what the one line says).
+WRONG_TYPES = [
+    ("model", "learning_rate", "np.float64(1e-3)", "must be a plain Python int or float (float64 given)"),
+    ("model", "warmup_steps", "np.int64(1)", "must be a plain Python int or float (int64 given)"),
+    ("model", "warmup_steps", "torch.tensor(1)", "must be a plain Python int or float (Tensor given)"),
+    ("model", "dropout", "Fraction(1, 2)", "must be a plain Python int or float (Fraction given)"),
+    ("data", "batch_size", "np.True_", "must be a plain Python int or float"),
+    ("model", "compile", "'false'", "must be True or False"),
+    ("model", "trust_remote_code", "'false'", "must be True or False"),
+    ("model", "fused_adamw", "2", "must be True or False, or null"),
+    ("data", "pin_memory", "np.False_", "must be True or False"),
+    ("model", "on_nonfinite", "'Stop'", "must be one of 'stop', 'skip'"),
+    ("model", "lr_scheduler", "'Cosine'", "must be one of 'linear', 'cosine'"),
+    ("data", "packing_documents", "'lines'", "must be one of"),
+    ("model", "betas", "0.9", "must be a list of 2 values"),
+    ("model", "sdpa_backends", "'flash'", "must be a list"),
+    ("model", "model_config", "'gpt2'", "must be a mapping"),
+    ("data", "text_files", "'a.txt'", "must be a mapping"),
+    ("data", "text_files", "{'train': 1}", "['train']=1: must be"),
+    ("model", "lora", "'yes'", "must be a mapping of r, alpha"),
+    ("model", "lora", "{'bogus': 1}", "['bogus'] not among r, alpha"),
+    ("model", "lora", "{'r': 0}", ".r=0: must be an integer >= 1"),
+    ("model", "model_name_or_path", "1", "must be a string, or null"),
+]
+
+
+@pytest.mark.parametrize(("section", "name", "given", "says"), WRONG_TYPES,
+                         ids=[f"{s}.{n}={g}" for s, n, g, _ in WRONG_TYPES])
+def test_a_value_of_the_wrong_kind_is_one_line_naming_the_key(
+    section: str, name: str, given: str, says: str, tiny_model_config: dict[str, Any]
+) -> None:
+    """What the CLI's parser refuses by type is refused in Python too, before anything is built: a numpy or torch
+    scalar (it would end up in every checkpoint, which a safe load then refuses), a truthy string for a bool (the
+    string 'false' is true), a wrong choice, a string where a list or mapping belongs."""
+    from fractions import Fraction  # noqa: F401  (used by eval)
+
+    import numpy as np  # noqa: F401
+    import torch  # noqa: F401
+
+    value = eval(given)
+    cls = FlashGPT2LM if section == "model" else WikitextDataModule
+    values = {name: value}
+    if name in ("model_config", "model_name_or_path"):
+        with pytest.raises(LitFlashError) as error:
+            FlashGPT2LM(**{"model_name_or_path": None, "model_config": tiny_model_config, name: value})
+    else:
+        with pytest.raises(LitFlashError) as error:
+            build(cls, tiny_model_config, **values)
+    message = str(error.value)
+    assert message.startswith(f"{section}.{name}") and says in message and "\n" not in message, message

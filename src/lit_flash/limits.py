@@ -10,6 +10,7 @@ them, with the CLI's words.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import types
@@ -103,32 +104,32 @@ OpenUnitFloat = number_type("FloatAbove0To1", float, low=0, high=1, low_open=Tru
 
 
 def check_call_args(func_or_cls: Callable[..., Any], values: Mapping[str, Any], section: str) -> None:
-    """What the CLI's parser checks, for a call from Python: each of `values` (e.g. an `__init__`'s `locals()`) whose
-    parameter of `func_or_cls` (a class: its `__init__`) is annotated with a range type, alone, `X | None`, or in a
-    tuple or list (`betas: tuple[DropoutFloat, DropoutFloat]`), must be in range; the first that is not raises one
-    line naming `section.name`, in the CLI's words (`model.learning_rate=-1: must be a finite number > 0`)."""
+    """What the CLI's parser checks, for a call from Python: each of `values` (e.g. an `__init__`'s `locals()`) must
+    fit its parameter's annotation in `func_or_cls` (a class: its `__init__`): range types (alone, `X | None`, in a
+    tuple or list), plain Python numbers (a numpy or torch scalar would end up in the checkpoints, which a
+    `weights_only` load then refuses), `bool`, `str`, `Literal`, mappings, lists and dataclass settings. The first
+    that does not raises one line naming `section.name`, in the CLI's words (`model.learning_rate=-1: must be a
+    finite number > 0`)."""
     func = func_or_cls.__init__ if isinstance(func_or_cls, type) else func_or_cls
-    for name, annotation in _range_annotations(func).items():
+    for name, annotation in _annotations(func).items():
         if name in values:
-            problem = _range_problem(annotation, values[name])
+            problem = _type_problem(annotation, values[name])
             if problem is not None:
                 raise LitFlashError(f"{section}.{name}{problem}")
 
 
 @functools.cache
-def _range_annotations(func: Callable[..., Any]) -> dict[str, Any]:
-    """The parameters of `func` whose annotation holds a range type (once per function: resolving is not free)."""
-    hints = typing.get_type_hints(func)
-    return {name: hint for name, hint in hints.items() if name != "return" and _holds_range(hint)}
+def _annotations(func: Callable[..., Any]) -> dict[str, Any]:
+    """The annotated parameters of `func` (once per function: resolving is not free)."""
+    return {name: hint for name, hint in typing.get_type_hints(func).items() if name != "return"}
 
 
-def _holds_range(hint: Any) -> bool:
-    return hint in RANGE_TYPES.values() or any(_holds_range(arg) for arg in typing.get_args(hint))
-
-
-def _range_problem(hint: Any, value: Any) -> str | None:
+def _type_problem(hint: Any, value: Any) -> str | None:
     """None when `value` fits `hint`, else what follows the key in the error: `=value: must be ...`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint in RANGE_TYPES.values():
+        if not isinstance(value, str | bool) and type(value) not in (int, float):  # numpy, torch, Decimal, Fraction
+            return f"={value!r}: must be a plain Python int or float ({type(value).__name__} given), {hint.__doc__}"
         try:
             if isinstance(value, str):  # the parser reads "5" from a command line; Python code passes numbers
                 raise ValueError(value)
@@ -136,19 +137,57 @@ def _range_problem(hint: Any, value: Any) -> str | None:
         except (TypeError, ValueError):
             return f"={value!r}: must be {hint.__doc__}"
         return None
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return None if type(value) is bool else f"={value!r}: must be True or False"
+    if hint in (int, float):
+        return None if type(value) in (int, float) and (hint is float or type(value) is int) else (
+            f"={value!r}: must be a plain Python {hint.__name__}")
+    if hint is str:
+        return None if isinstance(value, str) else f"={value!r}: must be a string"
+    if origin is typing.Literal:
+        return None if value in args and type(value) in {type(a) for a in args} else (
+            f"={value!r}: must be one of " + ", ".join(repr(a) for a in args))
     if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None if type(None) in args else f"=None: must be {hint}"
         members = [arg for arg in args if arg is not type(None)]
-        if len(members) != 1 or value is None:  # `X | None` only; a wider union is no one range
+        problems = [_type_problem(member, value) for member in members]
+        if None in problems:
             return None
-        problem = _range_problem(members[0], value)
-        return None if problem is None else f"{problem}, or null"
-    if origin in (tuple, list) and isinstance(value, tuple | list):
+        if len(members) == 1:
+            return problems[0] + (", or null" if type(None) in args else "")
+        return f"={value!r}: must be {hint}"
+    if origin in (dict, Mapping) or hint is dict:
+        if not isinstance(value, Mapping):
+            return f"={value!r}: must be a mapping (key: value)"
+        item = args[1] if len(args) == 2 else Any
+        for key, entry in value.items():
+            problem = _type_problem(item, entry)
+            if problem is not None:
+                return f"[{key!r}]{problem}"
+        return None
+    if origin in (tuple, list):
+        if isinstance(value, str | bytes) or not isinstance(value, tuple | list):
+            return f"={value!r}: must be a list" + (f" of {len(args)} values" if origin is tuple else "")
         fixed = origin is tuple and Ellipsis not in args
         if fixed and len(value) != len(args):
             return f"={value!r}: must hold {len(args)} values"
         for index, item in enumerate(value):
-            problem = _range_problem(args[index] if fixed else args[0], item)
+            problem = _type_problem(args[index] if fixed else args[0], item)
             if problem is not None:
                 return f"[{index}]{problem}"
-    return None  # not a range type (a string, a Literal, a dataclass): the callee's own checks apply
+        return None
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if isinstance(value, hint):
+            return None
+        if not isinstance(value, Mapping):
+            return f"={value!r}: must be a mapping of " + ", ".join(f.name for f in dataclasses.fields(hint))
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(hint)})
+        if unknown:
+            return f": {unknown} not among " + ", ".join(f.name for f in dataclasses.fields(hint))
+        fields = typing.get_type_hints(hint)
+        for key, entry in value.items():
+            problem = _type_problem(fields[key], entry)
+            if problem is not None:
+                return f".{key}{problem}"
+    return None  # Any, or a type the callee checks itself
