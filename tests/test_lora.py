@@ -263,7 +263,7 @@ def test_loading_refuses_a_checkpoint_without_the_adapter_or_of_another_shape(
     lacking = {**checkpoint, "state_dict": {k: v for k, v in checkpoint["state_dict"].items() if "h.1." not in k}}
     with pytest.raises(LitFlashError, match="the checkpoint is from a different model: it lacks .*lora_"):
         module.on_load_checkpoint(lacking)
-    with pytest.raises(LitFlashError, match="lora_A.default.weight is \\[8, 32\\] there and \\[4, 32\\] here"):
+    with pytest.raises(LitFlashError, match="model.lora.r=8 and this run has 4: resume with model.lora.r=8"):
         lora_module(pretrained, lora=LoraSettings(r=4)).on_load_checkpoint(checkpoint)
     module.on_load_checkpoint(checkpoint)  # the adapter alone is what a LoRA checkpoint holds
 
@@ -541,3 +541,24 @@ def test_a_checkpoint_turning_lora_on_or_off_is_said(user: dict, saved: dict, sa
 def test_a_typo_under_model_lora_gets_the_key_it_likely_meant(run_cli: Any, typo: str, meant: str) -> None:
     code, _, err = run_cli(["fit", f"--model.lora.{typo}", "3", "--print_config"])
     assert code == 2 and f"did you mean --model.lora.{meant}?" in err, err
+
+
+@pytest.mark.parametrize(("key", "then", "now", "refused"), [
+    ("alpha", 16.0, 64.0, True),  # the same shapes, another scale (alpha / r): was resumed silently
+    ("r", 8, 4, True),
+    ("target_modules", ["c_attn"], ["c_attn", "c_proj"], True),
+    ("dropout", 0.05, 0.1, False),  # training-time only: the adapter computes the same function
+    ("export", "merged", "adapter", False),
+])
+def test_a_lora_resume_with_other_adapter_settings_names_the_key(key, then, now, refused) -> None:
+    from lit_flash.lora import LoraSettings, as_hparam, check_checkpoint_lora
+
+    saved = {"hyper_parameters": {"lora": as_hparam(LoraSettings(**{key: then}))}}
+    here = as_hparam(LoraSettings(**{key: now}))
+    if not refused:
+        check_checkpoint_lora(here, saved, "ckpt_path=last.ckpt")
+        return
+    with pytest.raises(LitFlashError) as err:
+        check_checkpoint_lora(here, saved, "ckpt_path=last.ckpt")
+    assert str(err.value).startswith(f"ckpt_path=last.ckpt was trained with model.lora.{key}={then!r}")
+    assert f"resume with model.lora.{key}={then!r}" in str(err.value) and "\n" not in str(err.value)

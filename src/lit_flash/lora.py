@@ -130,8 +130,19 @@ def check_checkpoint_lora(lora: dict[str, Any] | None, checkpoint: dict[str, Any
     from lit_flash.ckpt_file import switched_sections
 
     saved = checkpoint.get("hyper_parameters") or {}
-    if "lora" not in saved or not switched_sections({"lora": lora}, {"lora": saved["lora"]}):
-        return  # the same on both sides, or a checkpoint that does not say: its weights are checked by name
+    if "lora" not in saved:
+        return  # a checkpoint that does not say: its weights are checked by name
+    if not switched_sections({"lora": lora}, {"lora": saved["lora"]}):
+        # Both with LoRA: what defines the adapter's function must match. r and target_modules change its shapes
+        # (a size or missing-weight error would name a tensor); alpha only its scale, alpha / r: silently.
+        then, now = saved["lora"] or {}, lora or {}
+        for key in ("r", "alpha", "target_modules"):
+            if key in then and then.get(key) != now.get(key):
+                raise LitFlashError(
+                    f"{name} was trained with model.lora.{key}={then[key]!r} and this run has {now.get(key)!r}: "
+                    f"resume with model.lora.{key}={then[key]!r} (dropout and export may differ)"
+                )
+        return
     if lora is None:
         raise LitFlashError(
             f"{name} was trained with model.lora (it holds only the adapter, not the model's weights), and "
