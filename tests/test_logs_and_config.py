@@ -197,3 +197,29 @@ def test_lit_flash_warnings_print_as_one_line_and_other_warnings_as_before(monke
     assert warnings.formatwarning(other, UserWarning, "x.py", 1) == "as before: something else\n"
     with pytest.warns(LitFlashWarning, match="not below"):  # code that records warnings still gets them
         warn_user(text)
+
+
+@pytest.mark.parametrize("case", ["root is a file", "checkpoints is a file", "every_n_train_steps=-1",
+                                  "every_n_train_steps=2.5", "every_n_train_steps=True", "callbacks not a list",
+                                  "a bar with the bar off"])
+def test_trainer_kwargs_refuses_what_would_fail_later_in_one_line(tmp_path, case) -> None:
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    root = tmp_path / "run"
+    kwargs: dict = {}
+    if case == "root is a file":
+        root.write_text("notes")
+    elif case == "checkpoints is a file":
+        root.mkdir()
+        (root / "checkpoints").write_text("notes")
+    elif case.startswith("every_n_train_steps"):
+        kwargs["every_n_train_steps"] = {"-1": -1, "2.5": 2.5, "True": True}[case.split("=")[1]]
+    elif case == "callbacks not a list":
+        kwargs["callbacks"] = TQDMProgressBar()
+    else:
+        kwargs.update(callbacks=[TQDMProgressBar()], enable_progress_bar=False)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(LitFlashError) as err:
+        trainer_kwargs(root, **kwargs)
+    assert str(err.value).startswith("trainer_kwargs") and "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created or written over

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_flash.callbacks import HFExport, LastValidatedStep, TokenThroughput
 from lit_flash.checkpointing import AtomicCheckpointIO, resolve_resume
-from lit_flash.errors import show_own_warnings_as_lines
+from lit_flash.errors import LitFlashError, check_can_create, show_own_warnings_as_lines
 from lit_flash.lightning_adapters import NextEpochAfterResume, quiet_library_notices, with_progress_bar
+from lit_flash.limits import PositiveInt, check_call_args
 from lit_flash.resume import ExactResume
 
 # The CLI's ModelCheckpoint defaults and the Python API's, from here: every checkpoint kept, and last.ckpt. No
@@ -110,7 +112,7 @@ def console_callbacks(callbacks: Sequence[Any], enable_progress_bar: bool | None
 
 def trainer_kwargs(
     default_root_dir: str | os.PathLike,
-    every_n_train_steps: int | None = None,
+    every_n_train_steps: PositiveInt | None = None,
     export_dirname: str | None = "model",
     callbacks: Sequence[L.Callback] = (),
     enable_progress_bar: bool = True,
@@ -119,6 +121,18 @@ def trainer_kwargs(
     (progress bar, quiet notices). `callbacks`: your own, added to the CLI's (a progress bar of yours replaces
     lit_flash's). `enable_progress_bar` is Lightning's flag, given here because the bar is one of the callbacks:
     the Trainer would refuse a bar among them with the flag off."""
+    check_call_args(trainer_kwargs, {"every_n_train_steps": every_n_train_steps,
+                                     "enable_progress_bar": enable_progress_bar}, "trainer_kwargs")
+    if not isinstance(callbacks, Sequence) or isinstance(callbacks, str):
+        raise LitFlashError(f"trainer_kwargs: callbacks={callbacks!r} must be a list of callbacks")
+    if not enable_progress_bar and any(isinstance(c, ProgressBar) for c in callbacks):
+        raise LitFlashError("trainer_kwargs: callbacks holds a progress bar and enable_progress_bar=False: drop one")
+    root = Path(default_root_dir)
+    for folder in (root, root / "checkpoints", root / "logs"):  # what the run creates and writes into
+        if folder.exists() and not folder.is_dir():
+            raise LitFlashError(f"trainer_kwargs: {folder} is a file, and the run needs a folder there: choose "
+                                "another default_root_dir")
+    check_can_create(root, f"trainer_kwargs: default_root_dir={root}")
     own = [*callbacks, *trainer_callbacks(default_root_dir, every_n_train_steps, export_dirname)]
     return {
         "default_root_dir": str(default_root_dir),
