@@ -40,6 +40,14 @@ import tqdm  # noqa: E402
 
 tqdm.tqdm.monitor_interval = 0
 
+# The fast tier runs in parallel (`-n 2`, pytest-xdist): one intra-op thread per worker, so two workers on two cores
+# do not fight over them. (Bit-identical comparisons run both sides in one process, or in forks set to one thread.)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch  # noqa: E402
+
+    torch.set_num_threads(1)
+
 TINY_VOCAB = 320  # 256 bytes + <|endoftext|> + a few merges: the BPE tokenizer below stays within it
 TINY_CONTEXT = 64  # the tiny model's n_positions
 ALL_COLUMNS = ("input_ids", "attention_mask", "labels")
