@@ -11,6 +11,7 @@ import importlib
 from typing import Literal, get_args
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lit_flash.errors import LitFlashError, warn_user
 
@@ -64,13 +65,13 @@ def resolve_attn_implementation(
     return "sdpa"
 
 
-def sdpa_kernels_in_order(names: list[str] | None) -> contextlib.AbstractContextManager:
-    """torch's attention kernels to try, in this order (`model.sdpa_backends`), for the block (none given: torch's
-    own choice)."""
-    # The backward runs outside this block: eager autograd and torch.compile both keep the forward's kernel.
-    if not names:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def sdpa_priority(names: list[str] | None) -> list[SDPBackend]:
+    """`model.sdpa_backends` as torch's backends, in that order (resolved once, not at every step)."""
+    return [getattr(SDPBackend, SDPA_BACKENDS[name]) for name in names or ()]
 
-    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name]) for name in names], set_priority=True)
+
+def sdpa_kernels_in_order(priority: list[SDPBackend]) -> contextlib.AbstractContextManager:
+    """torch's attention kernels to try, in this order, for the block (none given: torch's own choice)."""
+    # The backward runs outside this block: eager autograd and torch.compile both keep the forward's kernel.
+    return sdpa_kernel(priority, set_priority=True) if priority else contextlib.nullcontext()
 

@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
+from lit_flash import loss
 from lit_flash.attention import SDPA_BACKENDS
 from lit_flash.errors import LitFlashError
+from lit_flash.nonfinite import check_skip_supported
 
 
 @dataclass(frozen=True)
@@ -269,13 +271,10 @@ def check_before_stage(
 ) -> None:
     """The checks that need the trainer, its device or the data, run when fit/validate/test/predict sets up
     (`FlashGPT2LM.setup`): a mistake is one line before the first step. `hparams`: the module's arguments."""
-    from lit_flash.loss import check_fused_loss_runs_on
-    from lit_flash.nonfinite import check_skip_supported
-
     device, precision = trainer.strategy.root_device, str(trainer.precision)
     attn_dropout = getattr(model_config, "attn_pdrop", None) or getattr(model_config, "attention_dropout", None)
     check_sdpa_backends_run_on(device, hparams.sdpa_backends, (attn_dropout or 0.0) if stage == "fit" else 0.0)
-    check_fused_loss_runs_on(device, hparams.fused_cross_entropy)
+    loss.check_fused_loss_runs_on(device, hparams.fused_cross_entropy)
     check_skip_supported(hparams.on_nonfinite, precision, trainer.strategy)
     check_precision_fits(attn_implementation, precision)
     dm = getattr(trainer, "datamodule", None)

@@ -140,8 +140,8 @@ def _type_problem(hint: Any, value: Any) -> str | None:
     if hint is bool:
         return None if type(value) is bool else f"={value!r}: must be True or False"
     if hint in (int, float):
-        return None if type(value) in (int, float) and (hint is float or type(value) is int) else (
-            f"={value!r}: must be a plain Python {hint.__name__}")
+        ok = type(value) is int or (hint is float and type(value) is float)
+        return None if ok else f"={value!r}: must be a plain Python {hint.__name__}"
     if hint is str:
         return None if isinstance(value, str) else f"={value!r}: must be a string"
     if origin is typing.Literal:

@@ -19,7 +19,7 @@ from lit_flash.errors import LitFlashError
 
 class FusedLoss(Protocol):
     def __call__(
-        self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor, vocab_size: int
+        self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor
     ) -> torch.Tensor: ...
 
 
@@ -36,7 +36,7 @@ def causal_lm_loss(
     """Mean cross-entropy of each token's prediction of the next one (labels equal to `IGNORE_INDEX` left out).
 
     `vocab_size`: the real vocabulary; rows of the head beyond it are padding, masked by `vocab_bias` (0 for real
-    ids, a huge negative for pad ids) or left out by the fused kernels.
+    ids, a huge negative for pad ids), in the fused kernel as in torch's.
     """
     if fused is None and model.config.vocab_size == vocab_size:
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **attention_kwargs).loss
@@ -47,7 +47,7 @@ def causal_lm_loss(
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     head = model.get_output_embeddings()
     if fused is not None:
-        return fused(hidden, head.weight, targets, vocab_bias, vocab_size)
+        return fused(hidden, head.weight, targets, vocab_bias)
     # Masking the pad ids with the bias keeps the logits' aligned width (a slice to 50257 would not).
     logits = (head(hidden) + vocab_bias).float()
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
@@ -80,8 +80,7 @@ def liger_fused_ce() -> torch.nn.Module:
 def _liger_cross_entropy() -> FusedLoss:
     kernel = liger_fused_ce()
 
-    def loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor,
-             vocab_size: int) -> torch.Tensor:
+    def loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         # liger wants the head weight in the activations' dtype (bf16/fp16 under autocast), not fp32.
         return kernel(weight.to(hidden.dtype), hidden, targets, bias=bias.to(hidden.dtype))
 

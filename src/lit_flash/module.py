@@ -12,7 +12,13 @@ import lightning as L
 import torch
 
 from lit_flash import lora as adapters
-from lit_flash.attention import AttnImplementation, SDPABackend, resolve_attn_implementation, sdpa_kernels_in_order
+from lit_flash.attention import (
+    AttnImplementation,
+    SDPABackend,
+    resolve_attn_implementation,
+    sdpa_kernels_in_order,
+    sdpa_priority,
+)
 from lit_flash.blocks import IGNORE_INDEX
 from lit_flash.build import adapt_for_training, load_causal_lm
 from lit_flash.checkpointing import loaded_checkpoint_name
@@ -110,6 +116,7 @@ class FlashGPT2LM(L.LightningModule):
         # The hyperparameter as plain values (checkpoints load with weights_only), the settings as a dataclass.
         self.lora, lora = adapters.as_settings(lora), adapters.as_hparam(lora)
         self.save_hyperparameters()
+        self.sdpa_priority = sdpa_priority(sdpa_backends)
         self.attn_implementation = resolve_attn_implementation(attn_implementation, attn_fallback)
         self.model = load_causal_lm(
             model_name_or_path, model_config, dropout, self.attn_implementation, trust_remote_code
@@ -165,7 +172,7 @@ class FlashGPT2LM(L.LightningModule):
         """Mean loss over the batch's predicted tokens, and how many tokens that mean is over."""
         labels = batch["labels"]
         self.flops_per_batch = self._flops(labels.shape[1], training) * labels.numel()
-        with sdpa_kernels_in_order(self.hparams.sdpa_backends):
+        with sdpa_kernels_in_order(self.sdpa_priority):
             loss = self._compute_loss(
                 batch["input_ids"], labels, batch.get("attention_mask"), batch.get("position_ids"),
                 batch.get("cu_seq_lens"),

@@ -103,8 +103,8 @@ def trainer_plugins() -> list[Any]:
 def console_callbacks(callbacks: Sequence[Any], enable_progress_bar: bool | None) -> list[Any]:
     """What a run prints, the same for the CLI and a Trainer built in Python: library notices a user cannot act on
     hidden, lit_flash's own warnings as one line, and `callbacks` plus the progress bar without a negative epoch
-    total (unless the bar is off, or
-    `callbacks` holds its own). Call it before the Trainer is built: Lightning's logger tip comes from its __init__."""
+    total (unless the bar is off, or `callbacks` holds its own). Call it before the Trainer is built: Lightning's
+    logger tip comes from its __init__."""
     quiet_library_notices()
     show_own_warnings_as_lines()
     return with_progress_bar(list(callbacks), enable_progress_bar)
