@@ -278,6 +278,8 @@ LEVERS: list[tuple[str, str, list[str]]] = [
     ("recipe: bf16-mixed + 16-bit residual stream", "gpt2_flash.yaml",
      ["--trainer.precision", "bf16-mixed", "--model.low_precision_residual", "true"]),
     ("+ inductor coordinate-descent tuning", "gpt2_fast.yaml", []),
+    ("+ flash_attention_3 (for flash_attention_2)", "gpt2_fast.yaml",
+     ["--model.attn_implementation", "flash_attention_3"]),
 ]
 # Levers that are inductor settings rather than lit_flash keys: patched around that lever's run only.
 INDUCTOR_PATCHES = {"+ inductor coordinate-descent tuning": {"coordinate_descent_tuning": True}}
@@ -399,12 +401,17 @@ def run_packing(work: Path, block: int, cpu: list[str], weights: Path, steps: in
 PEERS = {
     "recipe": (8, "float16"), "recipe_bf16": (8, "bfloat16"), "fast": (32, "bfloat16"), "fastest": (64, "bfloat16")
 }
+PEER_OF = {"fast_eval128": "fast", "fast_fa3": "fast", "fastest_fa3": "fastest"}  # parts that share a peer
 LIT_RUNS = {  # part: (config, overlay)
     "recipe": ("gpt2_flash.yaml", []),
     "recipe_bf16": ("gpt2_flash.yaml", ["--trainer.precision", "bf16-mixed"]),
     "fast": ("gpt2_fast.yaml", []),
     "fastest": ("gpt2_fast.yaml", ["--config", str(ROOT / "configs" / "batch64.yaml")]),
     "fast_eval128": ("gpt2_fast.yaml", ["--data.eval_batch_size", "128"]),  # a larger evaluation batch
+    # FlashAttention-3 (Hopper) for FlashAttention-2, at each batch: compared with the same peer as fast/fastest
+    "fast_fa3": ("gpt2_fast.yaml", ["--model.attn_implementation", "flash_attention_3"]),
+    "fastest_fa3": ("gpt2_fast.yaml", ["--config", str(ROOT / "configs" / "batch64.yaml"),
+                                       "--model.attn_implementation", "flash_attention_3"]),
     # LoRA against full fine-tuning (the recipe): tokens/s, peak memory, trainable parameters and the validation
     # loss after the same steps. Its learning rate is lora.yaml's (2e-4), the recipe's 5e-5. Its mfu_* count full
     # fine-tuning's FLOPs (6N a token): LoRA skips the frozen weights' gradients (about 4N), so compare tokens/s.
@@ -417,6 +424,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--parts", default="matmul,reference,peers,recipe,recipe_bf16,fast,fastest,lora,quality",
                    help="comma-separated subset of: matmul, reference, peers, recipe, recipe_bf16, fast, fastest, "
+                        "fast_eval128, fast_fa3, fastest_fa3 (FlashAttention-3), "
                         "lora (the recipe with configs/lora.yaml), quality (recipe vs HF Trainer from the same "
                         "weights), quality_fast, quality_levers, levers, packing")
     p.add_argument("--peers", default="recipe,recipe_bf16,fast,fastest", help="whose HF+torch_compile peer to run")
@@ -478,7 +486,8 @@ def main() -> None:
             continue
         results[part] = r = run_lit(data, config, overlay + cpu, weights, steps, warmup)
         mfu(r)
-        for base, ref in (("reference", results.get("reference")), ("peer", results.get("peers", {}).get(part))):
+        peer = results.get("peers", {}).get(PEER_OF.get(part, part))
+        for base, ref in (("reference", results.get("reference")), ("peer", peer)):
             if ref:
                 r[f"x_{base}_train"] = r["tokens_per_s"] / ref["tokens_per_s"]
                 r[f"x_{base}_eval"] = r["eval_tokens_per_s"] / ref["eval_tokens_per_s"]

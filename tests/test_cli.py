@@ -233,6 +233,10 @@ BAD_OPTIONS = {
         ["--model.attn_implementation", "flash_attention_2", "--model.attn_fallback", "false"],
         ["flash_attention_2", "model.attn_fallback"],
     ),
+    "flash3_without_fallback": (
+        ["--model.attn_implementation", "flash_attention_3", "--model.attn_fallback", "false"],
+        ["flash_attention_3", "model.attn_fallback"],
+    ),
 }
 
 

@@ -108,10 +108,87 @@ def test_flash_falls_back_to_sdpa_once_naming_the_reason(tiny_model_config, make
     assert module.hparams.attn_implementation == "flash_attention_2"  # what was asked stays in the checkpoint
 
 
-def test_flash_on_a_cpu_trainer_is_refused_when_the_fallback_is_off():
-    assert "cpu" in flash_attention_unavailable_reason(torch.device("cpu"))
-    with pytest.raises(LitFlashError, match="cpu.*model.attn_fallback=true"):
-        resolve_attn_implementation("flash_attention_2", fallback=False, device=torch.device("cpu"))
+@pytest.mark.parametrize("flash", ["flash_attention_2", "flash_attention_3"])
+def test_flash_on_a_cpu_trainer_is_refused_when_the_fallback_is_off(flash):
+    assert "cpu" in flash_attention_unavailable_reason(torch.device("cpu"), flash)
+    with pytest.raises(LitFlashError, match=f"{flash} cannot run.*cpu.*model.attn_fallback=true"):
+        resolve_attn_implementation(flash, fallback=False, device=torch.device("cpu"))
+
+
+# (capability, whether flash-attn-3's module imports) -> what each FlashAttention says; None: it runs.
+GPUS = {
+    "ampere": ((8, 0), True, {"flash_attention_2": None, "flash_attention_3": "needs Hopper (sm_90)"}),
+    "hopper": ((9, 0), True, {"flash_attention_2": None, "flash_attention_3": None}),
+    "blackwell": ((10, 0), True, {"flash_attention_2": None, "flash_attention_3": "needs Hopper (sm_90)"}),
+    "turing": ((7, 5), True, {"flash_attention_2": "needs sm_80 (Ampere)", "flash_attention_3": "needs Hopper"}),
+    "hopper_without_fa3": ((9, 0), False, {"flash_attention_2": None, "flash_attention_3": "flash-attn-3 cannot be"}),
+}
+
+
+@pytest.mark.parametrize("gpu", list(GPUS))
+def test_which_flash_attention_runs_on_which_gpu(gpu, monkeypatch):
+    """Each GPU generation and install against each FlashAttention: why it cannot run, and what the fallback picks
+    (FlashAttention-3 falls back to FlashAttention-2 where that runs, else sdpa)."""
+    import importlib
+
+    capability, fa3_installed, expected = GPUS[gpu]
+    real_import = importlib.import_module
+
+    def fake_import(name, *args):
+        if name == "flash_attn" or (name == "flash_attn_interface" and fa3_installed):
+            return object()
+        if name == "flash_attn_interface":
+            raise ImportError("No module named 'flash_attn_interface'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {gpu}")
+    for flash, needle in expected.items():
+        reason = flash_attention_unavailable_reason(None, flash)
+        assert (reason is None) if needle is None else (needle in reason), (flash, reason)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = resolve_attn_implementation(flash, fallback=True)
+        if needle is None:
+            assert got == flash and not caught
+        else:
+            fa2_runs = expected["flash_attention_2"] is None
+            assert got == ("flash_attention_2" if flash == "flash_attention_3" and fa2_runs else "sdpa")
+            assert len(caught) == 1 and f"Using {got} instead" in str(caught[0].message)
+            with pytest.raises(LitFlashError, match=f"{flash} cannot run"):
+                resolve_attn_implementation(flash, fallback=False)
+
+
+def test_flash_attention_3_in_a_cpu_fit_falls_back_to_sdpa(tiny_model_config, make_token_dataset):
+    dm = WikitextDataModule(
+        tokenized_dataset_load_dir=str(make_token_dataset(n_rows=4, seq_len=16)), tokenizer_name=None, batch_size=2
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = tiny_module(tiny_model_config, attn_implementation="flash_attention_3")
+        cpu_trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0).fit(module, dm)
+    said = [str(w.message) for w in caught if "flash_attention_3 cannot run" in str(w.message)]
+    assert len(said) == 1 and "Using sdpa instead" in said[0], said
+    assert module.model.config._attn_implementation == "sdpa"
+    assert module.hparams.attn_implementation == "flash_attention_3"
+
+
+@pytest.mark.parametrize(("attn", "dropout", "refused"), [
+    ("flash_attention_3", 0.1, True), ("flash_attention_3", 0.0, False), ("flash_attention_2", 0.1, False),
+    ("sdpa", 0.1, False),
+])
+def test_flash_attention_3_refuses_attention_dropout(attn, dropout, refused):
+    """FlashAttention-3 has no dropout argument, and transformers drops the model's attention dropout without a
+    word: a fit must not train a different model than the config says."""
+    from lit_flash.guards import check_attention_dropout_runs
+
+    if refused:
+        with pytest.raises(LitFlashError, match=r"flash_attention_3 has no attention dropout.*model.dropout=0.0"):
+            check_attention_dropout_runs(attn, dropout)
+    else:
+        check_attention_dropout_runs(attn, dropout)
 
 
 @pytest.mark.skipif(FLASH_REASON is None, reason="flash attention can run here")
@@ -310,3 +387,16 @@ def test_token_mean_weights_each_batch_by_its_tokens_and_keeps_a_nan():
     metric.reset()
     metric.update(torch.tensor(3.0), torch.tensor(2))
     assert metric.compute().item() == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flash_attention_3"])
+@pytest.mark.parametrize("precision", ["32-true", "64-true", "16-mixed", "bf16-mixed"])
+def test_flash_attention_runs_in_half_precision_only(attn, precision):
+    from lit_flash.guards import check_precision_fits
+
+    if precision.startswith(("32", "64")):
+        with pytest.raises(LitFlashError, match=f"trainer.precision={precision}: {attn} runs in fp16/bf16 only"):
+            check_precision_fits(attn, precision)
+    else:
+        check_precision_fits(attn, precision)
+    check_precision_fits("sdpa", precision)

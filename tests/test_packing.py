@@ -378,3 +378,17 @@ def test_a_packed_run_resumes_mid_epoch_with_bit_identical_losses(tmp_path, text
     for key in ("train_loss", "val_loss"):
         expected = {s: v for s, v in logged(tmp_path / "whole", key).items() if s >= 4}
         assert expected and logged(tmp_path / "resumed", key) == expected, key
+
+
+@pytest.mark.parametrize(("attn", "boundaries"), [("flash_attention_2", True), ("flash_attention_3", True),
+                                                  ("sdpa", False), ("eager", False)])
+def test_each_flash_attention_gets_the_documents_boundaries(attn, boundaries):
+    """Both FlashAttention versions run packed rows through their variable-length kernel: each needs the
+    boundaries handed over (else transformers finds them from position_ids with a host sync in every layer)."""
+    positions = torch.cat([torch.arange(3), torch.arange(5)])[None]
+    kwargs = packed_attention_kwargs(positions, None, attn)
+    assert kwargs["position_ids"] is positions and kwargs["use_cache"] is False
+    assert ("cu_seq_lens_q" in kwargs) == boundaries
+    if boundaries:
+        assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 8] and kwargs["max_length_q"] == 8
+

@@ -1,4 +1,4 @@
-"""Attention backends: whether FlashAttention-2 can run here, and which backend to use instead.
+"""Attention backends: whether FlashAttention-2 or -3 can run here, and which backend to use instead.
 
 Shared by training (`module.py`) and inference (`generate.py`); importing it loads neither Lightning nor
 transformers.
@@ -15,27 +15,44 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lit_flash.errors import LitFlashError, warn_user
 
-AttnImplementation = Literal["flash_attention_2", "sdpa", "eager"]
+AttnImplementation = Literal["flash_attention_2", "flash_attention_3", "sdpa", "eager"]
+# implementation -> (module to import, what to install, lowest GPU capability, highest major capability)
+_FLASH = {
+    "flash_attention_2": ("flash_attn", "pip install 'lit-flash[flash]' on a CUDA machine", (8, 0), None),
+    # FlashAttention-3 is Hopper's kernel (wgmma/TMA), built from flash-attention's hopper/ folder (not on PyPI).
+    "flash_attention_3": ("flash_attn_interface", "build flash-attn-3 from flash-attention's hopper/ folder",
+                          (9, 0), 9),
+}
+
+
+def is_flash(attn_implementation: str) -> bool:
+    """Whether the backend is a FlashAttention package (fp16/bf16 only; variable-length rows through cu_seqlens)."""
+    return attn_implementation in _FLASH
 SDPABackend = Literal["cudnn", "flash", "efficient", "math"]
 SDPA_BACKENDS = {
     "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"
 }
 
 
-def flash_attention_unavailable_reason(device: torch.device | None = None) -> str | None:
-    """Why FlashAttention-2 cannot run here, or None when it can."""
+def flash_attention_unavailable_reason(
+    device: torch.device | None = None, attn_implementation: str = "flash_attention_2"
+) -> str | None:
+    """Why `attn_implementation` (a FlashAttention version) cannot run here, or None when it can."""
+    module, install, lowest, only_major = _FLASH[attn_implementation]
+    package = "flash-attn" if module == "flash_attn" else "flash-attn-3"
     if device is not None and device.type != "cuda":
-        return f"flash-attn needs a CUDA GPU, and this runs on {device.type}"
+        return f"{package} needs a CUDA GPU, and this runs on {device.type}"
     try:  # an import, not a find_spec: a wheel built for another torch/CUDA fails here, not mid-training
-        importlib.import_module("flash_attn")
+        importlib.import_module(module)
     except ImportError as err:
-        return f"flash-attn cannot be imported ({err}); pip install 'lit-flash[flash]' on a CUDA machine"
+        return f"{package} cannot be imported ({err}); {install}"
     if not torch.cuda.is_available():
         return "no CUDA GPU is available"
     major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
+    if (major, minor) < lowest or (only_major is not None and major != only_major):
         name = torch.cuda.get_device_name(device)
-        return f"the GPU {name} is sm_{major}{minor}; flash-attn needs sm_80 (Ampere) or newer"
+        needs = "Hopper (sm_90)" if only_major else f"sm_{lowest[0]}{lowest[1]} (Ampere) or newer"
+        return f"the GPU {name} is sm_{major}{minor}; {package} needs {needs}"
     return None
 
 
@@ -52,17 +69,21 @@ def resolve_attn_implementation(
     if requested not in get_args(AttnImplementation):
         value = requested if tool else repr(requested)
         raise LitFlashError(f"{named}{value} is unknown: choose one of " + ", ".join(get_args(AttnImplementation)))
-    if requested != "flash_attention_2":
+    if not is_flash(requested):
         return requested
-    reason = flash_attention_unavailable_reason(device)
+    reason = flash_attention_unavailable_reason(device, requested)
     if reason is None:
         return requested
     if not fallback:
         fix = f"pass {flag} sdpa, or leave it out (flash where it can run, else sdpa)" if tool else (
             "set model.attn_fallback=true to use sdpa instead")
-        raise LitFlashError(f"{named}flash_attention_2 cannot run: {reason}; {fix}")
-    warn_user(f"flash_attention_2 cannot run: {reason}. Using sdpa instead (model.attn_fallback=false to stop).")
-    return "sdpa"
+        raise LitFlashError(f"{named}{requested} cannot run: {reason}; {fix}")
+    # FlashAttention-3 falls back to FlashAttention-2 where that runs (the same attention, also fp16/bf16), then sdpa.
+    instead = "sdpa"
+    if requested == "flash_attention_3" and flash_attention_unavailable_reason(device, "flash_attention_2") is None:
+        instead = "flash_attention_2"
+    warn_user(f"{requested} cannot run: {reason}. Using {instead} instead (model.attn_fallback=false to stop).")
+    return instead
 
 
 def sdpa_priority(names: list[str] | None) -> list[SDPBackend]:

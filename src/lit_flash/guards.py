@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lit_flash import loss
-from lit_flash.attention import SDPA_BACKENDS
+from lit_flash.attention import SDPA_BACKENDS, is_flash
 from lit_flash.errors import LitFlashError
 from lit_flash.nonfinite import check_skip_supported
 
@@ -221,11 +221,20 @@ def check_sdpa_backends_run_on(device: torch.device, backends: list[str] | None,
         )
 
 
+def check_attention_dropout_runs(attn_implementation: str, attn_dropout: float) -> None:
+    """FlashAttention-3 has no dropout, and transformers then drops the model's attention dropout silently."""
+    if attn_implementation == "flash_attention_3" and attn_dropout:
+        raise LitFlashError(
+            f"model.attn_implementation=flash_attention_3 has no attention dropout, and this model trains with "
+            f"{attn_dropout} (model.dropout, else the model's config): set model.dropout=0.0, or use flash_attention_2"
+        )
+
+
 def check_precision_fits(attn_implementation: str, precision: str) -> None:
     """Refuse a trainer precision the model's settings cannot run in."""
-    if attn_implementation == "flash_attention_2" and precision in ("32-true", "32", "64-true", "64"):
+    if is_flash(attn_implementation) and precision in ("32-true", "32", "64-true", "64"):
         raise LitFlashError(
-            f"trainer.precision={precision}: flash_attention_2 runs in fp16/bf16 only; "
+            f"trainer.precision={precision}: {attn_implementation} runs in fp16/bf16 only; "
             "use 16-mixed or bf16-mixed, or model.attn_implementation=sdpa"
         )
 
@@ -273,7 +282,9 @@ def check_before_stage(
     (`FlashGPT2LM.setup`): a mistake is one line before the first step. `hparams`: the module's arguments."""
     device, precision = trainer.strategy.root_device, str(trainer.precision)
     attn_dropout = getattr(model_config, "attn_pdrop", None) or getattr(model_config, "attention_dropout", None)
-    check_sdpa_backends_run_on(device, hparams.sdpa_backends, (attn_dropout or 0.0) if stage == "fit" else 0.0)
+    attn_dropout = (attn_dropout or 0.0) if stage == "fit" else 0.0  # evaluation runs without dropout
+    check_sdpa_backends_run_on(device, hparams.sdpa_backends, attn_dropout)
+    check_attention_dropout_runs(attn_implementation, attn_dropout)
     loss.check_fused_loss_runs_on(device, hparams.fused_cross_entropy)
     check_skip_supported(hparams.on_nonfinite, precision, trainer.strategy)
     check_precision_fits(attn_implementation, precision)

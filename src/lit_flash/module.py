@@ -15,6 +15,7 @@ from lit_flash import lora as adapters
 from lit_flash.attention import (
     AttnImplementation,
     SDPABackend,
+    is_flash,
     resolve_attn_implementation,
     sdpa_kernels_in_order,
     sdpa_priority,
@@ -47,12 +48,14 @@ class FlashGPT2LM(L.LightningModule):
             fresh model from `model_config` instead (from scratch, or tiny models for tests and the demo).
         model_config: Config values: the whole config of a from-scratch model (`model_type` defaults to gpt2), or
             overrides of the pretrained model's config.
-        attn_implementation: `flash_attention_2` (default), `sdpa` or `eager` (`--attn_implementation`).
+        attn_implementation: `flash_attention_2` (default), `flash_attention_3` (Hopper GPUs; no attention dropout),
+            `sdpa` or `eager` (`--attn_implementation`).
         sdpa_backends: With `attn_implementation: sdpa`, PyTorch's attention kernels to choose from, in this order
             (`cudnn`: cuDNN's fused attention, for Hopper GPUs), in training, validation and test steps. Null:
             PyTorch's own choice. With `compile`, the choice is fixed when the step first compiles.
-        attn_fallback: When flash attention cannot run here (no flash-attn, no CUDA, GPU older than sm_80), say
-            why once and use `sdpa`. False stops with an error instead.
+        attn_fallback: When flash attention cannot run here (not installed, no CUDA, a GPU it does not support),
+            say why once and use `sdpa` (`flash_attention_2` for `flash_attention_3`, where it runs). False stops with
+            an error instead.
         learning_rate: Peak AdamW learning rate (`--learning_rate`).
         weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights (`--weight_decay`).
         betas: AdamW betas (`--adam_beta1`, `--adam_beta2`).
@@ -146,9 +149,9 @@ class FlashGPT2LM(L.LightningModule):
     # ----------------------------------------------------------------------------------------- lifecycle
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device
-        if self.attn_implementation == "flash_attention_2" and device.type != "cuda":
+        if is_flash(self.attn_implementation) and device.type != "cuda":
             fallback = self.hparams.attn_fallback
-            self.attn_implementation = resolve_attn_implementation("flash_attention_2", fallback, device)
+            self.attn_implementation = resolve_attn_implementation(self.attn_implementation, fallback, device)
             self.model.set_attn_implementation(self.attn_implementation)
         if self.lora is not None:
             adapters.check_strategy(self.trainer.strategy)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lit_flash.attention import is_flash
 from lit_flash.errors import LitFlashError
 
 IGNORE_INDEX = -100  # blocks.IGNORE_INDEX (blocks.py imports this module: not imported from there)
@@ -150,7 +151,7 @@ def packed_attention_kwargs(
         return {}
     # No cache: with one (GPT-2's config default), transformers ignores position_ids when building the mask.
     packed: dict[str, Any] = {"position_ids": position_ids, "use_cache": False}
-    if attn_implementation == "flash_attention_2":
+    if is_flash(attn_implementation):
         if cu_seqs is None:  # a batch from another collate function: found here, at the cost of a sync
             cu_seqs = cu_seq_lens(position_ids, 0)
         longest = position_ids.shape[1]

@@ -1,6 +1,8 @@
-"""FlashAttention-2 on a real GPU: it runs in every stage, agrees with sdpa and eager, falls back and fails as said.
+"""FlashAttention-2 (and -3, where built) on a real GPU: it runs in every stage, agrees with sdpa and eager, falls
+back and fails as said.
 
-Run on the GPU machine: `pytest -m gpu tests/gpu -v -s` (needs CUDA, flash-attn, an sm_80+ GPU).
+Run on the GPU machine: `pytest -m gpu tests/gpu -v -s` (needs CUDA, flash-attn, an sm_80+ GPU; FlashAttention-3's
+tests need flash-attn-3 and a Hopper GPU).
 Measured errors are printed and, with LIT_FLASH_GPU_REPORT=path, written there as JSON.
 """
 
@@ -19,7 +21,7 @@ import torch
 from _helpers import RecordLosses
 
 from lit_flash import FlashGPT2LM, LitFlashError, WikitextDataModule
-from lit_flash.attention import resolve_attn_implementation
+from lit_flash.attention import flash_attention_unavailable_reason, resolve_attn_implementation
 from lit_flash.synthetic import save_synthetic_dataset, synthetic_blocks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -27,6 +29,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ROOT = Path(__file__).resolve().parents[2]
 GPT2_124M = {"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}
 BACKENDS = ("flash_attention_2", "sdpa", "eager")
+FA3_REASON = flash_attention_unavailable_reason(None, "flash_attention_3") if torch.cuda.is_available() else "no GPU"
+FLASH = [pytest.param("flash_attention_2", id="fa2"), pytest.param(
+    "flash_attention_3", id="fa3", marks=pytest.mark.skipif(FA3_REASON is not None, reason=str(FA3_REASON)))]
 # Relative error by norm, ||x - y|| / ||y||, allowed between two attention backends under autocast. bf16 keeps 8
 # mantissa bits (eps 3.9e-3), fp16 11 (eps 4.9e-4); errors grow through 12 layers and the backward pass.
 TOLERANCE = {
@@ -84,19 +89,20 @@ def make_batch(kind: str) -> dict:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kind", ["full", "right_pad", "left_pad"])
-def test_flash_agrees_with_sdpa_and_eager(kind: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("flash_impl", FLASH)
+def test_flash_agrees_with_sdpa_and_eager(kind: str, dtype: torch.dtype, flash_impl: str) -> None:
     module = build().cuda()
     batch = make_batch(kind)
-    results = {attn: run_backend(module, attn, batch, dtype) for attn in BACKENDS}
+    results = {attn: run_backend(module, attn, batch, dtype) for attn in (flash_impl, "sdpa", "eager")}
     valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
-    flash = results["flash_attention_2"]
+    flash = results[flash_impl]
     for other in ("sdpa", "eager"):
         errs = {
             "logits": rel(flash["logits"][valid], results[other]["logits"][valid]),
             "loss": rel(flash["loss"], results[other]["loss"]),
             "grads": rel(flash["grads"], results[other]["grads"]),
         }
-        REPORT[f"parity/{kind}/{str(dtype)[6:]}/flash_vs_{other}"] = errs
+        REPORT[f"parity/{kind}/{str(dtype)[6:]}/{flash_impl}_vs_{other}"] = errs
         print(kind, dtype, f"flash vs {other}", errs)
         for what, err in errs.items():
             assert err < TOLERANCE[dtype][what], f"{what}: {err:.2e} >= {TOLERANCE[dtype][what]:.0e} ({other})"
@@ -193,6 +199,43 @@ def test_fallback_when_flash_attn_is_absent(monkeypatch) -> None:
     assert module.model.config._attn_implementation == "sdpa"
     with pytest.raises(LitFlashError, match="attn_fallback=true"):
         FlashGPT2LM(model_name_or_path=None, model_config=dict(GPT2_124M, n_layer=1), attn_fallback=False)
+
+
+@pytest.mark.skipif(FA3_REASON is not None, reason=str(FA3_REASON))
+def test_flash_attention_3_trains_packed_rows_and_refuses_attention_dropout(tmp_path: Path, data_dir: Path) -> None:
+    """FlashAttention-3 has no dropout: a fit with GPT-2's 0.1 is one line before the first step, not a run whose
+    dropout transformers dropped. Without dropout it trains, and packed rows (variable-length kernel) give
+    FlashAttention-2's logits."""
+    from lit_flash.packing import cu_seq_lens, packed_attention_kwargs
+
+    dm = WikitextDataModule(tokenized_dataset_load_dir=str(data_dir), tokenizer_name=None, batch_size=4)
+    with pytest.raises(LitFlashError, match="flash_attention_3 has no attention dropout.*model.dropout=0.0"):
+        trainer(tmp_path, max_steps=1, precision="bf16-mixed").fit(
+            FlashGPT2LM(model_name_or_path=None, model_config=dict(GPT2_124M, n_layer=1),
+                        attn_implementation="flash_attention_3"), datamodule=dm)
+    module = build("flash_attention_3", learning_rate=6e-4)
+    record = RecordLosses()
+    trainer(tmp_path, max_steps=30, limit_val_batches=0, precision="bf16-mixed", callbacks=[record]).fit(
+        module, datamodule=dm)
+    assert module.model.config._attn_implementation == "flash_attention_3"
+    assert sum(record.losses[-5:]) < sum(record.losses[:5]) - 1.0  # it learns
+    positions = torch.cat([torch.arange(300), torch.arange(724)]).repeat(2, 1).cuda()
+    ids = torch.from_numpy(synthetic_blocks(2, 1024, seed=5)).long().cuda()
+    logits = {}
+    for attn in ("flash_attention_3", "flash_attention_2"):
+        module.model.set_attn_implementation(attn)
+        kwargs = packed_attention_kwargs(positions, cu_seq_lens(positions, 4), attn)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            logits[attn] = module.model(input_ids=ids, **kwargs).logits
+    err = rel(logits["flash_attention_3"], logits["flash_attention_2"])
+    REPORT["fa3/packed_logits_vs_fa2"] = err
+    assert err < TOLERANCE[torch.bfloat16]["logits"], err
+
+
+def test_fallback_from_flash_attention_3_to_2_when_flash_attn_3_is_absent(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # import -> ImportError
+    with pytest.warns(UserWarning, match="flash-attn-3 cannot be imported.*Using flash_attention_2"):
+        assert resolve_attn_implementation("flash_attention_3", fallback=True) == "flash_attention_2"
 
 
 def test_cli_fit_gpt2_flash_yaml_and_export_reloads_with_flash(tmp_path: Path, data_dir: Path) -> None:
