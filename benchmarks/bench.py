@@ -278,8 +278,7 @@ LEVERS: list[tuple[str, str, list[str]]] = [
     ("recipe: bf16-mixed + 16-bit residual stream", "gpt2_flash.yaml",
      ["--trainer.precision", "bf16-mixed", "--model.low_precision_residual", "true"]),
     ("+ inductor coordinate-descent tuning", "gpt2_fast.yaml", []),
-    ("+ flash_attention_3 (for flash_attention_2)", "gpt2_fast.yaml",
-     ["--model.attn_implementation", "flash_attention_3"]),
+    ("- flash_attention_3 (flash_attention_2)", "gpt2_fast.yaml", ["--model.attn_implementation", "flash_attention_2"]),
 ]
 # Levers that are inductor settings rather than lit_flash keys: patched around that lever's run only.
 INDUCTOR_PATCHES = {"+ inductor coordinate-descent tuning": {"coordinate_descent_tuning": True}}
@@ -401,17 +400,17 @@ def run_packing(work: Path, block: int, cpu: list[str], weights: Path, steps: in
 PEERS = {
     "recipe": (8, "float16"), "recipe_bf16": (8, "bfloat16"), "fast": (32, "bfloat16"), "fastest": (64, "bfloat16")
 }
-PEER_OF = {"fast_eval128": "fast", "fast_fa3": "fast", "fastest_fa3": "fastest"}  # parts that share a peer
+PEER_OF = {"fast_eval128": "fast", "fast_fa2": "fast", "fastest_fa2": "fastest"}  # parts that share a peer
 LIT_RUNS = {  # part: (config, overlay)
     "recipe": ("gpt2_flash.yaml", []),
     "recipe_bf16": ("gpt2_flash.yaml", ["--trainer.precision", "bf16-mixed"]),
     "fast": ("gpt2_fast.yaml", []),
     "fastest": ("gpt2_fast.yaml", ["--config", str(ROOT / "configs" / "batch64.yaml")]),
     "fast_eval128": ("gpt2_fast.yaml", ["--data.eval_batch_size", "128"]),  # a larger evaluation batch
-    # FlashAttention-3 (Hopper) for FlashAttention-2, at each batch: compared with the same peer as fast/fastest
-    "fast_fa3": ("gpt2_fast.yaml", ["--model.attn_implementation", "flash_attention_3"]),
-    "fastest_fa3": ("gpt2_fast.yaml", ["--config", str(ROOT / "configs" / "batch64.yaml"),
-                                       "--model.attn_implementation", "flash_attention_3"]),
+    # FlashAttention-2 for gpt2_fast.yaml's FlashAttention-3, at each batch: compared with the same peer as fast/fastest
+    "fast_fa2": ("gpt2_fast.yaml", ["--model.attn_implementation", "flash_attention_2"]),
+    "fastest_fa2": ("gpt2_fast.yaml", ["--config", str(ROOT / "configs" / "batch64.yaml"),
+                                       "--model.attn_implementation", "flash_attention_2"]),
     # LoRA against full fine-tuning (the recipe): tokens/s, peak memory, trainable parameters and the validation
     # loss after the same steps. Its learning rate is lora.yaml's (2e-4), the recipe's 5e-5. Its mfu_* count full
     # fine-tuning's FLOPs (6N a token): LoRA skips the frozen weights' gradients (about 4N), so compare tokens/s.
@@ -424,7 +423,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--parts", default="matmul,reference,peers,recipe,recipe_bf16,fast,fastest,lora,quality",
                    help="comma-separated subset of: matmul, reference, peers, recipe, recipe_bf16, fast, fastest, "
-                        "fast_eval128, fast_fa3, fastest_fa3 (FlashAttention-3), "
+                        "fast_eval128, fast_fa2, fastest_fa2 (FlashAttention-2 for -3), "
                         "lora (the recipe with configs/lora.yaml), quality (recipe vs HF Trainer from the same "
                         "weights), quality_fast, quality_levers, levers, packing")
     p.add_argument("--peers", default="recipe,recipe_bf16,fast,fastest", help="whose HF+torch_compile peer to run")
@@ -505,8 +504,10 @@ def main() -> None:
         results["quality"] = q
         print(json.dumps(q), flush=True)
         save()
-    # Same tokens, same seed: gpt2_fast.yaml's levers on vs off (bf16, batch 32, dropout 0 in both)
-    off = ["--model.compile", "false", "--model.fused_cross_entropy", "false", "--model.pad_vocab_to_multiple_of",
+    # Same tokens, same seed: gpt2_fast.yaml's levers on vs off (bf16, batch 32, dropout 0 in both; off runs the
+    # recipe's flash_attention_2)
+    off = ["--model.attn_implementation", "flash_attention_2",
+           "--model.compile", "false", "--model.fused_cross_entropy", "false", "--model.pad_vocab_to_multiple_of",
            "null", "--model.low_precision_residual", "false", "--trainer.log_every_n_steps", "1"]
     on = ["--trainer.log_every_n_steps", "1"]
     if "quality_fast" in parts:
