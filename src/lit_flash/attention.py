@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -16,43 +17,54 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lit_flash.errors import LitFlashError, warn_user
 
 AttnImplementation = Literal["flash_attention_2", "flash_attention_3", "sdpa", "eager"]
-# implementation -> (module to import, what to install, lowest GPU capability, highest major capability)
-_FLASH = {
-    "flash_attention_2": ("flash_attn", "pip install 'lit-flash[flash]' on a CUDA machine", (8, 0), None),
-    # FlashAttention-3 is Hopper's kernel (wgmma/TMA), built from flash-attention's hopper/ folder (not on PyPI).
-    "flash_attention_3": ("flash_attn_interface", "build flash-attn-3 from flash-attention's hopper/ folder",
-                          (9, 0), 9),
-}
-
-
-def is_flash(attn_implementation: str) -> bool:
-    """Whether the backend is a FlashAttention package (fp16/bf16 only; variable-length rows through cu_seqlens)."""
-    return attn_implementation in _FLASH
 SDPABackend = Literal["cudnn", "flash", "efficient", "math"]
 SDPA_BACKENDS = {
     "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"
 }
 
 
+@dataclass(frozen=True)
+class _FlashPackage:
+    module: str  # what to import
+    package: str  # its pip name
+    install: str  # how to get it
+    lowest: tuple[int, int]  # the oldest GPU capability it runs on
+    only_major: int | None = None  # the one GPU generation it runs on (kernels written for one architecture)
+
+
+_FLASH = {
+    "flash_attention_2": _FlashPackage("flash_attn", "flash-attn", "pip install 'lit-flash[flash]' on a CUDA machine",
+                                       (8, 0)),
+    # FlashAttention-3 is Hopper's kernel (wgmma/TMA), built from flash-attention's hopper/ folder (not on PyPI).
+    "flash_attention_3": _FlashPackage("flash_attn_interface", "flash-attn-3",
+                                       "build flash-attn-3 from flash-attention's hopper/ folder", (9, 0), 9),
+}
+
+
+def is_flash(attn_implementation: str) -> bool:
+    """Whether the backend is a FlashAttention package (fp16/bf16 only; variable-length rows through cu_seqlens)."""
+    return attn_implementation in _FLASH
+
+
+
 def flash_attention_unavailable_reason(
     device: torch.device | None = None, attn_implementation: str = "flash_attention_2"
 ) -> str | None:
     """Why `attn_implementation` (a FlashAttention version) cannot run here, or None when it can."""
-    module, install, lowest, only_major = _FLASH[attn_implementation]
-    package = "flash-attn" if module == "flash_attn" else "flash-attn-3"
+    flash = _FLASH[attn_implementation]
     if device is not None and device.type != "cuda":
-        return f"{package} needs a CUDA GPU, and this runs on {device.type}"
+        return f"{flash.package} needs a CUDA GPU, and this runs on {device.type}"
     try:  # an import, not a find_spec: a wheel built for another torch/CUDA fails here, not mid-training
-        importlib.import_module(module)
+        importlib.import_module(flash.module)
     except ImportError as err:
-        return f"{package} cannot be imported ({err}); {install}"
+        return f"{flash.package} cannot be imported ({err}); {flash.install}"
     if not torch.cuda.is_available():
         return "no CUDA GPU is available"
     major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < lowest or (only_major is not None and major != only_major):
+    if (major, minor) < flash.lowest or flash.only_major not in (None, major):
         name = torch.cuda.get_device_name(device)
-        needs = "Hopper (sm_90)" if only_major else f"sm_{lowest[0]}{lowest[1]} (Ampere) or newer"
-        return f"the GPU {name} is sm_{major}{minor}; {package} needs {needs}"
+        needs = "Hopper (sm_90)" if flash.only_major else f"sm_{flash.lowest[0]}{flash.lowest[1]} (Ampere) or newer"
+        return f"the GPU {name} is sm_{major}{minor}; {flash.package} needs {needs}"
     return None
 
 
