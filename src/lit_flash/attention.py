@@ -46,7 +46,6 @@ def is_flash(attn_implementation: str) -> bool:
     return attn_implementation in _FLASH
 
 
-
 def flash_attention_unavailable_reason(
     device: torch.device | None = None, attn_implementation: str = "flash_attention_2"
 ) -> str | None:
