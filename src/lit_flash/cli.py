@@ -25,6 +25,7 @@ from lit_flash.guards import check_model_config
 from lit_flash.lightning_adapters import last_saved_step
 from lit_flash.lightning_checks import check_lightning_values, check_training_length
 from lit_flash.lock import acquire_run_lock, release_all
+from lit_flash.loss import check_fused_loss_runs_on
 from lit_flash.module import FlashGPT2LM
 from lit_flash.parsing import (
     GROUP_TITLES,
@@ -115,6 +116,10 @@ class LitFlashCLI(LightningCLI):
         # The model's shape, checked before it is built (transformers would raise deep inside its __init__).
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_model_config(config["model"]["model_config"], from_scratch=config["model"]["model_name_or_path"] is None)
+        accelerator = config["trainer"].get("accelerator")
+        if config["model"].get("fused_cross_entropy") and isinstance(accelerator, str | None):
+            # Before the model imports liger-kernel: a CPU trainer cannot run it, installed or not.
+            check_fused_loss_runs_on(trainer_device_type(accelerator), True)
 
     def instantiate_classes(self) -> None:
         try:
