@@ -364,3 +364,41 @@ def test_a_trained_tokenizer_larger_than_the_model_names_its_vocab_size(text_fil
     with pytest.raises(LitFlashError, match=r"^data.train_tokenizer_vocab_size: the tokenizer has \d+ tokens but the "
                                             r"model only 256: set it to at most 256"):
         check_data_fits_model(config, tokenizer_size=facts.tokenizer_size, tokenizer_trained=facts.tokenizer_trained)
+
+
+# Words of `datasets`' own bars: files "downloaded", splits generated, maps, filters, saves.
+DATASETS_BARS = ("Downloading data", "Generating train split", "Map", "Filter", "Saving the dataset", "examples/s")
+
+
+def _many_text_files(folder: Path, corpus: dict[str, list[str]], n: int = 24) -> dict[str, str]:
+    """Local text as the demo gives it (a glob of many files): `datasets` shows its "Downloading data" bar from
+    more than 16 files."""
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"part{i}.txt").write_text("\n".join(corpus["train"][i::n]) + "\n")
+    (folder / "test.txt").write_text("\n".join(corpus["test"]) + "\n")
+    return {"train": str(folder / "part*.txt"), "test": str(folder / "test.txt")}
+
+
+@pytest.mark.parametrize("step", ["fit", "prepare"])
+@pytest.mark.parametrize("user_choice", [None, "0"], ids=["default", "bars_asked_for"])
+def test_preparing_local_text_prints_no_datasets_progress_bar(
+    tmp_path, corpus, tokenizer_dir, capfd, monkeypatch, step, user_choice
+) -> None:
+    if user_choice is None:
+        monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)
+    else:  # HF_DATASETS_DISABLE_PROGRESS_BARS=0 is the user's own choice: the bars are shown (and the check can fail)
+        monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", user_choice)
+    assert not datasets.are_progress_bars_disabled()
+    files = _many_text_files(tmp_path / "text", corpus)
+    capfd.readouterr()
+    if step == "fit":
+        WikitextDataModule(text_files=files, tokenizer_name=str(tokenizer_dir), block_size=BLOCK,
+                           cache_dir=str(tmp_path / "cache")).prepare_data()
+    else:
+        prepare_dataset(save_dir=str(tmp_path / "out"), text_files=files, tokenizer_name=str(tokenizer_dir),
+                        block_size=BLOCK)
+    out, err = capfd.readouterr()
+    shown = [bar for bar in DATASETS_BARS if bar in out + err]
+    assert shown == ([] if user_choice is None else list(DATASETS_BARS)), out + err
+    assert not datasets.are_progress_bars_disabled()  # only during lit_flash's own preparation

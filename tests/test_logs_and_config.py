@@ -223,3 +223,21 @@ def test_trainer_kwargs_refuses_what_would_fail_later_in_one_line(tmp_path, case
         trainer_kwargs(root, **kwargs)
     assert str(err.value).startswith("trainer_kwargs") and "\n" not in str(err.value)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created or written over
+
+
+@pytest.mark.parametrize("end", [["--trainer.max_steps=3"], ["--trainer.max_steps=-1", "--trainer.max_epochs=1"]],
+                         ids=["max_steps", "max_epochs"])
+def test_a_resume_that_trains_nothing_leaves_no_new_log_version(tiny_config, run_cli, end) -> None:
+    root = Path(yaml.safe_load(tiny_config.read_text())["trainer"]["default_root_dir"])
+    fit = ["fit", "--config", str(tiny_config), *end]
+    assert run_cli(fit)[0] == 0
+    assert sorted(p.name for p in (root / "logs").iterdir()) == ["version_0"]
+    code, _, err = run_cli([*fit, "--ckpt_path", "last"])  # already at the run's end
+    assert code == 0 and "nothing to train" in err
+    assert f"its empty log folder {root / 'logs' / 'version_1'} is removed" in err
+    assert sorted(p.name for p in (root / "logs").iterdir()) == ["version_0"]
+    # A resume that trains keeps its folder, with its metrics.
+    longer = ["--trainer.max_steps=8"] if "--trainer.max_steps=3" in end else ["--trainer.max_epochs=2"]
+    code, _, err = run_cli([*fit, *longer, "--ckpt_path", "last"])
+    assert code == 0, err
+    assert (root / "logs" / "version_1" / "metrics.csv").stat().st_size > 0

@@ -4,7 +4,9 @@ callback. Tiny GPT-2s; the GPU timings are benchmarks/bench.py's."""
 
 from __future__ import annotations
 
+import sys
 import time
+import types
 from typing import Any
 
 import lightning as L
@@ -234,16 +236,47 @@ def test_fused_cross_entropy_off_cuda_is_a_one_line_error_before_the_first_step(
     assert "\n" not in str(err.value)
 
 
-def test_fused_cross_entropy_without_liger_is_a_one_line_error(tiny_model_config):
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("liger-kernel is installed here")
-    with pytest.raises(LitFlashError, match="model.fused_cross_entropy") as err:
+def _without_liger(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A None entry in sys.modules makes `import liger_kernel...` raise ImportError, installed or not.
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+
+
+def test_fused_cross_entropy_without_liger_on_a_gpu_machine_names_the_install(tiny_model_config, monkeypatch):
+    _without_liger(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(LitFlashError, match=r"model\.fused_cross_entropy=true needs liger-kernel") as err:
         tiny_module(_small_config(tiny_model_config), fused_cross_entropy=True)
-    assert "\n" not in str(err.value) and "liger" in str(err.value)
+    assert "\n" not in str(err.value) and "pip install 'lit-flash[fast]'" in str(err.value)
+
+
+def test_fused_cross_entropy_without_liger_or_a_gpu_names_cuda_first(tiny_model_config, monkeypatch):
+    """Installing liger-kernel would not make it run on CPU: the error names the CUDA requirement first."""
+    _without_liger(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LitFlashError) as err:
+        tiny_module(_small_config(tiny_model_config), fused_cross_entropy=True)
+    message = str(err.value)
+    assert message.startswith("model.fused_cross_entropy=true runs on CUDA GPUs only") and "\n" not in message
+    assert message.index("CUDA") < message.index("liger-kernel")
+
+
+@pytest.mark.parametrize("liger", ["missing", "installed"])
+def test_cli_fused_cross_entropy_on_a_cpu_trainer_names_cuda_installed_or_not(tiny_config, run_cli, monkeypatch,
+                                                                             liger):
+    if liger == "missing":
+        _without_liger(monkeypatch)
+    else:  # a stand-in module: the CLI must refuse before the model imports it
+        fake = types.ModuleType("liger_kernel.transformers")
+        fake.LigerFusedLinearCrossEntropyLoss = lambda **kwargs: _LigerStandIn()
+        monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+        monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    code, _, err = run_cli(["fit", "--config", str(tiny_config), "--trainer.accelerator=cpu",
+                            "--model.fused_cross_entropy=true"])
+    assert code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: model.fused_cross_entropy=true runs on CUDA GPUs only (Triton kernels): set it false "
+                      "on this machine"]
 
 
 # ----------------------------------------------------------------------------------------------- dropout

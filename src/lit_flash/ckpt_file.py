@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -96,23 +96,72 @@ def _flatten(namespace: Any) -> dict[str, Any]:
     return flat
 
 
-def check_same_model_config(current: Any, checkpoint: dict[str, Any], name: str) -> None:
+def check_same_model_config(
+    current: Any, checkpoint: dict[str, Any], name: str, default: Callable[[str], Any] | None = None
+) -> None:
     """Refuse a checkpoint saved with other `model.model_config` values than this run's (n_head,
     activation_function, ...): weights of the same shapes load, and a different model would go on training on
     them unsaid. `--ckpt_path <file>` swaps the checkpoint's values in with a warning (LightningCLI); `auto` and
-    `last` are resolved after the model is built, so they refuse instead. Dropout rates (`*_pdrop`) may change."""
+    `last` are resolved after the model is built, so they refuse instead. Dropout rates (`*_pdrop`) may change.
+
+    `default(key)`: the value the model is built with when model_config leaves `key` out (`model_defaults`). A key
+    written on one side only is the same model when the other side's value is that default: a config that now
+    writes a default out (or an older one that did not) resumes."""
     stored = (checkpoint.get("hyper_parameters") or {}).get("model_config")
     if not isinstance(stored, dict) or not isinstance(current, dict) and current is not None:
         return  # a checkpoint not written by FlashGPT2LM (or without hyperparameters): nothing to compare
     current = dict(current or {})
-    for key in sorted(set(stored) | set(current)):
-        if key.endswith("_pdrop") or stored.get(key) == current.get(key):
+    # model_type first: the other keys' defaults are this run's model type's
+    for key in sorted(set(stored) | set(current), key=lambda k: (k != "model_type", k)):
+        if key.endswith("_pdrop") or key in stored and key in current and stored[key] == current[key]:
             continue
+        if key in stored and key in current:
+            raise LitFlashError(
+                f"{name} was saved with model.model_config.{key}={stored[key]!r}, this run has "
+                f"{current[key]!r}: resume with the checkpoint's value, or start a new run "
+                "(another trainer.default_root_dir)"
+            )
+        value = default(key) if default is not None else _UNKNOWN
+        if (stored if key in stored else current)[key] == value:
+            continue  # written out on one side, left to the same default on the other
+        said = "" if value is _UNKNOWN else f" (the model's default, {value!r})"
+        if key in stored:
+            raise LitFlashError(
+                f"{name} was saved with model.model_config.{key}={stored[key]!r}, this run leaves it out{said}: "
+                f"resume with model.model_config.{key}={stored[key]!r}, or start a new run "
+                "(another trainer.default_root_dir)"
+            )
         raise LitFlashError(
-            f"{name} was saved with model.model_config.{key}={stored.get(key)!r}, this run has "
-            f"{current.get(key)!r}: resume with the checkpoint's value, or start a new run "
-            "(another trainer.default_root_dir)"
+            f"{name} was saved without model.model_config.{key}{said}, this run has {current[key]!r}: resume "
+            f"without model.model_config.{key}, or start a new run (another trainer.default_root_dir)"
         )
+
+
+_UNKNOWN = object()  # no default known for a key: a key on one side only differs
+
+
+def model_defaults(hparams: Any) -> Callable[[str], Any]:
+    """`default(key)` for check_same_model_config: the value of `key` in the config the model is built from before
+    model_config's values (transformers' defaults of `model_type` from scratch, else the pretrained model's own
+    config), read once and only when asked: a resume whose keys match on both sides never reads it."""
+    config: list[Any] = []
+
+    def default(key: str) -> Any:
+        scratch = hparams.model_name_or_path is None
+        if scratch and key == "model_type":
+            return "gpt2"  # what build.load_causal_lm builds without one
+        if not config:
+            from transformers import AutoConfig
+
+            if scratch:
+                config.append(AutoConfig.for_model((hparams.model_config or {}).get("model_type", "gpt2")))
+            else:  # the model loaded from it in this process already: its config is local or cached
+                config.append(AutoConfig.from_pretrained(
+                    hparams.model_name_or_path, trust_remote_code=hparams.trust_remote_code
+                ))
+        return getattr(config[0], key, _UNKNOWN)
+
+    return default
 
 
 def check_same_vocab_padding(
@@ -141,7 +190,7 @@ def check_checkpoint_fits(
     mismatches or (a transposed or same-size weight) a silently wrong model."""
     from lit_flash import lora as adapters
 
-    check_same_model_config(hparams.model_config, checkpoint, name)
+    check_same_model_config(hparams.model_config, checkpoint, name, model_defaults(hparams))
     adapters.check_checkpoint_lora(hparams.lora, checkpoint, name)
     adapters.check_checkpoint_base(base_fingerprint, checkpoint, name, hparams.model_name_or_path)
     check_same_vocab_padding(hparams.pad_vocab_to_multiple_of, checkpoint, name, expected)

@@ -25,6 +25,7 @@ from lit_flash.guards import check_model_config
 from lit_flash.lightning_adapters import last_saved_step
 from lit_flash.lightning_checks import check_lightning_values, check_training_length
 from lit_flash.lock import acquire_run_lock, release_all
+from lit_flash.loss import check_fused_loss_runs_on
 from lit_flash.module import FlashGPT2LM
 from lit_flash.parsing import (
     GROUP_TITLES,
@@ -48,6 +49,9 @@ from lit_flash.trainer_setup import (
     checkpoint_dir,
     console_callbacks,
     fixed_callbacks,
+    new_log_dirs,
+    remove_unused_log_dirs,
+    say_nothing_trained,
     trainer_plugins,
     with_default_loggers,
 )
@@ -115,6 +119,10 @@ class LitFlashCLI(LightningCLI):
         # The model's shape, checked before it is built (transformers would raise deep inside its __init__).
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_model_config(config["model"]["model_config"], from_scratch=config["model"]["model_name_or_path"] is None)
+        accelerator = config["trainer"].get("accelerator")
+        if config["model"].get("fused_cross_entropy") and isinstance(accelerator, str | None):
+            # Before the model imports liger-kernel: a CPU trainer cannot run it, installed or not.
+            check_fused_loss_runs_on(trainer_device_type(accelerator), True)
 
     def instantiate_classes(self) -> None:
         try:
@@ -195,6 +203,7 @@ class LitFlashCLI(LightningCLI):
         # Rank 0 only: the other ranks of this run write into the same folder by design.
         if self.trainer.is_global_zero:
             acquire_run_lock(self.trainer.default_root_dir)
+        self._new_log_dirs = new_log_dirs(self.trainer.loggers) if self.trainer.is_global_zero else []
 
     before_validate = before_test = before_predict = _resolve_ckpt_path
 
@@ -207,10 +216,7 @@ class LitFlashCLI(LightningCLI):
         record = next((c for c in trainer.callbacks if isinstance(c, LastValidatedStep)), None)
         if record is not None and not record.trained and self._run_config(self.config_init).get("ckpt_path"):
             if trainer.is_global_zero:
-                sys.stderr.write(
-                    f"lit_flash: nothing to train: the checkpoint is at step {trainer.global_step}, where this run "
-                    "ends; to train longer, raise trainer.max_steps (or trainer.max_epochs)\n"
-                )
+                say_nothing_trained(trainer.global_step, remove_unused_log_dirs(self._new_log_dirs))
             return
         validated = record is not None and record.step == trainer.global_step
         if sum(trainer.num_val_batches) > 0 and not validated and not interrupt.received():  # Ctrl-C: be quick

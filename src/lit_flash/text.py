@@ -13,6 +13,8 @@ import itertools
 import json
 import os
 import sysconfig
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,24 @@ def check_text_file(path: str | os.PathLike, flag: str) -> None:
                     " convert it, e.g. iconv -f latin1 -t utf-8"
                 ) from None
             offset += len(chunk)
+
+
+@contextmanager
+def quiet_datasets_progress() -> Iterator[None]:
+    """`datasets`' progress bars off while lit_flash prepares its data (a `with` block or a decorator), back as they
+    were after: for local files they count files "downloaded" and splits "generated", a screen of bars before the
+    first step of the demo. Hub downloads keep huggingface_hub's own bar. HF_DATASETS_DISABLE_PROGRESS_BARS, when
+    set (0 shows them), is the user's choice and is left alone."""
+    import datasets
+
+    if datasets.are_progress_bars_disabled() or "HF_DATASETS_DISABLE_PROGRESS_BARS" in os.environ:
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
 
 
 def load_raw_text(

@@ -11,6 +11,8 @@ in `<root>/model` at the end of `fit`, CSV and TensorBoard logs in `<root>/logs`
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,31 @@ def default_loggers(root: str | os.PathLike) -> list[Any]:
     # Rows appended at every logged step (cheap): a killed run keeps its metrics up to the kill.
     csv = CSVLogger(save_dir=root, name="logs", flush_logs_every_n_steps=1)
     return [csv, TensorBoardLogger(save_dir=root, name="logs", version=csv.version, sub_dir="tensorboard")]
+
+
+def new_log_dirs(loggers: Sequence[Any]) -> list[str]:
+    """The CSV loggers' `logs/version_N` folders this run will create (they do not exist yet): see
+    `remove_unused_log_dirs`. Read before fit; the version, once read, is kept by the logger."""
+    return [lg.log_dir for lg in loggers if isinstance(lg, CSVLogger) and not os.path.exists(lg.log_dir)]
+
+
+def remove_unused_log_dirs(folders: Sequence[str]) -> list[str]:
+    """Remove the folders of `new_log_dirs` that hold no metrics, after a fit that trained nothing (resumed at its
+    end): Lightning writes the config, the hyperparameters and a TensorBoard file (the CLI's loggers put it inside)
+    before it knows, and each such resume would leave one more `version_N` with no step in it. Returns them."""
+    removed = [f for f in folders if os.path.isdir(f) and not os.path.exists(os.path.join(f, "metrics.csv"))]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+def say_nothing_trained(step: int, removed: Sequence[str]) -> None:
+    """A fit resumed at its end: why nothing ran, and the log folder it did not keep."""
+    sys.stderr.write(
+        f"lit_flash: nothing to train: the checkpoint is at step {step}, where this run ends; to train longer, raise "
+        "trainer.max_steps (or trainer.max_epochs)"
+        + (f" (its empty log folder {', '.join(removed)} is removed)" if removed else "") + "\n"
+    )
 
 
 def with_default_loggers(configured: Any, root: str | os.PathLike) -> Any:
