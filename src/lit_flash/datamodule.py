@@ -35,7 +35,6 @@ from lit_flash.text import (
     check_no_empty_split,
     load_raw_text,
     load_tokenizer,
-    quiet_datasets_progress,
     tokenize_and_group,
     tokenized_cache_dir,
     train_bpe_tokenizer,
@@ -171,7 +170,6 @@ class WikitextDataModule(L.LightningDataModule):
             self._train_loader.record_trained(batch)  # a training batch of a stream: the position to save
         return batch
 
-    @quiet_datasets_progress()
     def prepare_data(self) -> None:
         """Download and tokenize once (rank 0 only), into the cache; a second run finds it there."""
         h = self.hparams

@@ -13,7 +13,6 @@ from lit_flash.text import (
     check_no_empty_split,
     load_raw_text,
     load_tokenizer,
-    quiet_datasets_progress,
     tokenize_and_group,
 )
 
@@ -58,21 +57,20 @@ def prepare_dataset(
     splits = splits or ["train", "test"]
     documents = resolve_documents(packing_documents, text_files, dataset_name)
     read_by = sample_by(documents) if packing else "line"
-    with quiet_datasets_progress():  # its bars count local files as downloads: see quiet_datasets_progress
-        raw = load_raw_text(dataset_name, dataset_config_name, text_files, text_column=text_column, prefix="--",
-                            sample_by=read_by)
-        missing = [s for s in splits if s not in raw]
-        if missing:
-            raise LitFlashError(
-                f"--splits: {missing} not in the source (it has {sorted(raw)}): give text for them, or set --splits "
-                f"{sorted(raw)}"
-            )
-        raw = type(raw)({s: raw[s] for s in splits})
-        tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name", "give the tokenizer's folder or hub id")
-        block_size = min(block_size, tokenizer.model_max_length)
-        if packing:
-            blocks = pack_documents(raw, tokenizer, block_size, documents, num_proc)
-        else:
-            blocks = tokenize_and_group(raw, tokenizer, block_size, num_proc)
-        check_no_empty_split(blocks, block_size, "--text_files" if text_files else "--dataset_name", "--block_size")
-        save_dataset_dict(blocks, save_dir)
+    raw = load_raw_text(dataset_name, dataset_config_name, text_files, text_column=text_column, prefix="--",
+                        sample_by=read_by)
+    missing = [s for s in splits if s not in raw]
+    if missing:
+        raise LitFlashError(
+            f"--splits: {missing} not in the source (it has {sorted(raw)}): give text for them, or set --splits "
+            f"{sorted(raw)}"
+        )
+    raw = type(raw)({s: raw[s] for s in splits})
+    tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name", "give the tokenizer's folder or hub id")
+    block_size = min(block_size, tokenizer.model_max_length)
+    if packing:
+        blocks = pack_documents(raw, tokenizer, block_size, documents, num_proc)
+    else:
+        blocks = tokenize_and_group(raw, tokenizer, block_size, num_proc)
+    check_no_empty_split(blocks, block_size, "--text_files" if text_files else "--dataset_name", "--block_size")
+    save_dataset_dict(blocks, save_dir)

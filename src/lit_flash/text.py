@@ -104,10 +104,10 @@ def check_text_file(path: str | os.PathLike, flag: str) -> None:
 
 @contextmanager
 def quiet_datasets_progress() -> Iterator[None]:
-    """`datasets`' progress bars off while lit_flash prepares its data (a `with` block or a decorator), back as they
-    were after: for local files they count files "downloaded" and splits "generated", a screen of bars before the
-    first step of the demo. Hub downloads keep huggingface_hub's own bar. HF_DATASETS_DISABLE_PROGRESS_BARS, when
-    set (0 shows them), is the user's choice and is left alone."""
+    """`datasets`' progress bars off while lit_flash reads the raw text, back as they were after: for local files
+    they count files "downloaded" and splits "generated", a screen of bars before the first step of the demo. The
+    tokenization's bars stay (minutes on a large dataset); hub downloads keep huggingface_hub's own bar.
+    HF_DATASETS_DISABLE_PROGRESS_BARS, when set (0 shows them), is the user's choice and is left alone."""
     import datasets
 
     if datasets.are_progress_bars_disabled() or "HF_DATASETS_DISABLE_PROGRESS_BARS" in os.environ:
@@ -120,6 +120,7 @@ def quiet_datasets_progress() -> Iterator[None]:
         datasets.enable_progress_bars()
 
 
+@quiet_datasets_progress()
 def load_raw_text(
     dataset_name: str | None,
     dataset_config_name: str | None,
