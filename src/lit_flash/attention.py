@@ -40,12 +40,9 @@ def flash_attention_unavailable_reason(
     """Why `attn_implementation` (a FlashAttention version) cannot run here, or None when it can."""
     module, install, lowest, only_major = _FLASH[attn_implementation]
     package = "flash-attn" if module == "flash_attn" else "flash-attn-3"
+    # The GPU first: installing a package cannot help where there is no GPU, or not one it runs on.
     if device is not None and device.type != "cuda":
         return f"{package} needs a CUDA GPU, and this runs on {device.type}"
-    try:  # an import, not a find_spec: a wheel built for another torch/CUDA fails here, not mid-training
-        importlib.import_module(module)
-    except ImportError as err:
-        return f"{package} cannot be imported ({err}); {install}"
     if not torch.cuda.is_available():
         return "no CUDA GPU is available"
     major, minor = torch.cuda.get_device_capability(device)
@@ -53,7 +50,23 @@ def flash_attention_unavailable_reason(
         name = torch.cuda.get_device_name(device)
         needs = "Hopper (sm_90)" if only_major else f"sm_{lowest[0]}{lowest[1]} (Ampere) or newer"
         return f"the GPU {name} is sm_{major}{minor}; {package} needs {needs}"
+    try:  # an import, not a find_spec: a wheel built for another torch/CUDA fails here, not mid-training
+        importlib.import_module(module)
+    except ImportError as err:
+        return f"{package} cannot be imported ({err}); {install}"
+    if not transformers_finds(attn_implementation):
+        return (f"{package} imports, but transformers does not find it (it looks for the installed distribution "
+                f"{package}; a copied module or an older build is not found); {install}")
     return None
+
+
+def transformers_finds(attn_implementation: str) -> bool:
+    """Whether transformers loads a model with this FlashAttention: it checks the installed distribution's name
+    (and flash-attn >= 2.3.3), not the import, and raises an ImportError where it finds none."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    check = is_flash_attn_3_available if attn_implementation == "flash_attention_3" else is_flash_attn_2_available
+    return bool(check())
 
 
 def resolve_attn_implementation(
