@@ -162,8 +162,11 @@ def test_which_flash_attention_runs_on_which_gpu(gpu, monkeypatch):
             fa2_runs = expected["flash_attention_2"] is None
             assert got == ("flash_attention_2" if flash == "flash_attention_3" and fa2_runs else "sdpa")
             assert len(caught) == 1 and f"Using {got} instead" in str(caught[0].message)
-            with pytest.raises(LitFlashError, match=f"{flash} cannot run"):
+            # the fix names what the fallback would use (flash_attention_2 for -3 where it runs), not always sdpa
+            with pytest.raises(LitFlashError, match=f"{flash} cannot run.*attn_fallback=true to use {got} instead"):
                 resolve_attn_implementation(flash, fallback=False)
+            with pytest.raises(LitFlashError, match=f"pass --attn_implementation {got}, or leave it out"):
+                resolve_attn_implementation(flash, fallback=False, flag="--attn_implementation")
 
 
 @pytest.mark.parametrize("flash", ["flash_attention_2", "flash_attention_3"])

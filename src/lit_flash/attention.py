@@ -87,14 +87,14 @@ def resolve_attn_implementation(
     reason = flash_attention_unavailable_reason(device, requested)
     if reason is None:
         return requested
-    if not fallback:
-        fix = f"pass {flag} sdpa, or leave it out (flash where it can run, else sdpa)" if tool else (
-            "set model.attn_fallback=true to use sdpa instead")
-        raise LitFlashError(f"{named}{requested} cannot run: {reason}; {fix}")
     # FlashAttention-3 falls back to FlashAttention-2 where that runs (the same attention, also fp16/bf16), then sdpa.
     instead = "sdpa"
     if requested == "flash_attention_3" and flash_attention_unavailable_reason(device, "flash_attention_2") is None:
         instead = "flash_attention_2"
+    if not fallback:
+        fix = f"pass {flag} {instead}, or leave it out (flash_attention_2 where it can run, else sdpa)" if tool else (
+            f"set model.attn_fallback=true to use {instead} instead")
+        raise LitFlashError(f"{named}{requested} cannot run: {reason}; {fix}")
     warn_user(f"{requested} cannot run: {reason}. Using {instead} instead (model.attn_fallback=false to stop).")
     return instead
 
