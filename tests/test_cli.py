@@ -233,6 +233,22 @@ BAD_OPTIONS = {
         ["--model.attn_implementation", "flash_attention_2", "--model.attn_fallback", "false"],
         ["flash_attention_2", "model.attn_fallback"],
     ),
+    # A choice's value is quoted (jsonargparse's line showed 'flash_attention_3 ' as flash_attention_3), with a guess
+    "choice_with_a_trailing_space": (
+        ["--model.attn_implementation", "flash_attention_3 "],
+        ["model.attn_implementation='flash_attention_3 ': must be one of", "did you mean 'flash_attention_3'"],
+    ),
+    "choice_in_capitals": (
+        ["--model.attn_implementation", "FLASH_ATTENTION_3"],
+        ["model.attn_implementation='FLASH_ATTENTION_3'", "did you mean 'flash_attention_3'"],
+    ),
+    "choice_in_a_list": (
+        ["--model.sdpa_backends", "[flash, Math]"],
+        ["model.sdpa_backends=['flash', 'Math']: 'Math' is not one of", "did you mean 'math'"],
+    ),
+    "choice_capitalized": (
+        ["--model.lr_scheduler", "Cosine"], ["model.lr_scheduler='Cosine'", "did you mean 'cosine'"]
+    ),
     "flash3_without_fallback": (
         ["--model.attn_implementation", "flash_attention_3", "--model.attn_fallback", "false"],
         ["flash_attention_3", "model.attn_fallback"],

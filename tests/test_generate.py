@@ -209,6 +209,19 @@ def test_attention_errors_name_generates_own_flag(tiny, tmp_path, value, said):
     assert "attn_fallback" not in line and "trainer" not in line, line
 
 
+@pytest.mark.parametrize(("value", "guess"), [("Flash_attention_3", "flash_attention_3"), (" sdpa", "sdpa"),
+                                           ("flash-attention-2", "flash_attention_2")])
+def test_a_misspelt_attention_choice_is_quoted_with_a_guess(value, guess, capsys):
+    """A choice differing by case, a space or a dash: the line quotes the value (a stray space shows) and names the
+    choice it likely meant."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["generate", "--model_name_or_path", "m", "--input_str", "w1", "--attn_implementation", value])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: attn_implementation={value!r}: must be one of 'flash_attention_2'"), err
+    assert f"did you mean {guess!r}?" in err, err
+
+
 def test_the_cli_refuses_flash_on_the_cpu_in_one_line_naming_its_flag(tiny, tmp_path, capsys):
     model, tokenizer = tiny
     model.save_pretrained(tmp_path)

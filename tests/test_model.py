@@ -4,6 +4,7 @@ schedule, the host-side data checks and the Hugging Face export. Tiny GPT-2s on 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import lightning as L
@@ -12,6 +13,7 @@ import torch
 from _helpers import cpu_trainer, tiny_module
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
+from lit_flash import attention
 from lit_flash.attention import flash_attention_unavailable_reason, resolve_attn_implementation
 from lit_flash.datamodule import WikitextDataModule
 from lit_flash.errors import LitFlashError
@@ -122,6 +124,8 @@ GPUS = {
     "blackwell": ((10, 0), True, {"flash_attention_2": None, "flash_attention_3": "needs Hopper (sm_90)"}),
     "turing": ((7, 5), True, {"flash_attention_2": "needs sm_80 (Ampere)", "flash_attention_3": "needs Hopper"}),
     "hopper_without_fa3": ((9, 0), False, {"flash_attention_2": None, "flash_attention_3": "flash-attn-3 cannot be"}),
+    # Not "build flash-attn-3": that cannot help on a GPU it does not run on
+    "ampere_without_fa3": ((8, 0), False, {"flash_attention_2": None, "flash_attention_3": "needs Hopper (sm_90)"}),
 }
 
 
@@ -142,6 +146,7 @@ def test_which_flash_attention_runs_on_which_gpu(gpu, monkeypatch):
         return real_import(name, *args)
 
     monkeypatch.setattr(importlib, "import_module", fake_import)
+    monkeypatch.setattr(attention, "transformers_finds", lambda attn: attn != "flash_attention_3" or fa3_installed)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {gpu}")
@@ -157,8 +162,43 @@ def test_which_flash_attention_runs_on_which_gpu(gpu, monkeypatch):
             fa2_runs = expected["flash_attention_2"] is None
             assert got == ("flash_attention_2" if flash == "flash_attention_3" and fa2_runs else "sdpa")
             assert len(caught) == 1 and f"Using {got} instead" in str(caught[0].message)
-            with pytest.raises(LitFlashError, match=f"{flash} cannot run"):
+            # the fix names what the fallback would use (flash_attention_2 for -3 where it runs), not always sdpa
+            with pytest.raises(LitFlashError, match=f"{flash} cannot run.*attn_fallback=true to use {got} instead"):
                 resolve_attn_implementation(flash, fallback=False)
+            with pytest.raises(LitFlashError, match=f"pass --attn_implementation {got}, or leave it out"):
+                resolve_attn_implementation(flash, fallback=False, flag="--attn_implementation")
+
+
+@pytest.mark.parametrize("flash", ["flash_attention_2", "flash_attention_3"])
+def test_without_a_cuda_gpu_the_reason_is_the_gpu_not_an_install(flash, monkeypatch):
+    """On a machine without CUDA, building flash-attn-3 (or installing flash-attn) cannot help: the reason says
+    there is no GPU, whatever is installed."""
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import -> ImportError
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reason = flash_attention_unavailable_reason(None, flash)
+    assert reason == "no CUDA GPU is available", reason
+
+
+def test_a_flash_attention_3_that_imports_but_transformers_does_not_find_falls_back(tmp_path, monkeypatch,
+                                                                                     tiny_model_config):
+    """flash_attn_interface importable without a 'flash-attn-3' distribution (a copied flash_attn_interface.py,
+    an older 'flashattn-hopper' build): transformers refuses to load the model with an ImportError. lit_flash must
+    say so and fall back (one warning), not pass it on as a traceback from inside transformers."""
+    (tmp_path / "flash_attn_interface.py").write_text("def flash_attn_func(*args, **kwargs):\n    raise RuntimeError\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # no FlashAttention-2 either: sdpa
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "H100")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = tiny_module(tiny_model_config, attn_implementation="flash_attention_3")
+    said = [str(w.message) for w in caught if "flash_attention_3 cannot run" in str(w.message)]
+    assert len(said) == 1 and "transformers does not find it" in said[0] and "Using sdpa" in said[0], said
+    assert module.model.config._attn_implementation == "sdpa"
+    with pytest.raises(LitFlashError, match="flash_attention_3 cannot run.*transformers does not find it"):
+        tiny_module(tiny_model_config, attn_implementation="flash_attention_3", attn_fallback=False)
 
 
 def test_flash_attention_3_in_a_cpu_fit_falls_back_to_sdpa(tiny_model_config, make_token_dataset):

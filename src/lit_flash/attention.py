@@ -51,12 +51,9 @@ def flash_attention_unavailable_reason(
 ) -> str | None:
     """Why `attn_implementation` (a FlashAttention version) cannot run here, or None when it can."""
     flash = _FLASH[attn_implementation]
+    # The GPU first: installing a package cannot help where there is no GPU, or not one it runs on.
     if device is not None and device.type != "cuda":
         return f"{flash.package} needs a CUDA GPU, and this runs on {device.type}"
-    try:  # an import, not a find_spec: a wheel built for another torch/CUDA fails here, not mid-training
-        importlib.import_module(flash.module)
-    except ImportError as err:
-        return f"{flash.package} cannot be imported ({err}); {flash.install}"
     if not torch.cuda.is_available():
         return "no CUDA GPU is available"
     major, minor = torch.cuda.get_device_capability(device)
@@ -64,7 +61,23 @@ def flash_attention_unavailable_reason(
         name = torch.cuda.get_device_name(device)
         needs = "Hopper (sm_90)" if flash.only_major else f"sm_{flash.lowest[0]}{flash.lowest[1]} (Ampere) or newer"
         return f"the GPU {name} is sm_{major}{minor}; {flash.package} needs {needs}"
+    try:  # an import, not a find_spec: a wheel built for another torch/CUDA fails here, not mid-training
+        importlib.import_module(flash.module)
+    except ImportError as err:
+        return f"{flash.package} cannot be imported ({err}); {flash.install}"
+    if not transformers_finds(attn_implementation):
+        return (f"{flash.package} imports, but transformers does not find it (it looks for the installed "
+                f"distribution {flash.package}; a copied module or an older build is not found); {flash.install}")
     return None
+
+
+def transformers_finds(attn_implementation: str) -> bool:
+    """Whether transformers loads a model with this FlashAttention: it checks the installed distribution's name
+    (and flash-attn >= 2.3.3), not the import, and raises an ImportError where it finds none."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    check = is_flash_attn_3_available if attn_implementation == "flash_attention_3" else is_flash_attn_2_available
+    return bool(check())
 
 
 def resolve_attn_implementation(
@@ -85,14 +98,14 @@ def resolve_attn_implementation(
     reason = flash_attention_unavailable_reason(device, requested)
     if reason is None:
         return requested
-    if not fallback:
-        fix = f"pass {flag} sdpa, or leave it out (flash where it can run, else sdpa)" if tool else (
-            "set model.attn_fallback=true to use sdpa instead")
-        raise LitFlashError(f"{named}{requested} cannot run: {reason}; {fix}")
     # FlashAttention-3 falls back to FlashAttention-2 where that runs (the same attention, also fp16/bf16), then sdpa.
     instead = "sdpa"
     if requested == "flash_attention_3" and flash_attention_unavailable_reason(device, "flash_attention_2") is None:
         instead = "flash_attention_2"
+    if not fallback:
+        fix = f"pass {flag} {instead}, or leave it out (flash_attention_2 where it can run, else sdpa)" if tool else (
+            f"set model.attn_fallback=true to use {instead} instead")
+        raise LitFlashError(f"{named}{requested} cannot run: {reason}; {fix}")
     warn_user(f"{requested} cannot run: {reason}. Using {instead} instead (model.attn_fallback=false to stop).")
     return instead
 

@@ -163,6 +163,9 @@ def one_line_parser_error(message: str) -> str:
     if not lines:
         return "invalid arguments"
     key = re.match(r'Parser key "([^"]+)"', lines[0])
+    choice = _choice_error(key.group(1), str(message)) if key else None
+    if choice is not None:
+        return choice
     # "Not of type X: reason" (a registered type's own reason); a union lists them as "- Not of type X: reason".
     reasons = [m.group(1) for line in lines[1:] if (m := re.match(r"-?\s*Not of type \S+: (.*)", line))]
     types = [m.group(1) for line in lines[1:] if (m := re.match(r"-?\s*Not of type (\S+):", line))]
@@ -185,6 +188,30 @@ def one_line_parser_error(message: str) -> str:
     details += [line for line in lines[1:] if line.startswith("Does not validate")]
     details += [line for line in lines[1:] if "not expected" in line or "No action" in line][:1]
     return " ".join(lines[:1] + details) if details else " ".join(lines[:2])
+
+
+def _choice_error(key: str, message: str) -> str | None:
+    """A value outside a Literal's choices as check_call_args says it from Python, `key='value': must be one of
+    ...`: quoted, so a stray space shows (jsonargparse's line printed 'sdpa ' as sdpa), with the choice it likely
+    meant where case, spaces or dashes are all that differ. None: not one Literal's error (a Union of several)."""
+    expected = [e for e in re.findall(r"Expected a (.*?)(?:\. Got value: .*)?$", message, re.MULTILINE)
+                if "NoneType" not in e]
+    if len(expected) != 1 or not expected[0].startswith("typing.Literal["):
+        return None
+    choices = expected[0][len("typing.Literal[") : -1]
+    got = re.findall(r"Got value: (.*)$", message, re.MULTILINE)  # the value, or the list item that is wrong
+    given = re.findall(r"Given value: (.*)$", message, re.MULTILINE)  # the whole value
+    if not got and not given:
+        return None
+    item = bool(got) and "Given value type: <class 'list'>" in message  # an item of a list is wrong
+    value = got[-1] if item or not given else given[-1]
+    normal = value.strip().lower().replace("-", "_")
+    guess = next((c for c in re.findall(r"'([^']*)'", choices) if c == normal), None)
+    hint = f"; did you mean {guess!r}?" if guess is not None else ""
+    nullable = ", or null" if "NoneType" in message else ""
+    if item and given:
+        return f"{key}={given[-1]}: {value!r} is not one of {choices}{hint}"
+    return f"{key}={value!r}: must be one of {choices}{nullable}{hint}"
 
 
 def _nested_error(message: str) -> str | None:

@@ -190,6 +190,21 @@ def test_loss_curves_agree_across_backends(tmp_path: Path, data_dir: Path) -> No
         assert diff.mean() < 0.02 and diff.max() < 0.1  # in nats, per step
 
 
+@pytest.fixture
+def forget_flash_cache():
+    """transformers caches whether flash-attn is installed: a test that hides it must leave no such answer behind."""
+    from transformers.utils import import_utils
+
+    def forget() -> None:
+        for name in ("is_flash_attn_2_available", "is_flash_attn_3_available"):
+            getattr(getattr(import_utils, name), "cache_clear", lambda: None)()
+
+    forget()
+    yield
+    forget()
+
+
+@pytest.mark.usefixtures("forget_flash_cache")
 def test_fallback_when_flash_attn_is_absent(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn -> ImportError
     with pytest.warns(UserWarning, match="flash-attn cannot be imported"):
@@ -223,7 +238,6 @@ def test_flash_attention_3_trains_packed_rows_and_refuses_attention_dropout(tmp_
     ids = torch.from_numpy(synthetic_blocks(2, 1024, seed=5)).long().cuda()
     module.cuda()  # Lightning's teardown moved it back to the CPU
     logits = {}
-    # sdpa, not flash_attention_2: transformers caches flash-attn's availability, which the fallback tests hide
     for attn in ("flash_attention_3", "sdpa"):
         module.model.set_attn_implementation(attn)
         kwargs = packed_attention_kwargs(positions, cu_seq_lens(positions, 4), attn)
@@ -234,6 +248,7 @@ def test_flash_attention_3_trains_packed_rows_and_refuses_attention_dropout(tmp_
     assert err < TOLERANCE[torch.bfloat16]["logits"], err
 
 
+@pytest.mark.usefixtures("forget_flash_cache")
 def test_fallback_from_flash_attention_3_to_2_when_flash_attn_3_is_absent(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # import -> ImportError
     with pytest.warns(UserWarning, match="flash-attn-3 cannot be imported.*Using flash_attention_2"):
