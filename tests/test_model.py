@@ -4,6 +4,7 @@ schedule, the host-side data checks and the Hugging Face export. Tiny GPT-2s on 
 from __future__ import annotations
 
 import math
+import re
 import sys
 import warnings
 
@@ -215,20 +216,22 @@ def test_flash_attention_3_in_a_cpu_fit_falls_back_to_sdpa(tiny_model_config, ma
     assert module.hparams.attn_implementation == "flash_attention_3"
 
 
-@pytest.mark.parametrize(("attn", "dropout", "refused"), [
-    ("flash_attention_3", 0.1, True), ("flash_attention_3", 0.0, False), ("flash_attention_2", 0.1, False),
-    ("sdpa", 0.1, False),
+@pytest.mark.parametrize(("attn", "dropout", "key", "fix"), [
+    ("flash_attention_3", 0.1, "attn_pdrop", "model.dropout=0.0"),
+    ("flash_attention_3", 0.1, "attention_dropout", "model.model_config.attention_dropout=0.0"),  # Llama's key
+    ("flash_attention_3", 0.0, "attn_pdrop", None), ("flash_attention_2", 0.1, "attn_pdrop", None),
+    ("sdpa", 0.1, "attention_dropout", None),
 ])
-def test_flash_attention_3_refuses_attention_dropout(attn, dropout, refused):
+def test_flash_attention_3_refuses_attention_dropout(attn, dropout, key, fix):
     """FlashAttention-3 has no dropout argument, and transformers drops the model's attention dropout without a
-    word: a fit must not train a different model than the config says."""
+    word: a fit must not train a different model than the config says. The fix named is the key that sets it."""
     from lit_flash.guards import check_attention_dropout_runs
 
-    if refused:
-        with pytest.raises(LitFlashError, match=r"flash_attention_3 has no attention dropout.*model.dropout=0.0"):
-            check_attention_dropout_runs(attn, dropout)
+    if fix is not None:
+        with pytest.raises(LitFlashError, match=rf"no attention dropout.*{key}={dropout}: set {re.escape(fix)},"):
+            check_attention_dropout_runs(attn, dropout, key)
     else:
-        check_attention_dropout_runs(attn, dropout)
+        check_attention_dropout_runs(attn, dropout, key)
 
 
 @pytest.mark.skipif(FLASH_REASON is None, reason="flash attention can run here")

@@ -221,12 +221,14 @@ def check_sdpa_backends_run_on(device: torch.device, backends: list[str] | None,
         )
 
 
-def check_attention_dropout_runs(attn_implementation: str, attn_dropout: float) -> None:
-    """FlashAttention-3 has no dropout, and transformers then drops the model's attention dropout silently."""
+def check_attention_dropout_runs(attn_implementation: str, attn_dropout: float, key: str = "attn_pdrop") -> None:
+    """FlashAttention-3 has no dropout, and transformers then drops the model's attention dropout silently. `key`:
+    the model config's attention-dropout key (GPT-2's `attn_pdrop` is what `model.dropout` sets)."""
     if attn_implementation == "flash_attention_3" and attn_dropout:
+        fix = "model.dropout=0.0" if key == "attn_pdrop" else f"model.model_config.{key}=0.0"
         raise LitFlashError(
             f"model.attn_implementation=flash_attention_3 has no attention dropout, and this model trains with "
-            f"{attn_dropout} (model.dropout, else the model's config): set model.dropout=0.0, or use flash_attention_2"
+            f"{key}={attn_dropout}: set {fix}, or use flash_attention_2"
         )
 
 
@@ -281,10 +283,10 @@ def check_before_stage(
     """The checks that need the trainer, its device or the data, run when fit/validate/test/predict sets up
     (`FlashGPT2LM.setup`): a mistake is one line before the first step. `hparams`: the module's arguments."""
     device, precision = trainer.strategy.root_device, str(trainer.precision)
-    attn_dropout = getattr(model_config, "attn_pdrop", None) or getattr(model_config, "attention_dropout", None)
-    attn_dropout = (attn_dropout or 0.0) if stage == "fit" else 0.0  # evaluation runs without dropout
+    key = "attn_pdrop" if getattr(model_config, "attn_pdrop", None) is not None else "attention_dropout"
+    attn_dropout = (getattr(model_config, key, None) or 0.0) if stage == "fit" else 0.0  # none when evaluating
     check_sdpa_backends_run_on(device, hparams.sdpa_backends, attn_dropout)
-    check_attention_dropout_runs(attn_implementation, attn_dropout)
+    check_attention_dropout_runs(attn_implementation, attn_dropout, key)
     loss.check_fused_loss_runs_on(device, hparams.fused_cross_entropy)
     check_skip_supported(hparams.on_nonfinite, precision, trainer.strategy)
     check_precision_fits(attn_implementation, precision)

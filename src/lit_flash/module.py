@@ -151,7 +151,8 @@ class FlashGPT2LM(L.LightningModule):
         device = self.trainer.strategy.root_device
         if is_flash(self.attn_implementation) and device.type != "cuda":
             fallback = self.hparams.attn_fallback
-            self.attn_implementation = resolve_attn_implementation(self.attn_implementation, fallback, device)
+            # What was asked, not the fallback chosen at init: the line names the user's setting.
+            self.attn_implementation = resolve_attn_implementation(self.hparams.attn_implementation, fallback, device)
             self.model.set_attn_implementation(self.attn_implementation)
         if self.lora is not None:
             adapters.check_strategy(self.trainer.strategy)
