@@ -966,3 +966,20 @@ def test_a_checkpoint_of_another_model_config_is_refused_on_load(tiny_config) ->
     tiny_module({**config, "resid_pdrop": 0.0}).on_load_checkpoint(dict(checkpoint))  # dropout may change
     with pytest.raises(LitFlashError, match=r"saved with model\.model_config\.n_head=2, this run has 4"):
         tiny_module({**config, "n_head": 4}).on_load_checkpoint(dict(checkpoint))
+
+
+@pytest.mark.parametrize("count", [1, 3, 5])
+def test_a_refused_fresh_fit_names_the_newest_checkpoints_and_how_many_more(tmp_path, count):
+    import os
+
+    from lit_flash.checkpointing import resolve_ckpt_path
+
+    for i in range(count):
+        path = tmp_path / f"step={i}.ckpt"
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))  # written in step order
+    with pytest.raises(LitFlashError, match="already holds checkpoints of an earlier run") as err:
+        resolve_ckpt_path(None, tmp_path, "fit")
+    newest = ", ".join(f"step={i}.ckpt" for i in range(max(0, count - 3), count))
+    more = f" and {count - 3} more" if count > 3 else ""
+    assert f"({newest}{more})" in str(err.value)

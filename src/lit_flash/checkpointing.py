@@ -227,6 +227,12 @@ def newest_intact_checkpoint(ckpt_dir: Path) -> Path | None:
     return None if best is None else best[2]
 
 
+def _last_names(paths: list[Path], shown: int = 3) -> str:
+    """The newest few file names, with how many more there are."""
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(p.name for p in paths[-shown:]) + more
+
+
 def _is_last_name(path: Path) -> bool:
     """A file Lightning's `ckpt_path="last"` finds (its pattern: a .ckpt whose name starts with `last`)."""
     return path.suffix == ".ckpt" and path.stem.startswith("last")
@@ -267,7 +273,7 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcom
         )
     if ckpt_path == "last" and not any(_is_last_name(p) for p in existing):
         # Lightning would warn and start from step 0, overwriting these checkpoints and the export.
-        names = ", ".join(p.name for p in existing[-3:])
+        names = _last_names(existing)
         raise LitFlashError(
             f"--ckpt_path last: {ckpt_dir} has no last.ckpt, only {names}: resume with --ckpt_path auto (the one "
             "with the highest step) or give one of them as --ckpt_path <file>"
@@ -277,7 +283,7 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike, subcom
     elif subcommand == "fit" and ckpt_path is not None and Path(ckpt_path).is_file():
         check_resumes_fit(ckpt_path, str(ckpt_path))
     if ckpt_path is None and subcommand == "fit" and existing:
-        names = ", ".join(p.name for p in existing[-3:])
+        names = _last_names(existing)
         raise LitFlashError(
             f"{ckpt_dir} already holds checkpoints of an earlier run ({names}): resume it with "
             "--ckpt_path last (or auto), or set trainer.default_root_dir to a new folder"
