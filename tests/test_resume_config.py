@@ -64,3 +64,20 @@ def test_cli_resume_of_a_run_without_the_key_accepts_the_default_written_out(tin
     assert "error: " in err and "saved without model.model_config.activation_function" in err
     code, _, err = run_cli([*resume, f"--model.model_config.activation_function={GPT2_DEFAULT}"])
     assert code == 0, err
+
+
+LLAMA = {"model_type": "llama", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+         "num_attention_heads": 4, "max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("key", ["num_key_value_heads", "head_dim"])
+def test_a_default_derived_from_other_keys_is_this_models_not_the_model_types(key) -> None:
+    """Llama derives num_key_value_heads and head_dim from the heads and width: a checkpoint that wrote the derived
+    value out resumes without it, and a value written on one side that is not the derived one is refused."""
+    derived = getattr(tiny_module(LLAMA).model.config, key)  # 4 and 8 here; LlamaConfig()'s own: 32 and 128
+    tiny_module(LLAMA).on_load_checkpoint(_checkpoint({**LLAMA, key: derived}))
+    tiny_module({**LLAMA, key: derived}).on_load_checkpoint(_checkpoint(LLAMA))
+    other = {"num_key_value_heads": 2, "head_dim": 16}[key]
+    with pytest.raises(LitFlashError, match=rf"{key}={other}, this run leaves it out \(the model's default, "
+                                            rf"{derived}\)"):
+        tiny_module(LLAMA).on_load_checkpoint(_checkpoint({**LLAMA, key: other}))

@@ -97,16 +97,16 @@ def _flatten(namespace: Any) -> dict[str, Any]:
 
 
 def check_same_model_config(
-    current: Any, checkpoint: dict[str, Any], name: str, default: Callable[[str], Any] | None = None
+    current: Any, checkpoint: dict[str, Any], name: str, default: Callable[[str, dict[str, Any]], Any] | None = None
 ) -> None:
     """Refuse a checkpoint saved with other `model.model_config` values than this run's (n_head,
     activation_function, ...): weights of the same shapes load, and a different model would go on training on
     them unsaid. `--ckpt_path <file>` swaps the checkpoint's values in with a warning (LightningCLI); `auto` and
     `last` are resolved after the model is built, so they refuse instead. Dropout rates (`*_pdrop`) may change.
 
-    `default(key)`: the value the model is built with when model_config leaves `key` out (`model_defaults`). A key
-    written on one side only is the same model when the other side's value is that default: a config that now
-    writes a default out (or an older one that did not) resumes."""
+    `default(key, written)`: the value a model whose model_config is `written` (without `key`) is built with
+    (`model_defaults`). A key written on one side only is the same model when the other side's model has that value:
+    a config that now writes a default out (or an older one that did not) resumes."""
     stored = (checkpoint.get("hyper_parameters") or {}).get("model_config")
     if not isinstance(stored, dict) or not isinstance(current, dict) and current is not None:
         return  # a checkpoint not written by FlashGPT2LM (or without hyperparameters): nothing to compare
@@ -121,7 +121,7 @@ def check_same_model_config(
                 f"{current[key]!r}: resume with the checkpoint's value, or start a new run "
                 "(another trainer.default_root_dir)"
             )
-        value = default(key) if default is not None else _UNKNOWN
+        value = default(key, stored if key in current else current) if default is not None else _UNKNOWN
         if (stored if key in stored else current)[key] == value:
             continue  # written out on one side, left to the same default on the other
         said = "" if value is _UNKNOWN else f" (the model's default, {value!r})"
@@ -140,26 +140,35 @@ def check_same_model_config(
 _UNKNOWN = object()  # no default known for a key: a key on one side only differs
 
 
-def model_defaults(hparams: Any) -> Callable[[str], Any]:
-    """`default(key)` for check_same_model_config: the value of `key` in the config the model is built from before
-    model_config's values (transformers' defaults of `model_type` from scratch, else the pretrained model's own
-    config), read once and only when asked: a resume whose keys match on both sides never reads it."""
-    config: list[Any] = []
+def model_defaults(hparams: Any) -> Callable[[str, dict[str, Any]], Any]:
+    """`default(key, written)` for check_same_model_config: the value of `key` in the config a model whose
+    model_config is `written` is built from. From scratch that is transformers' config of `model_type` built with
+    the other written values (Llama's head_dim and num_key_value_heads follow hidden_size and num_attention_heads);
+    from a pretrained model, its own config (model_config's values are set on it, nothing is derived again). Read
+    only when asked: a resume whose keys match on both sides never reads it."""
+    built: list[tuple[dict[str, Any], Any]] = []
 
-    def default(key: str) -> Any:
-        scratch = hparams.model_name_or_path is None
-        if scratch and key == "model_type":
+    def config_of(written: dict[str, Any]) -> Any:
+        from transformers import AutoConfig
+
+        from lit_flash.guards import as_declared_types
+
+        if hparams.model_name_or_path is not None:  # the model loaded from it in this process: local or cached
+            return AutoConfig.from_pretrained(hparams.model_name_or_path, trust_remote_code=hparams.trust_remote_code)
+        overrides = dict(written)
+        model_type = overrides.pop("model_type", "gpt2")
+        try:  # as build.load_causal_lm builds it
+            return AutoConfig.for_model(model_type, **as_declared_types(overrides, AutoConfig.for_model(model_type)))
+        except (ValueError, TypeError, KeyError):  # e.g. a checkpoint's values this transformers no longer takes
+            return None
+
+    def default(key: str, written: dict[str, Any]) -> Any:
+        if hparams.model_name_or_path is None and key == "model_type":
             return "gpt2"  # what build.load_causal_lm builds without one
-        if not config:
-            from transformers import AutoConfig
-
-            if scratch:
-                config.append(AutoConfig.for_model((hparams.model_config or {}).get("model_type", "gpt2")))
-            else:  # the model loaded from it in this process already: its config is local or cached
-                config.append(AutoConfig.from_pretrained(
-                    hparams.model_name_or_path, trust_remote_code=hparams.trust_remote_code
-                ))
-        return getattr(config[0], key, _UNKNOWN)
+        mine = written if hparams.model_name_or_path is None else {}  # a pretrained config does not depend on it
+        if not any(w == mine for w, _ in built):
+            built.append((mine, config_of(mine)))
+        return getattr(next(c for w, c in built if w == mine), key, _UNKNOWN)
 
     return default
 
