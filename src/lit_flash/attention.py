@@ -83,7 +83,8 @@ def transformers_finds(attn_implementation: str) -> bool:
 def resolve_attn_implementation(
     requested: str, fallback: bool = True, device: torch.device | None = None, flag: str = "model.attn_implementation"
 ) -> str:
-    """The attention backend to load: `requested`, or `sdpa` (said once, with the reason) when flash cannot run.
+    """The attention backend to load: `requested`, or (said once, with the reason) when a FlashAttention cannot run,
+    `flash_attention_2` for `flash_attention_3` where that runs, else `sdpa`.
 
     `flag`: how errors name the setting: the fit CLI's key (`model.attn_implementation`, whose fallback is
     `model.attn_fallback`) or a tool's own flag (`--attn_implementation` of `generate`, which has no fallback key).

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from lit_flash.attention import AttnImplementation
+from lit_flash.attention import AttnImplementation, is_flash
 from lit_flash.errors import LitFlashError, check_can_create, not_a_file
 from lit_flash.limits import NonNegativeFloat, OpenUnitFloat, PositiveInt, SeedInt
 
@@ -38,7 +38,7 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, 
 
 def _half_precision_autocast(model: Any, device: torch.device) -> contextlib.AbstractContextManager:
     """FlashAttention runs in fp16/bf16 only: with fp32 weights, autocast the forward passes."""
-    flash = str(getattr(model.config, "_attn_implementation", None)).startswith("flash_attention")
+    flash = is_flash(str(getattr(model.config, "_attn_implementation", None)))
     if device.type == "cuda" and flash and next(model.parameters()).dtype == torch.float32:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
