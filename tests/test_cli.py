@@ -249,6 +249,10 @@ BAD_OPTIONS = {
     "choice_capitalized": (
         ["--model.lr_scheduler", "Cosine"], ["model.lr_scheduler='Cosine'", "did you mean 'cosine'"]
     ),
+    "choice_with_an_underscore_for_a_dash": (  # the choice holds the dash
+        ["--model.compile_mode", "Reduce_Overhead"],
+        ["model.compile_mode='Reduce_Overhead'", "did you mean 'reduce-overhead'"],
+    ),
     "flash3_without_fallback": (
         ["--model.attn_implementation", "flash_attention_3", "--model.attn_fallback", "false"],
         ["flash_attention_3", "model.attn_fallback"],

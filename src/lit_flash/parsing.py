@@ -205,8 +205,10 @@ def _choice_error(key: str, message: str) -> str | None:
         return None
     item = bool(got) and "Given value type: <class 'list'>" in message  # an item of a list is wrong
     value = got[-1] if item or not given else given[-1]
-    normal = value.strip().lower().replace("-", "_")
-    guess = next((c for c in re.findall(r"'([^']*)'", choices) if c == normal), None)
+    def normal(text: str) -> str:  # both sides: a choice may hold dashes ('reduce-overhead') or underscores
+        return text.strip().lower().replace("-", "_")
+
+    guess = next((c for c in re.findall(r"'([^']*)'", choices) if normal(c) == normal(value)), None)
     hint = f"; did you mean {guess!r}?" if guess is not None else ""
     nullable = ", or null" if "NoneType" in message else ""
     if item and given:
