@@ -216,6 +216,32 @@ def test_flash_attention_3_in_a_cpu_fit_falls_back_to_sdpa(tiny_model_config, ma
     assert module.hparams.attn_implementation == "flash_attention_3"
 
 
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_flash_attention_chosen_at_init_is_resolved_again_for_a_cpu_trainer(tiny_model_config, make_token_dataset,
+                                                                              fallback):
+    """Built on a GPU machine (here: FlashAttention-3 asked, FlashAttention-2 chosen, as on an Ampere GPU), fit on a
+    CPU trainer: setup resolves what was asked again, for the trainer's device, and names that setting."""
+    dm = WikitextDataModule(
+        tokenized_dataset_load_dir=str(make_token_dataset(n_rows=4, seq_len=16)), tokenizer_name=None, batch_size=2
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # init's own fallback on this machine
+        module = tiny_module(tiny_model_config, attn_implementation="flash_attention_3")
+    module.attn_implementation = "flash_attention_2"  # what init picks on an Ampere GPU with flash-attn installed
+    module.hparams.attn_fallback = fallback
+    trainer = cpu_trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0)
+    if not fallback:
+        with pytest.raises(LitFlashError, match="model.attn_implementation=flash_attention_3 cannot run.*cpu"):
+            trainer.fit(module, dm)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, dm)
+    said = [str(w.message) for w in caught if "cannot run" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("flash_attention_3 cannot run") and "cpu" in said[0], said
+    assert module.attn_implementation == "sdpa" and module.model.config._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize(("attn", "dropout", "key", "fix"), [
     ("flash_attention_3", 0.1, "attn_pdrop", "model.dropout=0.0"),
     ("flash_attention_3", 0.1, "attention_dropout", "model.model_config.attention_dropout=0.0"),  # Llama's key
