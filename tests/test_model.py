@@ -251,7 +251,7 @@ def test_a_flash_attention_chosen_at_init_is_resolved_again_for_a_cpu_trainer(ti
 def test_flash_attention_3_refuses_attention_dropout(attn, dropout, key, fix):
     """FlashAttention-3 has no dropout argument, and transformers drops the model's attention dropout without a
     word: a fit must not train a different model than the config says. The fix named is the key that sets it."""
-    from lit_flash.guards import check_attention_dropout_runs
+    from lit_flash.attention import check_attention_dropout_runs
 
     if fix is not None:
         with pytest.raises(LitFlashError, match=rf"no attention dropout.*{key}={dropout}: set {re.escape(fix)},"):
@@ -461,7 +461,7 @@ def test_token_mean_weights_each_batch_by_its_tokens_and_keeps_a_nan():
 @pytest.mark.parametrize("attn", ["flash_attention_2", "flash_attention_3"])
 @pytest.mark.parametrize("precision", ["32-true", "64-true", "16-mixed", "bf16-mixed"])
 def test_flash_attention_runs_in_half_precision_only(attn, precision):
-    from lit_flash.guards import check_precision_fits
+    from lit_flash.attention import check_precision_fits
 
     if precision.startswith(("32", "64")):
         with pytest.raises(LitFlashError, match=f"trainer.precision={precision}: {attn} runs in fp16/bf16 only"):

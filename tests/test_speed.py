@@ -676,8 +676,7 @@ def test_the_cpu_sdpa_backends_check_agrees_with_what_torch_runs(backends: list[
     no dropout. The check's verdict must be torch's own, for a causal step with its backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from lit_flash.attention import SDPA_BACKENDS
-    from lit_flash.guards import check_sdpa_backends_run_on
+    from lit_flash.attention import SDPA_BACKENDS, check_sdpa_backends_run_on
 
     q = torch.randn(2, 2, 8, 16, requires_grad=True)
     try:

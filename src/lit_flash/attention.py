@@ -1,4 +1,5 @@
-"""Attention backends: whether FlashAttention-2 or -3 can run here, and which backend to use instead.
+"""Attention backends: whether FlashAttention-2 or -3 can run here, which backend to use instead, and what each
+backend cannot run (precision, dropout, sdpa kernels on a CPU).
 
 Shared by training (`module.py`) and inference (`generate.py`); importing it loads neither Lightning nor
 transformers.
@@ -121,3 +122,37 @@ def sdpa_kernels_in_order(priority: list[SDPBackend]) -> contextlib.AbstractCont
     # The backward runs outside this block: eager autograd and torch.compile both keep the forward's kernel.
     return sdpa_kernel(priority, set_priority=True) if priority else contextlib.nullcontext()
 
+
+def check_sdpa_backends_run_on(device: torch.device, backends: list[str] | None, attn_dropout: float = 0.0) -> None:
+    """Refuse a list of SDPA kernels none of which runs on `device`: math and flash are the CPU's only two, and the
+    CPU's flash kernel takes no dropout ("No available kernel" at the first training step). `attn_dropout`: the
+    attention dropout the steps run with (0 when not training)."""
+    if device.type == "cuda" or not backends:
+        return
+    runs = {"math"} if attn_dropout else {"math", "flash"}
+    if not runs & set(backends):
+        why = f" with attention dropout {attn_dropout} (its flash kernel takes none)" if "flash" in backends else ""
+        raise LitFlashError(
+            f"model.sdpa_backends={list(backends)}: none of these runs on {device.type}{why}; add math, or set "
+            "model.sdpa_backends=null"
+        )
+
+
+def check_attention_dropout_runs(attn_implementation: str, attn_dropout: float, key: str = "attn_pdrop") -> None:
+    """FlashAttention-3 has no dropout, and transformers then drops the model's attention dropout silently. `key`:
+    the model config's attention-dropout key (GPT-2's `attn_pdrop` is what `model.dropout` sets)."""
+    if attn_implementation == "flash_attention_3" and attn_dropout:
+        fix = "model.dropout=0.0" if key == "attn_pdrop" else f"model.model_config.{key}=0.0"
+        raise LitFlashError(
+            f"model.attn_implementation=flash_attention_3 has no attention dropout, and this model trains with "
+            f"{key}={attn_dropout}: set {fix}, or use flash_attention_2"
+        )
+
+
+def check_precision_fits(attn_implementation: str, precision: str) -> None:
+    """Refuse a trainer precision the model's settings cannot run in."""
+    if is_flash(attn_implementation) and precision in ("32-true", "32", "64-true", "64"):
+        raise LitFlashError(
+            f"trainer.precision={precision}: {attn_implementation} runs in fp16/bf16 only; "
+            "use 16-mixed or bf16-mixed, or model.attn_implementation=sdpa"
+        )

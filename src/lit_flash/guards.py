@@ -10,7 +10,12 @@ from typing import Any
 import torch
 
 from lit_flash import loss
-from lit_flash.attention import SDPA_BACKENDS, is_flash
+from lit_flash.attention import (
+    SDPA_BACKENDS,
+    check_attention_dropout_runs,
+    check_precision_fits,
+    check_sdpa_backends_run_on,
+)
 from lit_flash.errors import LitFlashError
 from lit_flash.nonfinite import check_skip_supported
 
@@ -204,41 +209,6 @@ def check_module_args(
     unknown = set(sdpa_backends or ()) - set(SDPA_BACKENDS)
     if unknown:
         raise LitFlashError(f"model.sdpa_backends: unknown {sorted(unknown)}; choose from {list(SDPA_BACKENDS)}")
-
-
-def check_sdpa_backends_run_on(device: torch.device, backends: list[str] | None, attn_dropout: float = 0.0) -> None:
-    """Refuse a list of SDPA kernels none of which runs on `device`: math and flash are the CPU's only two, and the
-    CPU's flash kernel takes no dropout ("No available kernel" at the first training step). `attn_dropout`: the
-    attention dropout the steps run with (0 when not training)."""
-    if device.type == "cuda" or not backends:
-        return
-    runs = {"math"} if attn_dropout else {"math", "flash"}
-    if not runs & set(backends):
-        why = f" with attention dropout {attn_dropout} (its flash kernel takes none)" if "flash" in backends else ""
-        raise LitFlashError(
-            f"model.sdpa_backends={list(backends)}: none of these runs on {device.type}{why}; add math, or set "
-            "model.sdpa_backends=null"
-        )
-
-
-def check_attention_dropout_runs(attn_implementation: str, attn_dropout: float, key: str = "attn_pdrop") -> None:
-    """FlashAttention-3 has no dropout, and transformers then drops the model's attention dropout silently. `key`:
-    the model config's attention-dropout key (GPT-2's `attn_pdrop` is what `model.dropout` sets)."""
-    if attn_implementation == "flash_attention_3" and attn_dropout:
-        fix = "model.dropout=0.0" if key == "attn_pdrop" else f"model.model_config.{key}=0.0"
-        raise LitFlashError(
-            f"model.attn_implementation=flash_attention_3 has no attention dropout, and this model trains with "
-            f"{key}={attn_dropout}: set {fix}, or use flash_attention_2"
-        )
-
-
-def check_precision_fits(attn_implementation: str, precision: str) -> None:
-    """Refuse a trainer precision the model's settings cannot run in."""
-    if is_flash(attn_implementation) and precision in ("32-true", "32", "64-true", "64"):
-        raise LitFlashError(
-            f"trainer.precision={precision}: {attn_implementation} runs in fp16/bf16 only; "
-            "use 16-mixed or bf16-mixed, or model.attn_implementation=sdpa"
-        )
 
 
 def check_validation_interval(trainer: Any, train_batches: int | None) -> None:
