@@ -965,3 +965,142 @@ def test_an_unknown_subcommand_lists_every_subcommand(capsys) -> None:
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: unknown subcommand 'frobnicate'")
     assert all(name in line for name in ("fit", "validate", "test", "prepare", "generate", "plot"))
+
+
+# -- class 7 (attack2): inputs that reached a library's traceback, or a setting silently replaced by a default
+@pytest.mark.parametrize(("files", "name"), [
+    ("{train: TEXT, validation: []}", "data.text_files['validation']"),  # "Instruction ... corresponds to no data"
+    ("{train: TEXT, 'my split': TEXT}", "'my split'"),  # "Split name should match ..."
+    ("{train: TEXT, '': TEXT}", "split name ''"),
+    ("{}", "data.text_files is empty"),  # was falsy: read the hub's wikitext instead
+], ids=["empty list", "split name with a space", "empty split name", "no split"])
+def test_text_files_that_datasets_cannot_read_are_one_line(user: dict[str, Path], tokenizer_dir: Path, tmp_path,
+                                                           files: str, name: str) -> None:
+    text = _write(tmp_path / "train.txt", "one two three four five six seven\n" * 100)
+    args = fit_args(user, "--data.tokenized_dataset_load_dir=null", f"--data.tokenizer_name={tokenizer_dir}",
+                    f"--data.text_files={files.replace('TEXT', str(text))}", f"--data.cache_dir={tmp_path / 'c'}")
+    assert_refused_and_unchanged(tmp_path, args, name)
+
+
+@pytest.mark.parametrize("last_row", [None, [None] * BLOCK, [None] + list(range(1, BLOCK))],
+                         ids=["a null row", "a row of null ids", "one null id"])
+def test_token_columns_with_missing_values_are_one_line(user: dict[str, Path], tmp_path, last_row) -> None:
+    """A null row failed as a NumPy reshape traceback when batched; null ids trained unsaid as arbitrary ints."""
+    import datasets
+
+    rows = [list(range(i, i + BLOCK)) for i in range(7)] + [last_row]
+    folder = tmp_path / "blocks"
+    datasets.DatasetDict({s: datasets.Dataset.from_dict({"input_ids": rows})
+                          for s in ("train", "test")}).save_to_disk(str(folder))
+    args = fit_args(user, f"--data.tokenized_dataset_load_dir={folder}")
+    assert_refused_and_unchanged(tmp_path, args, "null", "'input_ids'", str(folder))
+
+
+def test_a_damaged_tokenization_cache_names_the_cache_and_the_fix(text_files, tokenizer_dir, tmp_path) -> None:
+    """It was named as data.tokenized_dataset_load_dir, a key the user had not set, with no fix."""
+    from lit_flash import WikitextDataModule
+    from lit_flash.errors import LitFlashError
+
+    dm = WikitextDataModule(text_files=text_files, tokenizer_name=str(tokenizer_dir), block_size=32,
+                            cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    arrow = next((dm.cache_path / "blocks" / "train").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])  # a disk error, a partial copy
+    with pytest.raises(LitFlashError) as err:
+        dm.setup("fit")
+    message = str(err.value)
+    assert "data.cache_dir" in message and f"remove {dm.cache_path}" in message, message
+    assert "tokenized_dataset_load_dir" not in message and "\n" not in message
+
+
+def test_prepare_into_a_link_to_an_empty_folder_writes_there(user: dict[str, Path], tokenizer_folder: Path,
+                                                              tmp_path) -> None:
+    """rmtree refused the link: a traceback after the whole tokenization, and a temporary folder left behind."""
+    text = _write(tmp_path / "small.txt", "one two three four five\n" * 40)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    args = ["prepare", "--save_dir", str(tmp_path / "link"), f"--tokenizer_name={tokenizer_folder}",
+            f"--text_files={{train: {text}}}", "--splits=[train]", "--block_size=8"]
+    code, err = run(args)
+    assert code == 0, err
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "dataset_dict.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real", "small.txt"]
+
+
+@pytest.mark.parametrize(("extra", "name"), [
+    (["--block_size", "1"], "--block_size 1"),  # fit refuses 1-token rows: prepare wrote a dataset nothing loads
+    (["--splits", "[]"], "--splits is empty"),  # [] was the default [train, test], unsaid
+], ids=["block of one token", "no split"])
+def test_prepare_settings_fit_would_refuse_or_ignore(user: dict[str, Path], tokenizer_folder: Path, tmp_path,
+                                                     extra: list[str], name: str) -> None:
+    text = _write(tmp_path / "small.txt", "one two three\n" * 20)
+    args = ["prepare", "--save_dir", str(tmp_path / "prepared"), f"--tokenizer_name={tokenizer_folder}",
+            f"--text_files={{train: {text}, test: {text}}}", *extra]
+    assert_refused_and_unchanged(tmp_path, args, name)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_generate_output_naming_a_folder_is_refused_before_loading(
+    model_folder: Path, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--output new/` failed with IsADirectoryError after the whole generation."""
+    import lit_flash.generate
+
+    def no_loading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("loaded the model before the --output check")
+
+    monkeypatch.setattr(lit_flash.generate, "load_for_generation", no_loading)
+    args = ["generate", "--model_name_or_path", str(model_folder), "--prompts", "a", "--output", f"{tmp_path}/new/"]
+    assert_refused_and_unchanged(tmp_path, args, "--output", "names a folder")
+
+
+def _damaged_copy(model_folder: Path, tmp: Path) -> Path:
+    import shutil
+
+    copy = tmp / "model"
+    shutil.copytree(model_folder, copy)
+    with open(copy / "model.safetensors", "r+b") as f:
+        f.truncate(1000)  # a copy cut short
+    return copy
+
+
+def test_a_model_with_truncated_weights_is_one_line(user: dict[str, Path], model_folder: Path, tmp_path) -> None:
+    """safetensors' SafetensorError (not an OSError) went through as a traceback, in generate and in fit."""
+    copy = _damaged_copy(model_folder, tmp_path)
+    assert_refused_and_unchanged(tmp_path, ["generate", "--model_name_or_path", str(copy), "--prompts", "a"],
+                                 "--model_name_or_path", "cannot load it")
+    args = fit_args(user, f"--model.model_name_or_path={copy}", "--model.model_config=null")
+    assert_refused_and_unchanged(tmp_path, args, "model.model_name_or_path", "cannot load it")
+
+
+@pytest.mark.parametrize("override", ["{n_embd: 64}", "{n_layer: 2}", "{vocab_size: 1000}"])
+def test_a_model_config_override_that_reshapes_pretrained_weights_is_one_line(
+    user: dict[str, Path], model_folder: Path, tmp_path, override: str
+) -> None:
+    """transformers printed a table of every mismatched weight (or, for new layers, initialized them unsaid)."""
+    config = tiny_run_config(tmp_path / "run", user["root"] / "data")
+    config["model"].update(model_name_or_path=str(model_folder), model_config=None)
+    write_config(tmp_path / "config.yaml", config)
+    args = ["fit", "--config", str(tmp_path / "config.yaml"), f"--model.model_config={override}"]
+    assert_refused_and_unchanged(tmp_path, args, "model.model_config", override.strip("{}").split(":")[0])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["plot.png is a folder", "metrics.csv is a folder", "no metric asked for"])
+def test_plot_of_a_folder_in_a_files_place_or_no_metric_is_one_line(user: dict[str, Path], tmp_path,
+                                                                    where: str) -> None:
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(user["run"] / "logs", run_dir / "logs")
+    logs = sorted((run_dir / "logs").glob("version_*"))[-1]
+    extra = []
+    if where == "plot.png is a folder":
+        (logs / "plot.png").mkdir()
+    elif where == "metrics.csv is a folder":
+        (logs / "metrics.csv").unlink()
+        (logs / "metrics.csv").mkdir()
+    else:
+        extra = ["--metrics", "[]"]  # drew the default metrics, unsaid
+    name = "--metrics is empty" if extra else "is a folder"
+    assert_refused_and_unchanged(tmp_path, ["plot", str(run_dir), *extra], name)

@@ -76,6 +76,8 @@ def _block_array(column: Any) -> Any:
 def save_dataset_dict(dataset: Any, save_dir: str | Path, overwrite: bool = False) -> None:
     """`save_to_disk` through a temporary folder and a rename, so a killed save never leaves half a dataset."""
     save_dir = Path(save_dir)
+    if save_dir.is_symlink():  # a link to an (empty) folder: replace that folder; rmtree refuses a link
+        save_dir = save_dir.resolve()
     if save_dir.exists() and any(save_dir.iterdir()) and not overwrite:
         raise LitFlashError(f"{save_dir} exists and is not empty: choose another save dir or remove it yourself")
     tmp = save_dir.with_name(f".{save_dir.name}.tmp-{os.getpid()}")
@@ -140,6 +142,9 @@ def check_token_columns(ds: Any, where: str) -> int:
                     f"{where}: column {column!r} holds {kind}, not a list of integer token ids per row: save the "
                     "dataset with integer ids (e.g. as the tokenizer returns them)"
                 )
+    for column in (REQUIRED_COLUMN, *OPTIONAL_COLUMNS):
+        if column in ds.column_names:
+            check_no_nulls(table.column(column), column, where)
     lengths = {}
     for column in (REQUIRED_COLUMN, *OPTIONAL_COLUMNS):
         if column in ds.column_names:
@@ -155,6 +160,16 @@ def check_token_columns(ds: Any, where: str) -> int:
             raise LitFlashError(f"{where}: column {column!r} is not as long as input_ids ({low}) in every row")
     check_token_values(ds, where)
     return low
+
+
+def check_no_nulls(column: Any, name: str, where: str) -> None:
+    """Refuse a missing row or id (Arrow null): a null row failed as a reshape traceback when batched, and a null id
+    became an arbitrary integer (NumPy's cast of NaN) that trained unsaid or failed mid-run."""
+    rows = column.null_count
+    ids = sum(pc.list_flatten(chunk).null_count for chunk in column.chunks)
+    if rows or ids:
+        what = f"{rows} missing (null) rows" if rows else f"{ids} missing (null) token ids"
+        raise LitFlashError(f"{where}: column {name!r} has {what}: drop those rows or tokenize the data again")
 
 
 def _flat_chunks(ds: Any, column: str, skip_first: bool = False) -> Any:

@@ -39,15 +39,18 @@ def load_causal_lm(
             raise LitFlashError(f"{flag}: {unknown} is not a setting of {model_type} models")
         config = AutoConfig.for_model(model_type, **as_declared_types(overrides, defaults))
         return AutoModelForCausalLM.from_config(config, **common)
-    from lit_flash.generate import check_model_source
+    from lit_flash.generate import check_model_source, pretrained_load_errors
 
     check_model_source(model_name_or_path, "model.model_name_or_path")
     try:
+        check_shapes_kept(model_name_or_path, overrides, model_config or {}, trust_remote_code)
         # fp32 master weights: Lightning's 16-mixed autocasts; fp16 weights would break its GradScaler.
         model = AutoModelForCausalLM.from_pretrained(
             model_name_or_path, dtype=torch.float32, **overrides, **common
         )
-    except (OSError, ValueError) as err:  # ValueError: e.g. custom code without trust_remote_code
+    except LitFlashError:  # check_shapes_kept's own line (a ValueError), not wrapped in "cannot load it"
+        raise
+    except pretrained_load_errors() as err:  # ValueError: e.g. custom code without trust_remote_code
         first = str(err).splitlines()[0]
         raise LitFlashError(f"model.model_name_or_path={model_name_or_path}: cannot load it ({first})") from err
     except TypeError as err:  # a key the model's config does not know reaches the model's __init__
@@ -55,6 +58,34 @@ def load_causal_lm(
     # from_pretrained returns eval mode (dropout off), and Lightning >= 2.6 keeps each submodule's mode when fit
     # starts: a fine-tune would silently run without the model's dropout (on_fit_start sets train mode too).
     return model.train()
+
+
+def check_shapes_kept(
+    model_name_or_path: str, overrides: dict[str, Any], model_config: dict[str, Any], trust_remote_code: bool
+) -> None:
+    """Refuse `model.model_config` overrides that change the shape of the pretrained weights (n_embd, n_layer,
+    vocab_size, ...): transformers printed a table of every mismatched weight, then a traceback. Both models are
+    built on the meta device (no memory), only when an override differs from the pretrained config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    pretrained = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    changed = {k: v for k, v in overrides.items() if k in model_config and getattr(pretrained, k, v) != v}
+    if not changed:
+        return
+    changed_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, **changed)
+    shapes = []
+    for config in (pretrained, changed_config):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                     attn_implementation="eager")
+        shapes.append({name: tuple(t.shape) for name, t in model.state_dict().items()})
+    if shapes[0] != shapes[1]:
+        was = ", ".join(f"{k}={getattr(pretrained, k)!r}" for k in changed)
+        raise LitFlashError(
+            f"model.model_config: {changed} changes the shape of model.model_name_or_path={model_name_or_path}'s "
+            f"weights (it has {was}): leave those keys out to fine-tune it, or set model.model_name_or_path: null "
+            "to train a fresh model of that size"
+        )
 
 
 def adapt_for_training(model: torch.nn.Module, pad_vocab_to_multiple_of: int | None,

@@ -33,6 +33,7 @@ from lit_flash.packing import (
 from lit_flash.stream import POSITION_KEY, StreamLoader, check_resume_streaming, stream_splits
 from lit_flash.text import (
     check_no_empty_split,
+    check_text_files_not_empty,
     load_raw_text,
     load_tokenizer,
     tokenize_and_group,
@@ -119,6 +120,7 @@ class WikitextDataModule(L.LightningDataModule):
             )
         if streaming and packing:
             raise LitFlashError("data.packing=true does not work with data.streaming=true yet: set one of them false")
+        check_text_files_not_empty(text_files, "data.")  # before the cache key: {} would name the hub's blocks
         if block_size < 2:  # past its type's range (>= 1): a block of 1 token has nothing to predict
             raise LitFlashError(f"data.block_size={block_size}: must be >= 2")
         if tokenizer_name is None and tokenized_dataset_load_dir is None and train_tokenizer_vocab_size is None:
@@ -221,7 +223,7 @@ class WikitextDataModule(L.LightningDataModule):
             self.tokenizer = self._load_tokenizer()
         if h.streaming:
             return self._setup_streaming(stage)
-        dataset = load_tokenized(self.blocks_path)
+        dataset = self._load_blocks()
         eval_split = "validation" if "validation" in dataset else "test"
         if stage == "fit":
             self.train_dataset = self._subset(dataset["train"], h.max_train_samples)
@@ -252,6 +254,17 @@ class WikitextDataModule(L.LightningDataModule):
                 for c, v in max_token_ids(d).items()]
         self.max_token_id, column, split = max(tops)
         self.max_token_where = f"{column} of the {split!r} rows in {self.blocks_path}"
+
+    def _load_blocks(self) -> Any:
+        """The load dir's blocks, or our cache's: a damaged cache (a truncated Arrow file, a lost split) is named as
+        the cache, with the fix; it was named as data.tokenized_dataset_load_dir, a key the user had not set."""
+        if self.hparams.tokenized_dataset_load_dir:
+            return load_tokenized(self.blocks_path)
+        try:
+            return load_tokenized(self.blocks_path, "data.cache_dir")
+        except LitFlashError as err:
+            raise LitFlashError(f"{err}; the tokenized cache is damaged: remove {self.cache_path} to tokenize "
+                                "the text again") from err
 
     def _setup_streaming(self, stage: str) -> None:
         h = self.hparams

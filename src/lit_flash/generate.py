@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -150,10 +151,19 @@ def load_for_generation(
         model = AutoModelForCausalLM.from_pretrained(
             model_name_or_path, dtype=dtype, attn_implementation=attn_implementation
         )
-    except OSError as err:
+    except pretrained_load_errors() as err:
         first = str(err).splitlines()[0]
         raise LitFlashError(f"--model_name_or_path {model_name_or_path}: cannot load it ({first})") from err
     return model.to(target).eval(), loaded_tokenizer
+
+
+def pretrained_load_errors() -> tuple[type[Exception], ...]:
+    """What `from_pretrained` raises for a model folder it cannot load: missing files (OSError), a bad config
+    (ValueError), weights of other shapes than its config.json (RuntimeError), a truncated or corrupt weights file
+    (safetensors' SafetensorError: a traceback before)."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, RuntimeError, SafetensorError
 
 
 def check_model_source(source: str, flag: str, needs_config: bool = True) -> None:
@@ -275,6 +285,8 @@ def generate_main(
         raise LitFlashError("no prompts: give --prompts, --input_str or --prompts_file")
     if output is not None and not output.strip():
         raise LitFlashError("--output is empty: give the file to write, such as completions.jsonl")
+    if output is not None and output.endswith(("/", os.sep)):  # open() failed on it after the whole generation
+        raise LitFlashError(f"--output {output} names a folder: give a file name, such as {output}completions.jsonl")
     if output is not None and Path(output).exists():
         raise LitFlashError(f"--output {output} exists: choose another file or remove it yourself")
     if output is not None:  # before the (slow) model load and generation

@@ -7,7 +7,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from lit_flash.errors import LitFlashError
+from lit_flash.errors import LitFlashError, not_a_file
 
 DEFAULT_METRICS = ("train_loss", "val_ppl")
 
@@ -27,6 +27,9 @@ def metrics_csvs(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
+    odd = [p for p in found if not p.is_file()]
+    if odd:  # a folder named metrics.csv: open() raised IsADirectoryError
+        raise LitFlashError(f"{odd[0]} is {not_a_file(odd[0])}: give a run folder or the metrics.csv file to plot")
     if not found:
         raise LitFlashError(f"{path}: no metrics.csv there (give a run folder, log folder or csv)")
     return found
@@ -101,9 +104,13 @@ def plot_main(path: str, output: str | None = None, metrics: list[str] | None = 
         metrics: Logged metrics to draw, default `[train_loss, val_ppl]`.
     """
     _require_matplotlib().use("Agg")  # files only: no display needed
+    if metrics is not None and not metrics:  # [] drew the default metrics, unsaid
+        raise LitFlashError("--metrics is empty: name the metrics to draw, e.g. '[train_loss, val_ppl]', or omit it")
     if output is not None:
         check_image_output(output)
     target = Path(output) if output is not None else find_metrics_csv(path).with_name("plot.png")
+    if target.exists() and not target.is_file():  # savefig raised IsADirectoryError after drawing
+        raise LitFlashError(f"{target} is {not_a_file(target)}: give --output a new image file")
     fig = plot_metrics(path, tuple(metrics or DEFAULT_METRICS))
     target.parent.mkdir(parents=True, exist_ok=True)  # as generate --output does
     fig.savefig(target, dpi=100)

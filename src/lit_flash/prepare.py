@@ -49,11 +49,15 @@ def prepare_dataset(
     """
     from lit_flash.packing import pack_documents, resolve_documents, sample_by
 
+    if block_size < 2:  # as fit's data.block_size: rows of 1 token have nothing to predict, and fit refuses them
+        raise LitFlashError(f"--block_size {block_size}: must be >= 2")
     if Path(save_dir).exists() and not Path(save_dir).is_dir():
         raise LitFlashError(f"--save_dir {save_dir} is a file: choose a new folder")
     if Path(save_dir).exists() and any(Path(save_dir).iterdir()):
         raise LitFlashError(f"--save_dir {save_dir} exists and is not empty: choose a new folder")
     check_can_create(save_dir, f"--save_dir {save_dir}", "choose a new folder")  # before any tokenizing
+    if splits is not None and not splits:  # [] was taken for the default, [train, test], unsaid
+        raise LitFlashError("--splits is empty: name the splits to keep, e.g. --splits '[train, test]', or omit it")
     splits = splits or ["train", "test"]
     documents = resolve_documents(packing_documents, text_files, dataset_name)
     read_by = sample_by(documents) if packing else "line"

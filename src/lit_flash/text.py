@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,8 @@ from typing import Any
 
 from lit_flash.errors import LitFlashError, check_can_create, not_a_file
 
+# What `datasets` accepts as a split name (its `NamedSplit`); any other raised a ValueError deep in load_dataset.
+SPLIT_NAME = re.compile(r"^\w+(\.\w+)*$")
 # The reference recipe groups within map batches of 1000 rows and drops each batch's tail; so do we.
 GROUP_BATCH_ROWS = 1000
 EOS_TOKEN = "<|endoftext|>"
@@ -58,6 +61,7 @@ def resolve_text_files(text_files: dict[str, str | list[str]], prefix: str = "da
     stdlib = sysconfig.get_paths()["stdlib"]
     resolved: dict[str, list[str]] = {}
     for split, patterns in text_files.items():
+        check_split_files(split, patterns, prefix)
         files: list[str] = []
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
             pattern = os.path.expanduser(pattern.replace("{stdlib}", stdlib))
@@ -74,6 +78,29 @@ def resolve_text_files(text_files: dict[str, str | list[str]], prefix: str = "da
             files.extend(matches)
         resolved[split] = files
     return resolved
+
+
+def check_text_files_not_empty(text_files: dict[str, Any] | None, prefix: str) -> None:
+    """`text_files: {}` is falsy: it read the hub dataset instead (wikitext by default), the setting ignored."""
+    if text_files is not None and not text_files:
+        raise LitFlashError(
+            f"{prefix}text_files is empty ({{}}): give files per split, e.g. {{train: a.txt, validation: b.txt}}, "
+            "or leave it unset for the hub dataset"
+        )
+
+
+def check_split_files(split: str, patterns: str | list[str], prefix: str) -> None:
+    """A split's name must be one `datasets` takes, and its file list must name a file: both failed as a traceback
+    inside `load_dataset` ("Split name should match ...", "Instruction ... corresponds to no data")."""
+    if not SPLIT_NAME.match(split):
+        raise LitFlashError(
+            f"{prefix}text_files: split name {split!r} is not a word: name splits with letters, digits and _ "
+            "(train, validation, test)"
+        )
+    if not isinstance(patterns, str) and not patterns:
+        raise LitFlashError(
+            f"{prefix}text_files[{split!r}]: an empty list: give a file or glob, or leave the split out"
+        )
 
 
 def check_text_file(path: str | os.PathLike, flag: str) -> None:
@@ -135,6 +162,7 @@ def load_raw_text(
     file's rows are its lines, blank-line-separated `paragraph`s, or the whole `document`."""
     import datasets
 
+    check_text_files_not_empty(text_files, prefix)
     if text_files:
         # Each row keeps its "\n", as wikitext's rows on the hub do and as HF's run_clm reads text files: without it
         # the lines of a file run together ("return 1x = f()").
