@@ -64,9 +64,11 @@ IGNORED = [[IGNORE_INDEX] * len(r) for r in ROWS]
         (ROWS, IGNORED, None, "no token to predict: every label"),
         (ROWS, [[r[0]] + [IGNORE_INDEX] * (len(r) - 1) for r in ROWS], None, "no token to predict"),
         (ROWS, None, [[0] * len(r) for r in ROWS], "no token to predict: attention_mask is 0"),
+        (ROWS, None, _with([[1] * len(r) for r in ROWS], 7, 3, 2), "attention_mask holds 2: a mask is 1"),
+        (ROWS, None, _with([[1] * len(r) for r in ROWS], 5, 0, -1), "attention_mask holds -1: a mask is 1"),
     ],
     ids=["negative input id", "negative label", "negative label among -100",
-         "all labels -100", "only first positions labelled", "all padding"],
+         "all labels -100", "only first positions labelled", "all padding", "mask of 2", "mask of -1"],
 )
 @pytest.mark.parametrize("chunks", [1, 2])
 def test_bad_token_values_are_one_error_naming_the_split(

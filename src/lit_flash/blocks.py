@@ -192,6 +192,14 @@ def check_token_values(ds: Any, where: str) -> None:
         low = pc.min(values).as_py()
         if low is not None and low < 0:
             raise LitFlashError(f"{where}: input_ids holds the negative token id {low}: tokenize the data again")
+    if "attention_mask" in ds.column_names:  # another value (2, -1) was taken for 1 by attention and loss alike
+        for values in _flat_chunks(ds, "attention_mask"):
+            stray = pc.filter(values, pc.and_(pc.not_equal(values, 0), pc.not_equal(values, 1)))
+            if len(stray):
+                raise LitFlashError(
+                    f"{where}: attention_mask holds {stray[0].as_py()}: a mask is 1 (a real token) or 0 (padding); "
+                    "fix the attention_mask column"
+                )
     width = pc.max(pc.list_value_length(ds.data.table.column(REQUIRED_COLUMN))).as_py() if len(ds) else None
     if width is not None and width < 2:
         raise LitFlashError(
