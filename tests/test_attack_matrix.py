@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 import zipfile
@@ -994,6 +995,23 @@ def test_token_columns_with_missing_values_are_one_line(user: dict[str, Path], t
                           for s in ("train", "test")}).save_to_disk(str(folder))
     args = fit_args(user, f"--data.tokenized_dataset_load_dir={folder}")
     assert_refused_and_unchanged(tmp_path, args, "null", "'input_ids'", str(folder))
+
+
+@pytest.mark.parametrize("where", ["cache", "blocks"])
+def test_a_file_where_the_cache_keeps_a_folder_is_one_line(text_files, tokenizer_dir, tmp_path, where) -> None:
+    """A file put by hand where the tokenized cache (or its blocks) goes: a NotADirectoryError/FileExistsError
+    traceback, and the file is left as it was."""
+    from lit_flash import WikitextDataModule
+    from lit_flash.errors import LitFlashError
+
+    dm = WikitextDataModule(text_files=text_files, tokenizer_name=str(tokenizer_dir), block_size=32,
+                            cache_dir=str(tmp_path / "cache"))
+    planted = dm.cache_path if where == "cache" else dm.cache_path / "blocks"
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_text("mine")
+    with pytest.raises(LitFlashError, match=rf"^data.cache_dir: {re.escape(str(planted))} is a file .*move it away$"):
+        dm.prepare_data()
+    assert planted.read_text() == "mine"
 
 
 def test_a_damaged_tokenization_cache_names_the_cache_and_the_fix(text_files, tokenizer_dir, tmp_path) -> None:

@@ -182,6 +182,11 @@ class WikitextDataModule(L.LightningDataModule):
         cache = self.cache_path
         if (cache / "blocks" / "dataset_dict.json").is_file():
             return
+        for folder in (cache, cache / "blocks"):  # only lit_flash writes there: a file in the way was put by hand
+            if folder.exists() and not folder.is_dir():
+                raise LitFlashError(
+                    f"data.cache_dir: {folder} is a file where the tokenized cache keeps a folder: move it away"
+                )
         cache.mkdir(parents=True, exist_ok=True)
         documents = resolve_documents(h.packing_documents, h.text_files, h.dataset_name)
         read_by = sample_by(documents) if h.packing else "line"
