@@ -26,8 +26,20 @@ from lit_flash.nonfinite import check_skip_supported
 FLASH_REASON = flash_attention_unavailable_reason()
 
 
-def _fallback_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in caught if "flash_attention_2 cannot run" in str(w.message)]
+def _fallback_warnings(caught: list[warnings.WarningMessage], attn: str = "flash_attention_2") -> list[str]:
+    return [str(w.message) for w in caught if f"{attn} cannot run" in str(w.message)]
+
+
+def _fit_one_cpu_step(model_config: dict, make_token_dataset, attn: str) -> tuple[FlashGPT2LM, list]:
+    """A one-step CPU fit of a tiny model asking for `attn`, with the warnings it gave."""
+    dm = WikitextDataModule(
+        tokenized_dataset_load_dir=str(make_token_dataset(n_rows=4, seq_len=16)), tokenizer_name=None, batch_size=2
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = tiny_module(model_config, attn_implementation=attn)
+        cpu_trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0).fit(module, dm)
+    return module, caught
 
 
 # -------------------------------------------------------------------------------------------- building
@@ -97,13 +109,7 @@ def test_a_nan_batch_makes_the_validation_loss_nan(tiny_model_config):
 
 @pytest.mark.skipif(FLASH_REASON is None, reason="flash attention can run here")
 def test_flash_falls_back_to_sdpa_once_naming_the_reason(tiny_model_config, make_token_dataset):
-    dm = WikitextDataModule(
-        tokenized_dataset_load_dir=str(make_token_dataset(n_rows=4, seq_len=16)), tokenizer_name=None, batch_size=2
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = tiny_module(tiny_model_config, attn_implementation="flash_attention_2")
-        cpu_trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0).fit(module, dm)
+    module, caught = _fit_one_cpu_step(tiny_model_config, make_token_dataset, "flash_attention_2")
     messages = _fallback_warnings(caught)
     assert len(messages) == 1, messages
     assert FLASH_REASON in messages[0] and "sdpa" in messages[0]
@@ -203,14 +209,8 @@ def test_a_flash_attention_3_that_imports_but_transformers_does_not_find_falls_b
 
 
 def test_flash_attention_3_in_a_cpu_fit_falls_back_to_sdpa(tiny_model_config, make_token_dataset):
-    dm = WikitextDataModule(
-        tokenized_dataset_load_dir=str(make_token_dataset(n_rows=4, seq_len=16)), tokenizer_name=None, batch_size=2
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = tiny_module(tiny_model_config, attn_implementation="flash_attention_3")
-        cpu_trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0).fit(module, dm)
-    said = [str(w.message) for w in caught if "flash_attention_3 cannot run" in str(w.message)]
+    module, caught = _fit_one_cpu_step(tiny_model_config, make_token_dataset, "flash_attention_3")
+    said = _fallback_warnings(caught, "flash_attention_3")
     assert len(said) == 1 and "Using sdpa instead" in said[0], said
     assert module.model.config._attn_implementation == "sdpa"
     assert module.hparams.attn_implementation == "flash_attention_3"

@@ -66,6 +66,8 @@ def check_shapes_kept(
     """Refuse `model.model_config` overrides that change the shape of the pretrained weights (n_embd, n_layer,
     vocab_size, ...): transformers printed a table of every mismatched weight, then a traceback. Both models are
     built on the meta device (no memory), only when an override differs from the pretrained config."""
+    if not set(overrides) & set(model_config):  # the usual fine-tune: no config read twice at start-up
+        return
     from transformers import AutoConfig, AutoModelForCausalLM
 
     pretrained = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)

@@ -58,12 +58,13 @@ def fused_loss(fused_cross_entropy: bool) -> FusedLoss | None:
     return _liger_cross_entropy() if fused_cross_entropy else None
 
 
+_CUDA_ONLY = "model.fused_cross_entropy=true runs on CUDA GPUs only (Triton kernels)"
+
+
 def check_fused_loss_runs_on(device: torch.device | str, fused_cross_entropy: bool) -> None:
     """liger's kernels are Triton code for CUDA GPUs. `device`: the trainer's device, or its type ("cpu")."""
     if fused_cross_entropy and getattr(device, "type", device) != "cuda":
-        raise LitFlashError(
-            "model.fused_cross_entropy=true runs on CUDA GPUs only (Triton kernels): set it false on this machine"
-        )
+        raise LitFlashError(f"{_CUDA_ONLY}: set it false on this machine")
 
 
 def liger_fused_ce() -> torch.nn.Module:
@@ -73,8 +74,8 @@ def liger_fused_ce() -> torch.nn.Module:
         if not torch.cuda.is_available():
             # Installing it would not help here: say the requirement that cannot be met first.
             raise LitFlashError(
-                "model.fused_cross_entropy=true runs on CUDA GPUs only (Triton kernels) and this machine has none: "
-                "set it false (on a GPU machine it also needs liger-kernel: pip install 'lit-flash[fast]')"
+                f"{_CUDA_ONLY} and this machine has none: set it false (on a GPU machine it also needs liger-kernel: "
+                "pip install 'lit-flash[fast]')"
             ) from err
         raise LitFlashError(
             f"model.fused_cross_entropy=true needs liger-kernel ({err}): pip install 'lit-flash[fast]', or set it "
